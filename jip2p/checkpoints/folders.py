@@ -1,0 +1,208 @@
+"""diffusers-format folders ↔ jip2p models, with no torch in the process.
+
+A pipeline folder holds ``model_index.json`` and the components ``unet/``, ``vae/``,
+``text_encoder/`` (each a ``config.json`` plus safetensors weights), ``tokenizer/`` and
+``scheduler/``. `load_pipeline` reads it straight into Flax NNX modules; `save_pipeline` writes one
+that `diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jip2p.checkpoints.mapping import load_torch_state_dict, to_torch_state_dict
+from jip2p.errors import CheckpointError, ConfigError
+from jip2p.models import clip_text, unet, vae
+from jip2p.tokenizer import CLIPTokenizer, load_tokenizer
+
+# diffusers / transformers class name → (config class, jip2p module class, weights file stem).
+COMPONENT_CLASSES = {
+    "UNet2DConditionModel": (unet.UNetConfig, unet.UNet2DCondition, "diffusion_pytorch_model"),
+    "AutoencoderKL": (vae.VAEConfig, vae.AutoencoderKL, "diffusion_pytorch_model"),
+    "CLIPTextModel": (clip_text.CLIPTextConfig, clip_text.CLIPTextEncoder, "model"),
+}
+_LIBRARY = {"UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers",
+            "CLIPTextModel": "transformers"}
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """The models of a Stable Diffusion (InstructPix2Pix) checkpoint, as jip2p modules."""
+
+  unet: unet.UNet2DCondition
+  vae: vae.AutoencoderKL
+  text_encoder: clip_text.CLIPTextEncoder
+  tokenizer: CLIPTokenizer
+  scheduler_config: dict[str, Any]
+  folder: str | None = None
+
+
+def read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise CheckpointError(f"missing file: {path}")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def class_name(config: dict, where: str) -> str:
+  """The component class a config.json describes (diffusers `_class_name` or transformers'
+  `architectures`)."""
+  name = config.get("_class_name") or (config.get("architectures") or [None])[0]
+  if name not in COMPONENT_CLASSES:
+    raise CheckpointError(f"{where}: unsupported model class {name!r}; jip2p reads "
+                          f"{', '.join(COMPONENT_CLASSES)}")
+  return name
+
+
+def read_weights(folder: str, stem: str) -> dict[str, np.ndarray]:
+  """All tensors of a component folder's safetensors file(s) (single or index-sharded)."""
+  single = os.path.join(folder, f"{stem}.safetensors")
+  index = single + ".index.json"
+  if os.path.isfile(single):
+    files = [single]
+  elif os.path.isfile(index):
+    shards = sorted(set(read_json(index)["weight_map"].values()))
+    files = [os.path.join(folder, s) for s in shards]
+  else:
+    pickled = [f for f in os.listdir(folder) if f.endswith((".bin", ".ckpt", ".pt"))]
+    hint = (f" (found {pickled[0]}: pickle weights are not read directly; re-save with "
+            f"safe_serialization=True or use jip2p-convert)") if pickled else ""
+    raise CheckpointError(f"missing weights: {single}{hint}")
+  weights = {}
+  for path in files:
+    if not os.path.isfile(path):
+      raise CheckpointError(f"missing weights shard: {path}")
+    try:
+      with safe_open(path, framework="numpy") as f:
+        weights.update({k: f.get_tensor(k) for k in f.keys()})
+    except TypeError:
+      # numpy has no bfloat16: read such files through jax and widen to float32.
+      with safe_open(path, framework="flax") as f:
+        weights.update({k: np.asarray(jnp.asarray(f.get_tensor(k), jnp.float32))
+                        for k in f.keys()})
+    except Exception as e:
+      raise CheckpointError(f"cannot read {path}: {e}") from None
+  return weights
+
+
+def build_component(config: dict, *, dtype=jnp.float32, attention_impl: str = "xla",
+                    abstract: bool = False, seed: int = 0, where: str = "config"):
+  """A jip2p module from a config.json dict: abstract (shapes only, to be loaded) or randomly
+  initialised."""
+  name = class_name(config, where)
+  config_cls, module_cls, _ = COMPONENT_CLASSES[name]
+  try:
+    parsed = config_cls.from_dict(config)
+  except ConfigError as e:
+    raise ConfigError(f"{where}: {e}") from None
+  make = lambda: module_cls(parsed, dtype=dtype, attention_impl=attention_impl,
+                            rngs=nnx.Rngs(seed))
+  return nnx.eval_shape(make) if abstract else make()
+
+
+def load_component(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"):
+  """One component folder (``config.json`` + safetensors) → its jip2p module."""
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"missing folder: {folder}")
+  config = read_json(os.path.join(folder, "config.json"))
+  where = os.path.join(folder, "config.json")
+  model = build_component(config, dtype=dtype, attention_impl=attention_impl, abstract=True,
+                          where=where)
+  weights = read_weights(folder, COMPONENT_CLASSES[class_name(config, where)][2])
+  load_torch_state_dict(model, weights, source=folder)
+  return model
+
+
+def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla") -> Pipeline:
+  """A diffusers-format pipeline folder → `Pipeline` of jip2p modules (float32 parameters)."""
+  if not os.path.isdir(folder):
+    raise CheckpointError(f"missing model folder: {folder}")
+  read_json(os.path.join(folder, "model_index.json"))
+  load = lambda name: load_component(os.path.join(folder, name), dtype=dtype,
+                                     attention_impl=attention_impl)
+  return Pipeline(
+      unet=load("unet"), vae=load("vae"), text_encoder=load("text_encoder"),
+      tokenizer=load_tokenizer(folder),
+      scheduler_config=read_json(os.path.join(folder, "scheduler", "scheduler_config.json")),
+      folder=folder)
+
+
+def component_config(model) -> dict:
+  """The diffusers / transformers config.json of a jip2p module."""
+  name = next(n for n, (_, cls, _) in COMPONENT_CLASSES.items() if isinstance(model, cls))
+  config = model.config.to_dict()
+  if _LIBRARY[name] == "diffusers":
+    return {"_class_name": name, **config}
+  return {"architectures": [name], "model_type": "clip_text_model", **config}
+
+
+def save_component(model, folder: str) -> None:
+  """Writes ``config.json`` + safetensors for one module (float32, torch layout)."""
+  os.makedirs(folder, exist_ok=True)
+  name = class_name(component_config(model), folder)
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(component_config(model), f, indent=2, sort_keys=True)
+  save_file(to_torch_state_dict(model),
+            os.path.join(folder, COMPONENT_CLASSES[name][2] + ".safetensors"),
+            metadata={"format": "pt"})
+
+
+def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False) -> None:
+  """Writes a diffusers-format pipeline folder atomically (a temporary sibling, then a rename).
+
+  An 8-channel UNet is declared a `StableDiffusionInstructPix2PixPipeline`, a 4-channel one a
+  `StableDiffusionPipeline`.
+  """
+  folder = os.path.abspath(folder)
+  if os.path.exists(folder) and not overwrite:
+    raise CheckpointError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
+  try:
+    save_component(pipeline.unet, os.path.join(tmp, "unet"))
+    save_component(pipeline.vae, os.path.join(tmp, "vae"))
+    save_component(pipeline.text_encoder, os.path.join(tmp, "text_encoder"))
+    pipeline.tokenizer.write_folder(os.path.join(tmp, "tokenizer"))
+    os.makedirs(os.path.join(tmp, "scheduler"))
+    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
+      json.dump(pipeline.scheduler_config, f, indent=2, sort_keys=True)
+    ip2p = pipeline.unet.config.in_channels == 8
+    index = {
+        "_class_name": ("StableDiffusionInstructPix2PixPipeline" if ip2p
+                        else "StableDiffusionPipeline"),
+        "_diffusers_version": "0.42.1",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", pipeline.scheduler_config.get("_class_name",
+                                                                 "EulerAncestralDiscreteScheduler")],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+    }
+    if not ip2p:
+      index["image_encoder"] = [None, None]
+    with open(os.path.join(tmp, "model_index.json"), "w") as f:
+      json.dump(index, f, indent=2, sort_keys=True)
+    if os.path.exists(folder):
+      shutil.rmtree(folder)
+    os.replace(tmp, folder)
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)

@@ -1,0 +1,122 @@
+"""Model configurations jip2p knows by name, and random pipeline folders built from them.
+
+No weights can be downloaded here, so tests, benchmarks and smoke runs start from random models at
+the real Stable Diffusion 1.5 shapes (``sd15``) or at a tiny size (``tiny``), written as ordinary
+diffusers-format folders by JAX alone.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import jax.numpy as jnp
+
+from jip2p.checkpoints.folders import Pipeline, build_component, save_pipeline
+from jip2p.errors import ConfigError
+from jip2p.tokenizer import CLIPTokenizer
+
+# The scheduler InstructPix2Pix edits with (DESIGN.md §1: Euler ancestral, scaled_linear betas).
+SCHEDULER = {
+    "_class_name": "EulerAncestralDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "linspace",
+}
+
+_SD15_TEXT = {
+    "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+    "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
+    "num_hidden_layers": 12, "max_position_embeddings": 77, "vocab_size": 49408,
+    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "projection_dim": 768,
+    "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407,
+}
+
+_SD15_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu", "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                         "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0,
+    "in_channels": 4, "layers_per_block": 2, "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5, "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                       "CrossAttnUpBlock2D"],
+}
+
+_SD15_VAE = {
+    "_class_name": "AutoencoderKL",
+    "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3,
+    "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32,
+    "out_channels": 3, "sample_size": 512, "scaling_factor": 0.18215,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+
+PRESETS = {
+    "sd15": {"unet": _SD15_UNET, "vae": _SD15_VAE, "text_encoder": _SD15_TEXT},
+    # SD 2.x base (512 px, epsilon prediction): OpenCLIP ViT-H text encoder cut to 23 layers.
+    "sd21": {
+        "unet": {**_SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
+                 "use_linear_projection": True},
+        "vae": _SD15_VAE,
+        "text_encoder": {**_SD15_TEXT, "hidden_size": 1024, "intermediate_size": 4096,
+                         "num_attention_heads": 16, "num_hidden_layers": 23,
+                         "hidden_act": "gelu", "projection_dim": 512},
+    },
+    "tiny": {
+        "unet": {
+            "_class_name": "UNet2DConditionModel",
+            "attention_head_dim": 8, "block_out_channels": [32, 64],
+            "cross_attention_dim": 32,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "norm_num_groups": 32, "sample_size": 32, "flip_sin_to_cos": True, "freq_shift": 0,
+        },
+        "vae": {
+            "_class_name": "AutoencoderKL",
+            "block_out_channels": [32, 64], "in_channels": 3, "out_channels": 3,
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 32,
+            "sample_size": 64, "scaling_factor": 0.18215,
+        },
+        "text_encoder": {**_SD15_TEXT, "hidden_size": 32, "intermediate_size": 37,
+                         "num_attention_heads": 4, "num_hidden_layers": 2,
+                         "projection_dim": 32},
+    },
+}
+
+
+def preset_configs(preset: str, *, unet_in_channels: int = 4) -> dict[str, dict]:
+  """Deep copies of a preset's component configs, the UNet set to ``unet_in_channels``."""
+  if preset not in PRESETS:
+    raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+  configs = copy.deepcopy(PRESETS[preset])
+  configs["unet"]["in_channels"] = unet_in_channels
+  configs["scheduler"] = dict(SCHEDULER)
+  return configs
+
+
+def random_pipeline(preset: str = "tiny", *, unet_in_channels: int = 8, seed: int = 0,
+                    dtype=jnp.float32) -> Pipeline:
+  """A randomly initialised `Pipeline` (Flax default initialisers) at a preset's shapes."""
+  configs = preset_configs(preset, unet_in_channels=unet_in_channels)
+  make = lambda name, i: build_component(configs[name], dtype=dtype, seed=seed + i,
+                                         where=f"preset {preset}/{name}")
+  return Pipeline(unet=make("unet", 0), vae=make("vae", 1), text_encoder=make("text_encoder", 2),
+                  tokenizer=CLIPTokenizer.default(), scheduler_config=configs["scheduler"])
+
+
+def create_random_pipeline(folder: str, preset: str = "tiny", *, unet_in_channels: int = 8,
+                           seed: int = 0, overwrite: bool = False) -> str:
+  """Writes a random diffusers-format pipeline folder; returns its path."""
+  save_pipeline(random_pipeline(preset, unet_in_channels=unet_in_channels, seed=seed), folder,
+                overwrite=overwrite)
+  return folder

@@ -1,0 +1,25 @@
+"""Thin console-script entry points (``jip2p-…``); the work lives in the library modules.
+
+Every entry point runs through `run`, so a problem the user can fix (any `Jip2pError`) ends with
+one line naming it and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from jip2p.errors import Jip2pError
+
+
+def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None,
+        prog: str) -> int:
+  """Calls ``main(argv)``; maps `Jip2pError` to exit 2 and Ctrl-C to exit 130."""
+  try:
+    return main(argv) or 0
+  except Jip2pError as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return 130

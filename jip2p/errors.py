@@ -1,0 +1,20 @@
+"""The errors jip2p raises for problems a user can fix; entry points print them without traceback.
+
+Each message names the problem (the file, the key, both shapes…) and, where there is one, the fix.
+"""
+
+
+class Jip2pError(Exception):
+  """Base class: a problem with the user's input, files or configuration."""
+
+
+class ConfigError(Jip2pError, ValueError):
+  """A model or run configuration is malformed, inconsistent or uses unsupported features."""
+
+
+class CheckpointError(Jip2pError):
+  """A checkpoint folder or file is missing, of the wrong architecture, or its weights mismatch."""
+
+
+class InputError(Jip2pError, ValueError):
+  """An image, instruction, prompt file or dataset record cannot be used."""

@@ -1,0 +1,166 @@
+"""diffusers folders ↔ jip2p: round trips, conv_in expansion, orbax, and every named error."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+
+from jip2p import checkpoints
+from jip2p.errors import CheckpointError, ConfigError
+from tests.reference import save_torch_pipeline
+
+COMPONENTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model",
+              "text_encoder": "model"}
+
+
+@pytest.fixture(scope="module")
+def torch_folder(tmp_path_factory):
+  return save_torch_pipeline(str(tmp_path_factory.mktemp("torch") / "pipe"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def pipeline(torch_folder):
+  return checkpoints.load_pipeline(torch_folder)
+
+
+def test_round_trip_is_bit_identical(torch_folder, pipeline, tmp_path):
+  out = str(tmp_path / "exported")
+  checkpoints.save_pipeline(pipeline, out)
+  for name, stem in COMPONENTS.items():
+    original = load_file(os.path.join(torch_folder, name, f"{stem}.safetensors"))
+    exported = load_file(os.path.join(out, name, f"{stem}.safetensors"))
+    original = {k: v for k, v in original.items() if not k.endswith("position_ids")}
+    assert original.keys() == exported.keys(), name
+    for key, value in original.items():
+      np.testing.assert_array_equal(exported[key], value, err_msg=f"{name}:{key}")
+  for name in ("unet", "vae"):
+    a = json.load(open(os.path.join(torch_folder, name, "config.json")))
+    b = json.load(open(os.path.join(out, name, "config.json")))
+    for key in ("block_out_channels", "in_channels", "layers_per_block"):
+      assert list(np.atleast_1d(a[key])) == list(np.atleast_1d(b[key])), (name, key)
+
+
+def test_exported_model_runs_in_diffusers(pipeline, tmp_path):
+  import diffusers
+  from PIL import Image
+  out = str(tmp_path / "exported")
+  checkpoints.save_pipeline(pipeline, out)
+  pipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(out)
+  image = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+  result = pipe("make it red", image=image, num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+  assert result.shape == (1, 32, 32, 3) and np.isfinite(result).all()
+
+
+def test_expand_conv_in_rule(tmp_path):
+  folder = save_torch_pipeline(str(tmp_path / "t2i"), "tiny", unet_in_channels=4)
+  unet4 = checkpoints.load_component(os.path.join(folder, "unet"))
+  unet8 = checkpoints.expand_conv_in(unet4, 8)
+  before = checkpoints.to_torch_state_dict(unet4)
+  after = checkpoints.to_torch_state_dict(unet8)
+  assert unet8.config.in_channels == 8
+  np.testing.assert_array_equal(after["conv_in.weight"][:, :4], before["conv_in.weight"])
+  assert not after["conv_in.weight"][:, 4:].any()
+  np.testing.assert_array_equal(after["conv_in.bias"], before["conv_in.bias"])
+  for key in before:
+    if key != "conv_in.weight":
+      np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+  # Zero new channels: the expanded model ignores the image latents entirely.
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 16, 4)), jnp.float32)
+  ctx = jnp.ones((1, 77, 32))
+  t = jnp.array([500])
+  np.testing.assert_allclose(unet8(jnp.concatenate([x, 5 * x], -1), t, ctx), unet4(x, t, ctx),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ConfigError, match="already has 8"):
+    checkpoints.expand_conv_in(unet8, 4)
+
+
+def test_orbax_round_trip(pipeline, tmp_path):
+  checkpoints.save_state(str(tmp_path / "vae"), pipeline.vae)
+  fresh = checkpoints.build_component(checkpoints.preset_configs("tiny")["vae"], abstract=True)
+  checkpoints.restore_state(str(tmp_path / "vae"), fresh)
+  a = checkpoints.to_torch_state_dict(pipeline.vae)
+  b = checkpoints.to_torch_state_dict(fresh)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  with pytest.raises(CheckpointError, match="missing orbax checkpoint"):
+    checkpoints.restore_state(str(tmp_path / "nothing"), fresh)
+
+
+def _copy(torch_folder, tmp_path):
+  folder = str(tmp_path / "copy")
+  shutil.copytree(torch_folder, folder)
+  return folder
+
+
+def test_error_missing_folder(tmp_path):
+  with pytest.raises(CheckpointError, match="missing model folder"):
+    checkpoints.load_pipeline(str(tmp_path / "nope"))
+
+
+def test_error_missing_file(torch_folder, tmp_path):
+  folder = _copy(torch_folder, tmp_path)
+  os.remove(os.path.join(folder, "model_index.json"))
+  with pytest.raises(CheckpointError, match="missing file: .*model_index.json"):
+    checkpoints.load_pipeline(folder)
+  folder2 = _copy(torch_folder, tmp_path / "b")
+  os.remove(os.path.join(folder2, "vae", "diffusion_pytorch_model.safetensors"))
+  with pytest.raises(CheckpointError, match="missing weights: .*vae"):
+    checkpoints.load_pipeline(folder2)
+
+
+def test_error_wrong_architecture(torch_folder, tmp_path):
+  folder = _copy(torch_folder, tmp_path)
+  path = os.path.join(folder, "unet", "config.json")
+  config = json.load(open(path))
+  config["_class_name"] = "UNet2DModel"
+  json.dump(config, open(path, "w"))
+  with pytest.raises(CheckpointError, match="unsupported model class 'UNet2DModel'"):
+    checkpoints.load_pipeline(folder)
+
+
+def test_error_shape_mismatch(torch_folder, tmp_path):
+  folder = _copy(torch_folder, tmp_path)
+  path = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+  weights = load_file(path)
+  weights["conv_out.weight"] = np.zeros((4, 32, 1, 1), np.float32)
+  save_file(weights, path, metadata={"format": "pt"})
+  with pytest.raises(CheckpointError, match=r"'conv_out.weight' has shape \(4, 32, 1, 1\) but the "
+                                            r"model .* expects \(4, 32, 3, 3\)"):
+    checkpoints.load_component(os.path.join(folder, "unet"))
+
+
+def test_error_missing_and_unexpected_weights(torch_folder, tmp_path):
+  folder = _copy(torch_folder, tmp_path)
+  path = os.path.join(folder, "vae", "diffusion_pytorch_model.safetensors")
+  weights = load_file(path)
+  weights["decoder.extra.weight"] = np.zeros(3, np.float32)
+  del weights["decoder.conv_out.bias"]
+  save_file(weights, path, metadata={"format": "pt"})
+  with pytest.raises(CheckpointError, match=r"1 missing weight\(s\): decoder.conv_out.bias; "
+                                            r"1 unexpected weight\(s\): decoder.extra.weight"):
+    checkpoints.load_component(os.path.join(folder, "vae"))
+
+
+def test_error_unknown_config_key(torch_folder, tmp_path):
+  folder = _copy(torch_folder, tmp_path)
+  path = os.path.join(folder, "unet", "config.json")
+  config = json.load(open(path))
+  config["frobnication_level"] = 3
+  json.dump(config, open(path, "w"))
+  with pytest.raises(ConfigError, match="frobnication_level"):
+    checkpoints.load_component(os.path.join(folder, "unet"))
+
+
+def test_save_refuses_to_overwrite(pipeline, tmp_path):
+  out = str(tmp_path / "exported")
+  checkpoints.save_pipeline(pipeline, out)
+  with pytest.raises(CheckpointError, match="exists"):
+    checkpoints.save_pipeline(pipeline, out)
+  checkpoints.save_pipeline(pipeline, out, overwrite=True)
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]

@@ -1,0 +1,55 @@
+"""PyTorch reference models for parity tests (torch side only: never import from a tf test).
+
+Builds random-weight diffusers / transformers models at jip2p's preset shapes and saves them as an
+ordinary diffusers pipeline folder, so that tests go through the real checkpoint path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from jip2p.checkpoints import preset_configs
+from jip2p.tokenizer import CLIPTokenizer
+
+
+def _kwargs(config: dict) -> dict:
+  return {k: v for k, v in config.items()
+          if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+
+def torch_components(preset: str = "tiny", *, unet_in_channels: int = 8, seed: int = 0):
+  """(unet, vae, text_encoder) as random diffusers/transformers modules, in eval mode."""
+  import diffusers
+  import transformers
+  configs = preset_configs(preset, unet_in_channels=unet_in_channels)
+  torch.manual_seed(seed)
+  unet = diffusers.UNet2DConditionModel(**_kwargs(configs["unet"]))
+  vae = diffusers.AutoencoderKL(**_kwargs(configs["vae"]))
+  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**_kwargs(configs["text_encoder"])))
+  for m in (unet, vae, text):
+    m.eval()
+  return unet, vae, text
+
+
+def torch_pipeline(preset: str = "tiny", *, unet_in_channels: int = 8, seed: int = 0):
+  """A random diffusers InstructPix2Pix (8 channels) or text-to-image pipeline."""
+  import diffusers
+  import transformers
+  unet, vae, text = torch_components(preset, unet_in_channels=unet_in_channels, seed=seed)
+  tok_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jip2p-tokenizer-{os.getpid()}")
+  CLIPTokenizer.default().write_folder(tok_dir)
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(tok_dir)
+  scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(
+      preset_configs(preset)["scheduler"])
+  cls = (diffusers.StableDiffusionInstructPix2PixPipeline if unet_in_channels == 8
+         else diffusers.StableDiffusionPipeline)
+  return cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def save_torch_pipeline(folder: str, preset: str = "tiny", *, unet_in_channels: int = 8,
+                        seed: int = 0) -> str:
+  torch_pipeline(preset, unet_in_channels=unet_in_channels, seed=seed).save_pretrained(folder)
+  return folder
