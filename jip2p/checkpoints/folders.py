@@ -36,6 +36,17 @@ _LIBRARY = {"UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers",
             "CLIPTextModel": "transformers"}
 
 
+def normalize_clip_text_keys(weights: dict) -> dict:
+  """transformers 5 saves CLIPTextModel without the ``text_model.`` prefix that every released
+  SD checkpoint (and jip2p's export, readable by both) has."""
+  if any(k.startswith("text_model.") for k in weights):
+    return weights
+  return {f"text_model.{k}": v for k, v in weights.items()}
+
+
+_KEY_LAYOUTS = {"CLIPTextModel": normalize_clip_text_keys}
+
+
 @dataclasses.dataclass
 class Pipeline:
   """The models of a Stable Diffusion (InstructPix2Pix) checkpoint, as jip2p modules."""
@@ -122,7 +133,9 @@ def load_component(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla
   where = os.path.join(folder, "config.json")
   model = build_component(config, dtype=dtype, attention_impl=attention_impl, abstract=True,
                           where=where)
-  weights = read_weights(folder, COMPONENT_CLASSES[class_name(config, where)][2])
+  name = class_name(config, where)
+  weights = read_weights(folder, COMPONENT_CLASSES[name][2])
+  weights = _KEY_LAYOUTS.get(name, dict)(weights)
   load_torch_state_dict(model, weights, source=folder)
   return model
 
