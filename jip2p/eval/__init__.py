@@ -1,0 +1,1 @@
+"""Evaluation: metrics against references and exact ground truth, sweeps, tables and plots."""
