@@ -20,12 +20,12 @@ import sys
 import types
 
 from jip2p.checkpoints.conv_in import expand_conv_in
-from jip2p.checkpoints.folders import (Pipeline, build_component, normalize_clip_text_keys,
-                                       save_pipeline)
+from jip2p.checkpoints.folders import Pipeline, build_component, save_pipeline
 from jip2p.checkpoints.mapping import load_torch_state_dict
 from jip2p.checkpoints.presets import PRESETS, preset_configs
 from jip2p.cli import run
 from jip2p.errors import CheckpointError
+from jip2p.models import clip_text
 from jip2p.tokenizer import CLIPTokenizer
 
 _UNET_PREFIX = "model.diffusion_model."
@@ -108,7 +108,7 @@ def convert_state(state: dict, *, preset: str | None = None, extract_ema: bool =
     text_sd = sfu.convert_open_clip_checkpoint(
         types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=hidden)), state)
   else:
-    text_sd = normalize_clip_text_keys(sfu.convert_ldm_clip_checkpoint(state))
+    text_sd = clip_text.canonical_state_dict(sfu.convert_ldm_clip_checkpoint(state))
   modules = {}
   for name, sd in (("unet", unet_sd), ("vae", vae_sd), ("text_encoder", text_sd)):
     modules[name] = build_component(configs[name], abstract=True, where=f"{preset}/{name}")

@@ -35,16 +35,10 @@ COMPONENT_CLASSES = {
 _LIBRARY = {"UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers",
             "CLIPTextModel": "transformers"}
 
-
-def normalize_clip_text_keys(weights: dict) -> dict:
-  """transformers 5 saves CLIPTextModel without the ``text_model.`` prefix that every released
-  SD checkpoint (and jip2p's export, readable by both) has."""
-  if any(k.startswith("text_model.") for k in weights):
-    return weights
-  return {f"text_model.{k}": v for k, v in weights.items()}
-
-
-_KEY_LAYOUTS = {"CLIPTextModel": normalize_clip_text_keys}
+# Key spellings of other library versions (transformers 5 drops ``text_model.``, old diffusers VAEs
+# say ``query``/``key``/``value``) → the one jip2p's modules are named after.
+CANONICAL_KEYS = {"UNet2DConditionModel": dict, "AutoencoderKL": vae.canonical_state_dict,
+                  "CLIPTextModel": clip_text.canonical_state_dict}
 
 
 @dataclasses.dataclass
@@ -135,7 +129,7 @@ def load_component(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla
                           where=where)
   name = class_name(config, where)
   weights = read_weights(folder, COMPONENT_CLASSES[name][2])
-  weights = _KEY_LAYOUTS.get(name, dict)(weights)
+  weights = CANONICAL_KEYS[name](weights)
   load_torch_state_dict(model, weights, source=folder)
   return model
 
