@@ -1,0 +1,14 @@
+"""Diffusion: noise schedules (`schedules`), on-device sampling loops (`samplers`) and
+classifier-free guidance (`guidance`).
+
+Typical use, inside one `jax.jit`::
+
+    config = schedules.from_scheduler_config(model_dir)
+    schedule = schedules.make("discrete", 100, config)
+    eps_fn = guidance.two_scale_eps_fn(unet_fn, image_latents, text_emb, null_emb, 7.5, 1.5)
+    latents = samplers.sample(eps_fn, noise, schedule, key, method="euler_ancestral")
+"""
+
+from jip2p.diffusion import guidance, samplers, schedules
+
+__all__ = ["guidance", "samplers", "schedules"]

@@ -1,0 +1,159 @@
+"""Samplers for ε-prediction diffusion models: the whole loop is one `lax.scan`.
+
+`sample` is a pure, traceable function: call it inside the caller's `jax.jit` (with the model
+closed over in ``eps_fn``) and a run of n steps is one compiled program, reused for every input,
+schedule and key of the same shapes.
+
+Conventions (k-diffusion's, which the original InstructPix2Pix uses):
+  * Latents are in VE form, ``x = x0 + σ·ε``. The model is called as
+    ``eps_fn(x / √(σ_i² + 1), timesteps[i], i)``: the scaled input is the DDPM sample that
+    diffusers' ``scale_model_input`` produces, ``t`` is the UNet's timestep and ``i`` the step index
+    (int32 scalar, traced) so that attention controllers can depend on the step.
+  * The run starts at ``x = noise · schedule.init_sigma`` (``noise`` unit-variance): σ_0·noise for
+    k-diffusion grids, as the reference's ``randn · sigmas[0]``; diffusers' ``init_noise_sigma``
+    for the diffusers grids.
+  * It returns ``x_n / √(σ_n² + 1)``: x0 when the grid ends at σ = 0, and exactly the DDPM latents
+    diffusers' DDIM returns when it ends at ᾱ_0.
+  * Stochastic steps draw their noise as ``noise_fn(key, i, x.shape)``; the default is
+    `step_noise`, ``normal(fold_in(key, i))``, independent per step and per key.
+
+Methods:
+  * ``euler_ancestral`` — k-diffusion ``sample_euler_ancestral`` (η = 1 by default): the
+    reference sampler for editing and for pair generation.
+  * ``euler`` — k-diffusion ``sample_euler`` without churn = diffusers' EulerDiscreteScheduler.
+  * ``ddim`` — DDIM(η), η = 0 by default. In VE form DDIM(η) is the ancestral Euler step with
+    σ_up = η·σ_{i+1}·√(1 − σ_{i+1}²/σ_i²), which is how it is computed; on the
+    `schedules.diffusers_ddim` grid it equals diffusers' DDIMScheduler.
+  * ``dpmpp_2m`` — DPM-Solver++(2M), k-diffusion ``sample_dpmpp_2m`` = diffusers'
+    DPMSolverMultistepScheduler (dpmsolver++, midpoint, first order at the last step).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jip2p.diffusion.schedules import Schedule
+from jip2p.errors import ConfigError
+
+METHODS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
+_DEFAULT_ETA = {"euler_ancestral": 1.0, "ddim": 0.0}
+
+# eps_fn(x_in [B, ...] float32, t float32 scalar, i int32 scalar) -> eps [B, ...].
+EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+# noise_fn(key, i, shape) -> unit normal noise broadcastable to shape.
+NoiseFn = Callable[[jax.Array, jax.Array, tuple], jax.Array]
+# post_step(x, i) -> x, applied to the VE latents after step i (e.g. Prompt-to-Prompt's LocalBlend).
+PostStep = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def step_noise(key: jax.Array, i: jax.Array, shape: tuple) -> jax.Array:
+  """The default ancestral noise of step i: float32 N(0, 1) from ``fold_in(key, i)``."""
+  return jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)
+
+
+def shared_noise(group_size: int) -> NoiseFn:
+  """A noise_fn whose draws are shared by consecutive groups of the batch.
+
+  Batch rows ``[g·k, g·k + g)`` get the same noise each step, e.g. group_size=2 for batches of
+  Prompt-to-Prompt pairs laid out ``[pair0·img0, pair0·img1, pair1·img0, …]``.
+  """
+  def noise_fn(key, i, shape):
+    if shape[0] % group_size:
+      raise ValueError(f"batch of {shape[0]} is not a whole number of groups of {group_size}")
+    draws = step_noise(key, i, (shape[0] // group_size, *shape[1:]))
+    return jnp.repeat(draws, group_size, axis=0)
+  return noise_fn
+
+
+def _ancestral_sigmas(sigma, sigma_next, eta):
+  """k-diffusion's ``get_ancestral_step``: (σ_down, σ_up), σ_up capped at σ_next."""
+  var = sigma_next ** 2 * jnp.maximum(sigma ** 2 - sigma_next ** 2, 0.0) / sigma ** 2
+  sigma_up = jnp.minimum(sigma_next, eta * jnp.sqrt(var))
+  sigma_down = jnp.sqrt(jnp.maximum(sigma_next ** 2 - sigma_up ** 2, 0.0))
+  return sigma_down, sigma_up
+
+
+def _check(method: str, eta: float | None, key: jax.Array | None) -> float:
+  if method not in METHODS:
+    raise ConfigError(f"unknown sampler {method!r}; choose one of {METHODS}")
+  if method not in _DEFAULT_ETA:
+    if eta is not None:
+      raise ConfigError(f"the {method} sampler is deterministic and takes no eta (got {eta})")
+    return 0.0
+  eta = _DEFAULT_ETA[method] if eta is None else float(eta)
+  if eta < 0:
+    raise ConfigError(f"eta must be ≥ 0, got {eta}")
+  if eta > 0 and key is None:
+    raise ValueError(f"the {method} sampler with eta={eta} draws noise: pass a jax.random key")
+  return eta
+
+
+def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array | None = None, *,
+           method: str = "euler_ancestral", eta: float | None = None,
+           noise_fn: NoiseFn | None = None, post_step: PostStep | None = None) -> jax.Array:
+  """Runs ``schedule.num_steps`` steps of ``method`` from unit-variance ``noise``.
+
+  Args:
+    eps_fn: the model, ``eps_fn(x_in, t, i) -> ε`` (see the module docstring); its output is cast
+      to float32.
+    noise: ``[B, ...]`` unit-variance initial noise (the caller's, so that it can be shared).
+    schedule: the grid (`schedules.discrete`, …).
+    key: the key of the per-step noise; only needed when the method draws noise (η > 0).
+    method: one of `METHODS`.
+    eta: ancestral noise scale for ``euler_ancestral`` (default 1) and ``ddim`` (default 0); a
+      Python number. Other methods take none.
+    noise_fn: per-step noise, default `step_noise`; see `shared_noise`.
+    post_step: optional ``post_step(x, i) -> x`` on the VE latents after each step.
+
+  Returns:
+    float32 latents of noise's shape: ``x_n / √(σ_n² + 1)`` (x0 when the grid ends at 0).
+  """
+  eta = _check(method, eta, key)
+  noise_fn = step_noise if noise_fn is None else noise_fn
+  sigmas = jnp.asarray(schedule.sigmas, jnp.float32)
+  n = schedule.num_steps
+  per_step = {
+      "sigma": sigmas[:-1],
+      "sigma_next": sigmas[1:],
+      "sigma_prev": jnp.concatenate([sigmas[:1], sigmas[:-2]]),
+      "t": jnp.asarray(schedule.timesteps, jnp.float32),
+      "i": jnp.arange(n, dtype=jnp.int32),
+  }
+  x = jnp.asarray(noise, jnp.float32) * jnp.asarray(schedule.init_sigma, jnp.float32)
+
+  def body(carry, s):
+    x, old_denoised = carry
+    sigma, sigma_next, i = s["sigma"], s["sigma_next"], s["i"]
+    eps = eps_fn(x * jax.lax.rsqrt(sigma ** 2 + 1), s["t"], i).astype(jnp.float32)
+    if method == "euler":
+      x = x + eps * (sigma_next - sigma)
+    elif method in ("euler_ancestral", "ddim"):
+      sigma_down, sigma_up = _ancestral_sigmas(sigma, sigma_next, eta)
+      x = x + eps * (sigma_down - sigma)
+      if eta > 0:
+        x = x + noise_fn(key, i, x.shape) * sigma_up
+    else:
+      denoised = x - sigma * eps
+      x = _dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, s["sigma_prev"], i)
+      old_denoised = denoised
+    if post_step is not None:
+      x = post_step(x, i)
+    return (x, old_denoised), None
+
+  (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), per_step)
+  return x * jax.lax.rsqrt(sigmas[-1] ** 2 + 1)
+
+
+def _dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, i):
+  """One DPM-Solver++(2M) step in log-σ time; first order at the first step and when σ_next = 0."""
+  ends = sigma_next <= 0
+  h = jnp.log(sigma) - jnp.log(jnp.where(ends, 1.0, sigma_next))
+  h_last = jnp.log(sigma_prev) - jnp.log(sigma)
+  second_order = (i > 0) & ~ends
+  half_inv_r = jnp.where(second_order, h / (2 * jnp.where(second_order, h_last, 1.0)), 0.0)
+  d = (1 + half_inv_r) * denoised - half_inv_r * old_denoised
+  ratio = jnp.where(ends, 0.0, sigma_next / sigma)
+  return ratio * x + (1 - ratio) * d
