@@ -1,0 +1,210 @@
+"""``jip2p-edit``: edit images with an InstructPix2Pix model folder.
+
+    jip2p-edit --model DIR --input photo.jpg --instruction "make it snowy" --output out.png
+    jip2p-edit --model DIR --input photos/ --instruction "turn it into a painting" --output edits/
+    jip2p-edit --model DIR --jsonl edits.jsonl --output edits/
+
+A JSONL file holds one ``{"image": PATH, "instruction": TEXT}`` object per line, image paths
+relative to the file's folder. Every input is read and checked, and every output name too, before
+the model is loaded and before anything is written; one bad input stops the run with its name and
+exit status 2. Edits are PNGs carrying the instruction, seed, guidance scales, steps, sampler and
+model in their text metadata; edit j of a run uses seed ``--seed + j``, so any one can be redone
+alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import secrets
+import sys
+from collections.abc import Sequence
+
+from PIL import PngImagePlugin
+from tqdm import tqdm
+
+from jip2p import edit
+from jip2p.cli import run
+from jip2p.errors import ConfigError, InputError
+from jip2p.models.attention import IMPLEMENTATIONS
+
+PROG = "jip2p-edit"
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog=PROG, description="Edit images by written instructions with an InstructPix2Pix model.")
+  parser.add_argument("--model", required=True, metavar="DIR",
+                      help="diffusers-format InstructPix2Pix folder (see jip2p-convert)")
+  parser.add_argument("--input", nargs="+", metavar="PATH",
+                      help="image files and/or folders of images (with --instruction)")
+  what = parser.add_mutually_exclusive_group(required=True)
+  what.add_argument("--instruction", help="the edit applied to every input; \"\" returns the "
+                                          "resized input")
+  what.add_argument("--jsonl", metavar="FILE",
+                    help='one {"image": PATH, "instruction": TEXT} per line')
+  parser.add_argument("--output", required=True, metavar="PATH",
+                      help="a .png file (one edit) or a folder")
+  parser.add_argument("--steps", type=int, default=100)
+  parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T")
+  parser.add_argument("--image-guidance", type=float, default=1.5, help="s_I")
+  parser.add_argument("--resolution", type=int, default=512,
+                      help="long side before the short side is rounded up to a multiple of 64")
+  parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
+  parser.add_argument("--sampler", choices=edit.SAMPLERS, default="euler_ancestral")
+  parser.add_argument("--schedule", choices=edit.SCHEDULES, default="discrete",
+                      help="sigma grid (discrete: the reference's)")
+  parser.add_argument("--batch-size", type=int, default=1)
+  parser.add_argument("--dtype", choices=sorted(edit.DTYPES), default="float32",
+                      help="compute dtype (parameters stay float32)")
+  parser.add_argument("--attention-impl", choices=IMPLEMENTATIONS, default="xla",
+                      help="cudnn: the fused flash kernel on NVIDIA GPUs")
+  parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  args = parser.parse_args(argv)
+  if args.jsonl is None and not args.input:
+    parser.error("--instruction needs --input")
+  if args.jsonl is not None and args.input:
+    parser.error("--jsonl names its own images; drop --input")
+  return args
+
+
+def list_inputs(paths: Sequence[str]) -> list[str]:
+  """Files as given, folders expanded to their image files (sorted, not recursive)."""
+  files = []
+  for path in paths:
+    if os.path.isdir(path):
+      found = sorted(os.path.join(path, f) for f in os.listdir(path)
+                     if f.lower().endswith(IMAGE_EXTENSIONS)
+                     and os.path.isfile(os.path.join(path, f)))
+      if not found:
+        raise InputError(f"{path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+      files += found
+    elif os.path.isfile(path):
+      files.append(path)
+    else:
+      raise InputError(f"{path}: no such file or folder")
+  return files
+
+
+def read_jsonl(path: str) -> list[tuple[str, str]]:
+  """(image path, instruction) pairs of a JSONL file; image paths relative to its folder."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    raise InputError(f"{path}: cannot read it ({e})") from None
+  folder = os.path.dirname(os.path.abspath(path))
+  pairs = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    where = f"{path}:{number}"
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{where}: not JSON ({e})") from None
+    if not isinstance(record, dict) or "image" not in record or "instruction" not in record:
+      raise InputError(f'{where}: expected an object with "image" and "instruction"')
+    image, instruction = record["image"], record["instruction"]
+    if not isinstance(image, str) or not image:
+      raise InputError(f"{where}: the image must be a path, got {image!r:.60}")
+    if not isinstance(instruction, str):
+      raise InputError(f"{where}: the instruction must be text, got "
+                       f"{type(instruction).__name__} {instruction!r:.60}")
+    pairs.append((os.path.join(folder, image), instruction))
+  if not pairs:
+    raise InputError(f"{path}: no edits in the file")
+  return pairs
+
+
+def output_paths(output: str, inputs: Sequence[str], overwrite: bool) -> list[str]:
+  """One PNG path per edit: ``output`` itself, or ``output/<input stem>.png`` (``-<j>`` appended
+  where stems repeat). Existing files are refused unless ``overwrite``."""
+  stem, ext = os.path.splitext(output)
+  if not os.path.isdir(output) and ext.lower() in IMAGE_EXTENSIONS:
+    if ext.lower() != ".png":
+      raise InputError(f"{output}: edits are written as PNG; name the output .png or a folder")
+    if len(inputs) != 1:
+      raise InputError(f"{output} is one file but there are {len(inputs)} edits; give a folder")
+    paths = [output]
+  else:
+    if os.path.exists(output) and not os.path.isdir(output):
+      raise InputError(f"{output} exists and is not a folder")
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in inputs]
+    counts = collections.Counter(stems)
+    paths = [os.path.join(output, s if counts[s] == 1 else f"{s}-{j}") + ".png"
+             for j, s in enumerate(stems)]
+  if not overwrite:
+    for path in paths:
+      if os.path.exists(path):
+        raise InputError(f"{path} exists; pass --overwrite to replace it")
+  return paths
+
+
+def write_png(image, path: str, metadata: dict[str, str]) -> None:
+  """Writes atomically (a temporary sibling, then a rename)."""
+  info = PngImagePlugin.PngInfo()
+  for key, value in metadata.items():
+    info.add_text(key, value)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp-{os.getpid()}"
+  image.save(tmp, format="PNG", pnginfo=info)
+  os.replace(tmp, path)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  args = parse_args(argv)
+  for key in ("steps", "resolution", "batch_size"):
+    least = 64 if key == "resolution" else 1
+    if getattr(args, key) < least:
+      raise ConfigError(f"--{key.replace('_', '-')} must be ≥ {least}, got {getattr(args, key)}")
+  if args.jsonl is not None:
+    jobs = read_jsonl(args.jsonl)
+  else:
+    jobs = [(path, args.instruction) for path in list_inputs(args.input)]
+  if args.seed is not None and not 0 <= args.seed <= edit.MAX_SEED - len(jobs) + 1:
+    raise ConfigError(f"--seed must be in [0, {edit.MAX_SEED - len(jobs) + 1}] for "
+                      f"{len(jobs)} edits, got {args.seed}")
+  outputs = output_paths(args.output, [path for path, _ in jobs], args.overwrite)
+
+  # Every image is read in full (truncation shows only then) before the model is loaded.
+  resized = {}
+  for path, _ in jobs:
+    if path not in resized:
+      resized[path] = edit.preprocess(edit.load_image(path), args.resolution, path)
+
+  seed = args.seed
+  if seed is None:
+    seed = secrets.randbelow(edit.MAX_SEED - len(jobs) + 2)
+    print(f"{PROG}: seed {seed} (pass --seed {seed} to repeat this run)")
+  editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
+                                       attention_impl=args.attention_impl)
+  edits = editor.edits(
+      [resized[path] for path, _ in jobs], [instruction for _, instruction in jobs],
+      steps=args.steps, text_guidance=args.text_guidance, image_guidance=args.image_guidance,
+      resolution=None, seed=seed, sampler=args.sampler, schedule=args.schedule,
+      batch_size=args.batch_size)
+  settings = {"text_guidance": str(args.text_guidance),
+              "image_guidance": str(args.image_guidance), "steps": str(args.steps),
+              "sampler": args.sampler, "schedule": args.schedule,
+              "resolution": str(args.resolution), "dtype": args.dtype,
+              "model": os.path.abspath(args.model), "software": "jip2p"}
+  with tqdm(total=len(jobs), desc=PROG, unit="image", file=sys.stderr) as bar:
+    for j, image in edits:
+      path, instruction = jobs[j]
+      write_png(image, outputs[j], {"instruction": instruction, "seed": str(seed + j),
+                                    "input": path, **settings})
+      bar.update()
+  print(f"{PROG}: wrote {len(jobs)} edit{'s' if len(jobs) != 1 else ''} to {args.output}")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

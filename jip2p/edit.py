@@ -1,0 +1,397 @@
+"""The InstructPix2Pix editor: images + instructions → edited images (DESIGN.md §1, "Editing").
+
+    editor = Editor.from_pretrained("path/to/instruct-pix2pix")
+    [out] = editor(["cat.jpg"], ["make it a tiger"], seed=0)
+
+Per edit: the image is read (EXIF orientation applied, any mode → RGB with alpha over white),
+resized by the reference rule (`preprocess_size`) with a centre fit, encoded to the VAE *mode*
+(unscaled); the instruction goes through the CLIP text encoder and "" gives the null text; the
+sampler runs with two-scale guidance on the batch of 3 and the result is decoded with
+1/scaling_factor. An empty instruction returns the resized input, as the reference does.
+
+Encoding, the whole sampling loop and decoding are one `jax.jit` program, compiled once per
+(batch, image shape, steps, sampler). Images are batched by their resized shape and the last batch
+is padded, so a run of many images compiles each shape once. Image j of a call is drawn from seed
+``seed + j`` alone (initial noise and every ancestral step), so its result does not depend on the
+batch it lands in, and ``seed + j`` reproduces it on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import secrets
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from PIL import Image, ImageOps
+
+from jip2p import checkpoints
+from jip2p.diffusion import guidance, samplers, schedules
+from jip2p.errors import CheckpointError, ConfigError, InputError
+
+MAX_PIXELS = 40_000_000
+SAMPLERS = samplers.METHODS
+SCHEDULES = schedules.SCHEDULE_KINDS
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+OUTPUT_TYPES = ("pil", "np")
+MAX_SEED = 2 ** 32 - 1
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+# ------------------------------------------------------------------------------ images
+
+
+def preprocess_size(width: int, height: int, resolution: int = 512) -> tuple[int, int]:
+  """The reference's output size (width, height) for an input of ``width × height``.
+
+  The long side is scaled to ``resolution``, the short side rounded *up* to a multiple of 64 (the
+  scale follows it), then both are floored to multiples of 64; in the reference's float arithmetic,
+  so sizes match it exactly.
+  """
+  if width <= 0 or height <= 0:
+    raise InputError(f"an image of {width}×{height} pixels has nothing to edit")
+  factor = resolution / max(width, height)
+  factor = math.ceil(min(width, height) * factor / 64) * 64 / min(width, height)
+  return int((width * factor) // 64) * 64, int((height * factor) // 64) * 64
+
+
+def _check_pixels(width: int, height: int, name: str) -> None:
+  if width <= 0 or height <= 0:
+    raise InputError(f"{name}: the image is {width}×{height} pixels (empty)")
+  if width * height > MAX_PIXELS:
+    raise InputError(f"{name}: the image is {width}×{height} = {width * height / 1e6:.1f} "
+                     f"megapixels, more than the {MAX_PIXELS / 1e6:.0f} accepted")
+
+
+def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
+  """Any PIL mode → RGB: 16/32-bit integer as 16-bit grey, float as [0, 1] grey (or [0, 255] when
+  larger), alpha (and palette transparency) composited over white, the rest by PIL."""
+  if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+    values = np.asarray(image, np.float64)
+    if image.mode == "F":
+      values = np.nan_to_num(values) * (255.0 if values.size and values.max() <= 1.0 else 1.0)
+    else:
+      values = values / 257.0
+    image = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8), "L")
+  if image.mode in _ALPHA_MODES or "transparency" in image.info:
+    rgba = image.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
+  try:
+    return image.convert("RGB")
+  except (ValueError, OSError) as e:
+    raise InputError(f"{name}: cannot convert an image of mode {image.mode} to RGB: {e}") from None
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+  """Reads an image file fully → RGB, EXIF orientation applied; `InputError` naming the file when
+  it is missing, not an image, truncated or corrupt, empty or larger than `MAX_PIXELS`."""
+  name = os.fspath(path)
+  if not os.path.isfile(name):
+    raise InputError(f"{name}: no such file")
+  if os.path.getsize(name) == 0:
+    raise InputError(f"{name}: the file is empty (0 bytes)")
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(name) as image:
+        _check_pixels(*image.size, name)
+        image.load()
+        return prepare_image(image, name)
+  except Image.DecompressionBombError:
+    raise InputError(f"{name}: the image is larger than the {MAX_PIXELS / 1e6:.0f} megapixels "
+                     "accepted") from None
+  except (OSError, SyntaxError, ValueError, EOFError) as e:
+    if isinstance(e, InputError):
+      raise
+    raise InputError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def prepare_image(image: Any, name: str = "image") -> Image.Image:
+  """A PIL image or uint8 array ``[H, W]``, ``[H, W, 3|4]`` → validated RGB PIL image."""
+  if isinstance(image, np.ndarray):
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (
+        image.ndim == 3 and image.shape[-1] not in (3, 4)):
+      raise InputError(f"{name}: arrays must be uint8 [H, W], [H, W, 3] or [H, W, 4], got "
+                       f"{image.dtype} {image.shape}")
+    _check_pixels(image.shape[1], image.shape[0], name)
+    image = Image.fromarray(image)
+  if not isinstance(image, Image.Image):
+    raise InputError(f"{name}: expected a file path, a PIL image or a uint8 array, got "
+                     f"{type(image).__name__}")
+  _check_pixels(*image.size, name)
+  image = ImageOps.exif_transpose(image)
+  return to_rgb(image, name)
+
+
+def edit_size(width: int, height: int, resolution: int, name: str = "image") -> tuple[int, int]:
+  """`preprocess_size`, refusing aspect ratios whose edit would exceed `MAX_PIXELS`."""
+  size = preprocess_size(width, height, resolution)
+  if size[0] * size[1] > MAX_PIXELS:
+    raise InputError(f"{name}: its aspect ratio ({width}×{height}) would make a {size[0]}×"
+                     f"{size[1]} edit, more than {MAX_PIXELS / 1e6:.0f} megapixels")
+  return size
+
+
+def preprocess(image: Image.Image, resolution: int = 512, name: str = "image") -> Image.Image:
+  """An RGB image resized to `preprocess_size` by centre fit (LANCZOS), as the reference does."""
+  size = edit_size(*image.size, resolution, name)
+  if size == image.size:
+    return image
+  return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+
+
+def _describe(item: Any, index: int) -> str:
+  return os.fspath(item) if isinstance(item, (str, os.PathLike)) else f"image {index}"
+
+
+def _as_list(x: Any, single: tuple[type, ...]) -> list:
+  """One item (a ``single`` type, or anything but a sequence) → [x]; a sequence → its list."""
+  if isinstance(x, single) or not isinstance(x, (Sequence, np.ndarray)):
+    return [x]
+  return list(x)
+
+
+# ------------------------------------------------------------------------------ the program
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def _initial_noise(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Unit normal latents [B, *shape], example b from the first half of key(seeds[b])."""
+  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s))[0])(seeds)
+  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
+
+
+def _per_example_noise(keys: jax.Array, i: jax.Array, shape: tuple) -> jax.Array:
+  """Ancestral noise of step i, drawn per example from its own key (batch-independent)."""
+  return jax.vmap(lambda k: samplers.step_noise(k, i, shape[1:]))(keys)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs", "method", "scaling_factor"))
+def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, image_scale, *,
+                graphdefs, method: str, scaling_factor: float):
+  """One padded batch, start to finish; compiled per model architecture (the static graphdefs, so
+  editors of one architecture share programs), batch, image shape, steps and sampler.
+
+  images float32 [B, H, W, 3] in [-1, 1]; input_ids int32 [B + 1, L] (the last row is ""); noise
+  float32 [B, h, w, C] unit variance; seeds uint32 [B]; scales float32 scalars.
+  → float32 [B, H, W, 3] in [0, 1].
+  """
+  unet, vae, text_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+  image_latents = vae.encode(images).mode()
+  embeddings = text_encoder(input_ids)
+  eps_fn = guidance.two_scale_eps_fn(unet, image_latents, embeddings[:-1], embeddings[-1],
+                                     text_scale, image_scale)
+  step_keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s))[1])(seeds)
+  latents = samplers.sample(eps_fn, noise, schedule, step_keys, method=method,
+                            noise_fn=_per_example_noise)
+  decoded = vae.decode(latents / scaling_factor)
+  return jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  index: int
+  image: Image.Image  # RGB, resized
+  instruction: str
+  seed: int
+  noise: np.ndarray | None
+
+
+class Editor:
+  """Edits images with an InstructPix2Pix `checkpoints.Pipeline` (8-channel UNet)."""
+
+  def __init__(self, pipeline: checkpoints.Pipeline):
+    where = pipeline.folder or "the model"
+    unet, vae, text = pipeline.unet.config, pipeline.vae.config, pipeline.text_encoder.config
+    latent = vae.latent_channels
+    if unet.in_channels == latent:
+      raise CheckpointError(
+          f"{where} is a text-to-image model (its UNet takes {latent} input channels), not an "
+          f"InstructPix2Pix model ({2 * latent}): grow its conv_in with "
+          f"jip2p.checkpoints.expand_conv_in (or jip2p-convert --expand-conv-in {2 * latent}) and "
+          "train it on edit triplets first")
+    if unet.in_channels != 2 * latent or unet.out_channels != latent:
+      raise CheckpointError(
+          f"{where}: the UNet maps {unet.in_channels} → {unet.out_channels} channels; an "
+          f"InstructPix2Pix UNet for this {latent}-channel VAE maps {2 * latent} → {latent}")
+    if unet.cross_attention_dim != text.hidden_size:
+      raise CheckpointError(
+          f"{where}: the UNet attends to {unet.cross_attention_dim}-wide text states but the "
+          f"text encoder gives {text.hidden_size}")
+    self.pipeline = pipeline
+    self.scheduler_config = schedules.from_scheduler_config(pipeline.scheduler_config)
+    modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    graphdefs, self._states = zip(*(nnx.split(m) for m in modules))
+    self._graphdefs = tuple(graphdefs)
+    self._scaling_factor = float(vae.scaling_factor)
+    self._latent_channels = latent
+    self._downscale = vae.downscale
+
+  @classmethod
+  def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
+                      attention_impl: str = "xla") -> Editor:
+    """Loads a diffusers-format InstructPix2Pix folder; ``dtype`` is the compute dtype
+    ("float32" or "bfloat16"; parameters stay float32)."""
+    path = os.fspath(path)
+    if dtype not in DTYPES:
+      raise ConfigError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if os.path.isfile(path):
+      raise CheckpointError(
+          f"{path} is a single file; convert it to a diffusers folder first with "
+          f"`jip2p-convert {path} OUT_DIR` (it takes the EMA weights when the file has both)")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+      raise CheckpointError(
+          f"{path} is not a diffusers pipeline folder (no model_index.json); a single-file "
+          "checkpoint needs jip2p-convert, a jip2p training run jip2p-export")
+    return cls(checkpoints.load_pipeline(path, dtype=DTYPES[dtype],
+                                         attention_impl=attention_impl))
+
+  def noise_shape(self, width: int, height: int) -> tuple[int, int, int]:
+    """The latent (initial noise) shape [h, w, C] of a resized ``width × height`` image."""
+    return height // self._downscale, width // self._downscale, self._latent_channels
+
+  def __call__(self, images, instructions, **kwargs) -> list:
+    """Edits ``images`` (file paths, PIL images or uint8 arrays) by ``instructions``.
+
+    One image with many instructions, or many images with one instruction, broadcast. Keyword
+    arguments as `edits`. Returns the edits in input order: PIL RGB images, or float32
+    ``[H, W, 3]`` arrays in [0, 1] with ``output_type="np"``.
+    """
+    results = dict(self.edits(images, instructions, **kwargs))
+    return [results[i] for i in range(len(results))]
+
+  def edits(self, images, instructions, *, steps: int = 100, text_guidance: float = 7.5,
+            image_guidance: float = 1.5, resolution: int | None = 512, seed: int | None = None,
+            sampler: str = "euler_ancestral", schedule: str = "discrete", batch_size: int = 1,
+            noise=None, output_type: str = "pil") -> Iterator[tuple[int, Any]]:
+    """Validates every input now, then yields ``(index, edited image)`` as batches finish.
+
+    Args:
+      steps: sampling steps.
+      text_guidance, image_guidance: s_T and s_I of the two-scale guidance.
+      resolution: the long side before the short side is rounded up (see `preprocess_size`);
+        None edits the images at their own size, which must be multiples of 64 (e.g. images
+        already passed through `preprocess`).
+      seed: image j uses ``seed + j`` (``seed`` random when None); at most `MAX_SEED`.
+      sampler: one of `SAMPLERS` (k-diffusion Euler ancestral, the reference, by default).
+      schedule: the sigma grid, one of `SCHEDULES`: k-diffusion's "discrete" (the reference), or
+        diffusers' grids ("diffusers_euler", "diffusers_ddim", …) to reproduce its schedulers.
+      batch_size: edits per compiled call; the last batch of each image shape is padded.
+      noise: optional initial latents, one unit-variance ``[h, w, C]`` array per image (see
+        `noise_shape`), in place of the seeds' draws.
+      output_type: "pil" or "np".
+    """
+    jobs, empty = self._prepare(images, instructions, steps=steps, text_guidance=text_guidance,
+                                image_guidance=image_guidance, resolution=resolution, seed=seed,
+                                sampler=sampler, schedule=schedule, batch_size=batch_size,
+                                noise=noise, output_type=output_type)
+    grid = schedules.make(schedule, steps, self.scheduler_config)
+    return self._generate(jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
+                          output_type)
+
+  def _prepare(self, images, instructions, *, steps, text_guidance, image_guidance, resolution,
+               seed, sampler, schedule, batch_size, noise, output_type):
+    """Checks arguments and inputs; → (jobs to sample, jobs with empty instructions)."""
+    _check_int("steps", steps, 1)
+    if resolution is not None:
+      _check_int("resolution", resolution, 64)
+    _check_int("batch_size", batch_size, 1)
+    for key, value in (("text_guidance", text_guidance), ("image_guidance", image_guidance)):
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+    for key, value, allowed in (("sampler", sampler, SAMPLERS), ("schedule", schedule, SCHEDULES),
+                                ("output_type", output_type, OUTPUT_TYPES)):
+      if value not in allowed:
+        raise ConfigError(f"unknown {key} {value!r}; choose one of {allowed}")
+    if isinstance(images, np.ndarray) and images.ndim <= 3:
+      images = [images]
+    images = _as_list(images, (str, os.PathLike, Image.Image))
+    instructions = _as_list(instructions, (str, bytes))
+    if not images:
+      raise InputError("no images to edit")
+    n = max(len(images), len(instructions))
+    if len(images) not in (1, n) or len(instructions) not in (1, n):
+      raise InputError(f"{len(images)} images and {len(instructions)} instructions: give as many "
+                       "of each, or one of either")
+    images, instructions = images * (n // len(images)), instructions * (n // len(instructions))
+    if seed is None:
+      seed = secrets.randbelow(MAX_SEED + 2 - n)
+    _check_int("seed", seed, 0)
+    if seed + n - 1 > MAX_SEED:
+      raise ConfigError(f"seed {seed} + {n - 1} edits passes the largest seed {MAX_SEED}")
+    if noise is not None and len(noise) != n:
+      raise InputError(f"{len(noise)} noise arrays for {n} edits")
+    loaded = {}
+    jobs, empty = [], []
+    for j, (item, instruction) in enumerate(zip(images, instructions)):
+      name = _describe(item, j)
+      if not isinstance(instruction, str):
+        raise InputError(f"{name}: the instruction must be text, got "
+                         f"{type(instruction).__name__} {instruction!r:.60}")
+      key = id(item)
+      if key not in loaded:
+        image = (load_image(item) if isinstance(item, (str, os.PathLike))
+                 else prepare_image(item, name))
+        if resolution is None and (image.size[0] % 64 or image.size[1] % 64):
+          raise InputError(f"{name}: with resolution=None the image size must be multiples of "
+                           f"64, got {image.size[0]}×{image.size[1]}")
+        loaded[key] = image if resolution is None else preprocess(image, resolution, name)
+      image = loaded[key]
+      job_noise = None
+      if noise is not None:
+        job_noise = np.asarray(noise[j], np.float32)
+        want = self.noise_shape(*image.size)
+        if job_noise.shape != want:
+          raise InputError(f"{name}: noise of shape {job_noise.shape}; its {image.size[0]}×"
+                           f"{image.size[1]} edit needs {want}")
+      (empty if instruction == "" else jobs).append(
+          _Job(j, image, instruction, seed + j, job_noise))
+    return jobs, empty
+
+  def _generate(self, jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
+                output_type):
+    for job in empty:
+      yield job.index, _output(np.asarray(job.image, np.float32) / 255.0, output_type)
+    groups: dict[tuple[int, int], list[_Job]] = {}
+    for job in jobs:
+      groups.setdefault(job.image.size, []).append(job)
+    tokenizer = self.pipeline.tokenizer
+    text_scale, image_scale = np.float32(text_guidance), np.float32(image_guidance)
+    for (width, height), group in groups.items():
+      shape = self.noise_shape(width, height)
+      for start in range(0, len(group), batch_size):
+        batch = group[start:start + batch_size]
+        padded = batch + [batch[-1]] * (batch_size - len(batch))
+        images = np.stack([np.asarray(j.image, np.float32) / 127.5 - 1.0 for j in padded])
+        input_ids = tokenizer([j.instruction for j in padded] + [""])
+        seeds = np.asarray([j.seed for j in padded], np.uint32)
+        drawn = (np.asarray(_initial_noise(seeds, shape=shape))
+                 if any(j.noise is None for j in padded) else None)
+        noise = np.stack([drawn[b] if j.noise is None else j.noise for b, j in enumerate(padded)])
+        out = np.asarray(_edit_batch(
+            self._states, images, input_ids, noise, seeds, grid, text_scale, image_scale,
+            graphdefs=self._graphdefs, method=sampler, scaling_factor=self._scaling_factor))
+        for b, job in enumerate(batch):
+          yield job.index, _output(out[b], output_type)
+
+
+def _output(pixels: np.ndarray, output_type: str):
+  """float32 [H, W, 3] in [0, 1] → the caller's type (PIL rounds as diffusers' numpy_to_pil)."""
+  if output_type == "np":
+    return pixels
+  return Image.fromarray(np.round(pixels * 255).astype(np.uint8), "RGB")
+
+
+def _check_int(key: str, value: Any, least: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+    raise ConfigError(f"{key} must be an integer ≥ {least}, got {value!r}")

@@ -1,0 +1,157 @@
+"""``jip2p-edit`` end to end on scikit-image's photos, and every refusal: exit status 2, the
+culprit named, nothing written. Uses torch (to build the model folder), never TensorFlow."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skdata
+
+from jip2p import edit
+from jip2p.cli.edit import main
+from tests.reference import save_torch_pipeline
+from tests.test_edit import bad_files
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PHOTOS = {"astronaut": skdata.astronaut, "chelsea": skdata.chelsea, "coffee": skdata.coffee,
+          "rocket": skdata.rocket}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  return save_torch_pipeline(str(tmp_path_factory.mktemp("model") / "pipe"), "tiny")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+  """The four photos as files: two PNGs and two JPEGs."""
+  folder = tmp_path_factory.mktemp("photos")
+  for i, (name, load) in enumerate(PHOTOS.items()):
+    Image.fromarray(load()).save(folder / f"{name}.{'png' if i % 2 else 'jpg'}")
+  (folder / "README.txt").write_text("not an image, and not listed: folders yield image files\n")
+  return folder
+
+
+def test_edits_a_folder_of_photos(model, photos, tmp_path):
+  out = tmp_path / "edits"
+  cmd = [sys.executable, "-m", "jip2p.cli.edit", "--model", model, "--input", str(photos),
+         "--instruction", "make it look like winter", "--output", str(out), "--steps", "2",
+         "--resolution", "64", "--batch-size", "3", "--text-guidance", "5", "--image-guidance",
+         "1.25"]
+  env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+  result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+  assert result.returncode == 0, result.stderr
+  seed = int(re.search(r"seed (\d+)", result.stdout).group(1))
+  assert "4/4" in result.stderr  # the progress bar
+  assert sorted(os.listdir(out)) == sorted(f"{name}.png" for name in PHOTOS)
+  for j, name in enumerate(sorted(PHOTOS)):  # the folder is read in sorted order
+    with Image.open(out / f"{name}.png") as image:
+      meta = dict(image.text)
+      pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 1
+    assert meta["instruction"] == "make it look like winter"
+    assert int(meta["seed"]) == seed + j
+    assert float(meta["text_guidance"]) == 5 and float(meta["image_guidance"]) == 1.25
+    assert meta["steps"] == "2" and meta["sampler"] == "euler_ancestral"
+    assert meta["model"] == os.path.abspath(model)
+  # A second run refuses to overwrite, and leaves the edits as they were.
+  before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+  assert main(cmd[3:]) == 2
+  assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+
+
+def test_jsonl_pairs_and_empty_instructions(model, photos, tmp_path, capsys):
+  """Image paths relative to the JSONL file; an empty instruction writes the resized input;
+  repeated stems get the edit's index; --overwrite replaces."""
+  lines = [{"image": "photos/chelsea.png", "instruction": ""},
+           {"image": "photos/chelsea.png", "instruction": ""},
+           {"image": str(photos / "astronaut.jpg"), "instruction": ""}]
+  os.symlink(photos, tmp_path / "photos")
+  jsonl = tmp_path / "edits.jsonl"
+  jsonl.write_text("\n".join(json.dumps(l) for l in lines) + "\n\n")
+  out = tmp_path / "out"
+  args = ["--model", model, "--jsonl", str(jsonl), "--output", str(out), "--resolution", "128",
+          "--seed", "7"]
+  assert main(args) == 0
+  assert sorted(os.listdir(out)) == ["astronaut.png", "chelsea-0.png", "chelsea-1.png"]
+  chelsea = edit.preprocess(edit.load_image(photos / "chelsea.png"), 128)
+  with Image.open(out / "chelsea-1.png") as image:
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(chelsea))
+    assert image.text["seed"] == "8" and image.text["instruction"] == ""
+  assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+  assert main(args + ["--overwrite"]) == 0
+
+
+def run_cli(args, capsys):
+  code = main(args)
+  return code, capsys.readouterr().err
+
+
+def test_each_bad_image_is_named_and_nothing_is_written(model, photos, tmp_path, capsys):
+  out = tmp_path / "out"
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  for what, (path, words) in bad_files(bad).items():
+    code, err = run_cli(["--model", model, "--input", str(photos / "astronaut.jpg"), str(path),
+                         "--instruction", "x", "--output", str(out), "--steps", "2"], capsys)
+    assert code == 2, what
+    assert err.startswith("jip2p-edit: error: ") and str(path) in err and words in err, (what, err)
+    assert "Traceback" not in err and not out.exists(), what
+
+
+def test_a_bad_file_in_a_folder_stops_the_whole_run(model, photos, tmp_path, capsys):
+  folder = tmp_path / "mixed"
+  folder.mkdir()
+  Image.fromarray(skdata.coffee()).save(folder / "a_good.png")
+  (folder / "b_truncated.jpg").write_bytes((photos / "astronaut.jpg").read_bytes()[:3000])
+  out = tmp_path / "out"
+  code, err = run_cli(["--model", model, "--input", str(folder), "--instruction", "x",
+                       "--output", str(out)], capsys)
+  assert code == 2 and "b_truncated.jpg" in err and not out.exists()
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"image": "photo.png", "instruction": 5}', "instruction must be text"),
+    ('{"image": "photo.png", "instruction": null}', "instruction must be text"),
+    ('{"image": "photo.png", "instruction": ["a"]}', "instruction must be text"),
+    ('{"image": "photo.png"}', '"instruction"'),
+    ('{"image": "photo.png", "instruction": "x"', "not JSON"),
+    ('["photo.png", "x"]', '"image" and "instruction"'),
+])
+def test_bad_jsonl_lines_are_named(model, tmp_path, capsys, line, words):
+  Image.fromarray(skdata.rocket()).save(tmp_path / "photo.png")
+  jsonl = tmp_path / "edits.jsonl"
+  jsonl.write_text('{"image": "photo.png", "instruction": "fine"}\n' + line + "\n")
+  out = tmp_path / "out"
+  code, err = run_cli(["--model", model, "--jsonl", str(jsonl), "--output", str(out)], capsys)
+  assert code == 2 and f"{jsonl}:2" in err and words in err and not out.exists(), err
+
+
+def test_text_to_image_model_folder_is_refused(photos, tmp_path, capsys):
+  model = save_torch_pipeline(str(tmp_path / "sd"), "tiny", unet_in_channels=4)
+  out = tmp_path / "out"
+  code, err = run_cli(["--model", model, "--input", str(photos / "rocket.png"), "--instruction",
+                       "x", "--output", str(out / "rocket.png")], capsys)
+  assert code == 2 and "expand_conv_in" in err and "not an InstructPix2Pix model" in err
+  assert not out.exists()
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--output", "{tmp}/one.png"], "one file but there are 4 edits"),
+    (["--output", "{tmp}/edit.jpg"], "written as PNG"),
+    (["--output", "{tmp}/out", "--steps", "0"], "--steps must be ≥ 1"),
+    (["--output", "{tmp}/out", "--resolution", "32"], "--resolution must be ≥ 64"),
+    (["--output", "{tmp}/out", "--seed", str(2 ** 32 - 2)], "--seed must be in"),
+    (["--output", "{tmp}/out", "--model", "{tmp}/nowhere"], "nowhere"),
+])
+def test_bad_settings_are_named(model, photos, tmp_path, capsys, extra, words):
+  args = ["--model", model, "--input", str(photos), "--instruction", "x"]
+  args += [a.format(tmp=tmp_path) for a in extra]
+  code, err = run_cli(args, capsys)
+  assert code == 2 and words in err, err
+  assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
