@@ -1,0 +1,95 @@
+"""`jip2p-import`: turns downloaded InstructPix2Pix-style datasets into jip2p TFRecord datasets.
+
+  jip2p-import hf-parquet  PARQUET... --out DIR   # clip-filtered or 1000-samples shards
+  jip2p-import generator   FOLDER     --out DIR   # the original generator's output folder
+  jip2p-import magicbrush  PARQUET... --out DIR [--split validation]
+
+PARQUET arguments may be files, folders or globs; local or gs://. Rerunning the same command
+after an interruption resumes: rows already stored are skipped, none is written twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from jip2p.cli import run
+
+PROG = "jip2p-import"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="source", required=True)
+  sources = {
+      "hf-parquet": ("parquet shards of timbrooks/instructpix2pix-clip-filtered or "
+                     "fusing/instructpix2pix-1000-samples", "PARQUET"),
+      "generator": ("the original generator's folder (seeds.json, 0000000/prompt.json, ...)",
+                    "FOLDER"),
+      "magicbrush": ("MagicBrush parquet shards", "PARQUET"),
+  }
+  for name, (help_text, metavar) in sources.items():
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("inputs", nargs="+" if metavar == "PARQUET" else 1, metavar=metavar)
+    p.add_argument("--out", required=True, help="dataset directory (local or gs://)")
+    p.add_argument("--name", default="jip2p_triplets",
+                   help="dataset name, used in shard file names and by TFDS")
+    p.add_argument("--examples-per-shard", type=int, default=1000)
+    p.add_argument("--val-fraction", type=float, default=0.0,
+                   help="fraction of prompts (MagicBrush: sessions) put in 'validation'")
+    p.add_argument("--split-seed", type=int, default=0, help="salt of the prompt → split hash")
+    p.add_argument("--split", default=None,
+                   help="put every row in this split instead (e.g. MagicBrush dev → validation)")
+    p.add_argument("--store-resolution", type=int, default=None,
+                   help="resize images whose short side is longer to this short side (e.g. 288)")
+    p.add_argument("--store-format", choices=("jpeg", "png"), default="jpeg",
+                   help="encoding of resized images")
+    p.add_argument("--jpeg-quality", type=int, default=95)
+    p.add_argument("--workers", type=int, default=None,
+                   help="threads decoding images (default: all cores)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every skipped row")
+  return parser.parse_args(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format="%(levelname)s %(message)s")
+  from jip2p.data import importers
+  from jip2p.data.writer import DatasetWriter
+  if args.source == "generator":
+    rows = importers.iter_generator(args.inputs[0])
+  elif args.source == "magicbrush":
+    rows = importers.iter_magicbrush(importers.list_parquet(args.inputs))
+  else:
+    rows = importers.iter_hf_parquet(importers.list_parquet(args.inputs))
+  metadata = {"importer": args.source, "inputs": list(args.inputs),
+              "store_resolution": args.store_resolution,
+              "store_format": args.store_format if args.store_resolution else None,
+              "val_fraction": args.val_fraction, "split_seed": args.split_seed}
+
+  def progress(report):
+    print(f"{PROG}: {report.rows} rows, written {dict(report.written)}, "
+          f"skipped {sum(report.skipped.values())}", file=sys.stderr, flush=True)
+
+  writer = DatasetWriter(args.out, name=args.name, examples_per_shard=args.examples_per_shard,
+                         metadata=metadata)
+  with writer:
+    report = importers.import_rows(
+        rows, writer, validation_fraction=args.val_fraction, split_seed=args.split_seed,
+        split=args.split, store_resolution=args.store_resolution,
+        store_format=args.store_format, jpeg_quality=args.jpeg_quality, workers=args.workers,
+        progress=progress)
+  print(report.summary())
+  print(f"dataset: {args.out}")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,27 @@
+"""Imports TensorFlow for the data pipeline, hidden from every accelerator.
+
+The JAX process owns the GPUs/TPUs; tf.data runs on the host CPU only. Every jip2p.data module
+that needs TensorFlow gets it through `import_tf()`, so the device hiding happens once, before
+TensorFlow initialises its devices.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+
+@functools.cache
+def import_tf():
+  """The `tensorflow` module with no GPU visible to it (and C++ INFO logs silenced)."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  import tensorflow as tf
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    # TensorFlow was initialised before jip2p.data was used; it must not have claimed a GPU.
+    if tf.config.list_logical_devices("GPU"):
+      logging.warning("TensorFlow was initialised with GPUs visible before jip2p.data hid them; "
+                      "call jip2p.data.tf_setup.import_tf() before any other TensorFlow use.")
+  return tf
