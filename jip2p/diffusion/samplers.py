@@ -30,7 +30,7 @@ Methods:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +45,9 @@ _DEFAULT_ETA = {"euler_ancestral": 1.0, "ddim": 0.0}
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # noise_fn(key, i, shape) -> unit normal noise broadcastable to shape.
 NoiseFn = Callable[[jax.Array, jax.Array, tuple], jax.Array]
-# post_step(x, i) -> x, applied to the VE latents after step i (e.g. Prompt-to-Prompt's LocalBlend).
-PostStep = Callable[[jax.Array, jax.Array], jax.Array]
+# post_step(x, i) -> x, applied to the VE latents after step i (e.g. Prompt-to-Prompt's LocalBlend);
+# with a post_state, post_step(x, i, state) -> (x, state).
+PostStep = Callable[..., Any]
 
 
 def step_noise(key: jax.Array, i: jax.Array, shape: tuple) -> jax.Array:
@@ -93,7 +94,8 @@ def _check(method: str, eta: float | None, key: jax.Array | None) -> float:
 
 def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array | None = None, *,
            method: str = "euler_ancestral", eta: float | None = None,
-           noise_fn: NoiseFn | None = None, post_step: PostStep | None = None) -> jax.Array:
+           noise_fn: NoiseFn | None = None, post_step: PostStep | None = None,
+           post_state: Any = None) -> jax.Array | tuple[jax.Array, Any]:
   """Runs ``schedule.num_steps`` steps of ``method`` from unit-variance ``noise``.
 
   Args:
@@ -107,12 +109,18 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
       Python number. Other methods take none.
     noise_fn: per-step noise, default `step_noise`; see `shared_noise`.
     post_step: optional ``post_step(x, i) -> x`` on the VE latents after each step.
+    post_state: optional initial state (a pytree) carried from step to step for a stateful
+      post_step, then called ``post_step(x, i, state) -> (x, state)`` (Prompt-to-Prompt's
+      LocalBlend accumulates attention maps this way).
 
   Returns:
-    float32 latents of noise's shape: ``x_n / √(σ_n² + 1)`` (x0 when the grid ends at 0).
+    float32 latents of noise's shape: ``x_n / √(σ_n² + 1)`` (x0 when the grid ends at 0); with
+    a post_state, the pair (latents, final state).
   """
   eta = _check(method, eta, key)
   noise_fn = step_noise if noise_fn is None else noise_fn
+  if post_state is not None and post_step is None:
+    raise ValueError("a post_state is carried for a post_step: pass post_step too")
   sigmas = jnp.asarray(schedule.sigmas, jnp.float32)
   n = schedule.num_steps
   per_step = {
@@ -125,7 +133,7 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
   x = jnp.asarray(noise, jnp.float32) * jnp.asarray(schedule.init_sigma, jnp.float32)
 
   def body(carry, s):
-    x, old_denoised = carry
+    x, old_denoised, state = carry
     sigma, sigma_next, i = s["sigma"], s["sigma_next"], s["i"]
     eps = eps_fn(x * jax.lax.rsqrt(sigma ** 2 + 1), s["t"], i).astype(jnp.float32)
     if method == "euler":
@@ -139,12 +147,15 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
       denoised = x - sigma * eps
       x = _dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, s["sigma_prev"], i)
       old_denoised = denoised
-    if post_step is not None:
+    if post_state is not None:
+      x, state = post_step(x, i, state)
+    elif post_step is not None:
       x = post_step(x, i)
-    return (x, old_denoised), None
+    return (x, old_denoised, state), None
 
-  (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), per_step)
-  return x * jax.lax.rsqrt(sigmas[-1] ** 2 + 1)
+  (x, _, state), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), post_state), per_step)
+  x = x * jax.lax.rsqrt(sigmas[-1] ** 2 + 1)
+  return x if post_state is None else (x, state)
 
 
 def _dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, i):

@@ -1,0 +1,8 @@
+"""Paired image generation for InstructPix2Pix datasets: attention control and sampling.
+
+  control.py   InstructPix2Pix's self-attention sharing, Prompt-to-Prompt's Replace / Refine /
+               Reweight, LocalBlend and the attention store, as pure functions of traced arrays
+  align.py     host-side token alignment of a caption and its edit (word swap, Needleman–Wunsch)
+  generate.py  `PairGenerator` / `generate_pairs`: K candidate pairs in one jitted program;
+               `show_attention`: per-token cross-attention heat maps of a prompt
+"""
