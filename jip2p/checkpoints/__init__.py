@@ -8,7 +8,8 @@ import importlib
 _HOME = {
     "expand_conv_in": "conv_in", "convert_single_file": "convert",
     "Pipeline": "folders", "build_component": "folders", "load_component": "folders",
-    "load_pipeline": "folders", "save_component": "folders", "save_pipeline": "folders",
+    "load_pipeline": "folders", "random_init": "folders", "save_component": "folders",
+    "save_pipeline": "folders",
     "load_torch_state_dict": "mapping", "to_torch_state_dict": "mapping",
     "PRESETS": "presets", "create_random_pipeline": "presets", "preset_configs": "presets",
     "random_pipeline": "presets",
