@@ -22,6 +22,13 @@ job=${1:-demo}
 [ $# -gt 0 ] && shift
 case "$job" in
   test)
+    # The web editor's browser test drives Debian's Chromium through Playwright (no browser
+    # download); install it once.
+    if ! command -v chromium >/dev/null; then
+      echo "jip2p: installing Debian's chromium for the browser test" >&2
+      sudo_=""; [ "$(id -u)" -ne 0 ] && sudo_="sudo"
+      $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq chromium >/dev/null
+    fi
     # Each group is its own process; pytest's exit code 5 ("no tests") never hides a failure.
     python -m pytest --side=torch "$@"
     python -m pytest --side=tf "$@"

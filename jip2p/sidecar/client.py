@@ -183,7 +183,7 @@ class ClipScorer:
 
   Args:
     weights: local CLIP weights file (``.safetensors``, a state-dict ``.pt``/``.bin``, or OpenAI's
-      TorchScript ``ViT-L-14.pt``).
+      TorchScript ``ViT-L-14.pt``); None for a DINO-only sidecar.
     model: open_clip architecture name; the default is OpenAI's ViT-L/14 (with QuickGELU).
     config: an open_clip model config JSON for a custom architecture (overrides ``model``).
     device, precision, batch_size: the sidecar's torch device ("auto": cuda if torch sees one;
@@ -194,6 +194,8 @@ class ClipScorer:
     start_timeout: seconds allowed for a (re)start to load the model.
     max_restarts: restarts in a row without a reply before giving up.
     max_in_flight: `submit` blocks while this many batches are unanswered (bounds memory).
+    dino_weights, dino_config: a DINO ViT's local weights and, for another architecture than
+      ViT-S/16, its timm arguments as JSON (see `jip2p.sidecar.server`); enables `encode_dino`.
     command: the argv prefix that runs the sidecar (default: this interpreter, ``-m
       jip2p.sidecar.server``), e.g. a Python of another environment that has torch; the model
       flags are appended.
@@ -202,21 +204,30 @@ class ClipScorer:
   ``restarts`` and ``dropped_replies`` (replies to already answered requests) for monitoring.
   """
 
-  def __init__(self, weights: str, *, model: str = DEFAULT_MODEL, config: str | None = None,
-               device: str = "auto", precision: str = "fp32", batch_size: int = 32,
-               timeout: float = 300.0, start_timeout: float = 600.0, max_restarts: int = 3,
-               max_in_flight: int = 8, command: Sequence[str] | None = None):
+  def __init__(self, weights: str | None, *, model: str = DEFAULT_MODEL,
+               config: str | None = None, device: str = "auto", precision: str = "fp32",
+               batch_size: int = 32, timeout: float = 300.0, start_timeout: float = 600.0,
+               max_restarts: int = 3, max_in_flight: int = 8,
+               command: Sequence[str] | None = None, dino_weights: str | None = None,
+               dino_config: str | None = None):
     if (timeout <= 0 or start_timeout <= 0 or max_restarts < 0 or max_in_flight < 1
         or batch_size < 1):
       raise InputError("ClipScorer needs timeout > 0, start_timeout > 0, max_restarts ≥ 0, "
                        "max_in_flight ≥ 1 and batch_size ≥ 1")
+    if weights is None and dino_weights is None:
+      raise InputError("ClipScorer needs CLIP weights, DINO weights or both")
     self.weights, self.config = weights, config
+    self.dino_weights, self.dino_config = dino_weights, dino_config
     self.timeout, self.start_timeout = timeout, start_timeout
     self.max_restarts, self.max_in_flight = max_restarts, max_in_flight
     argv = list(command or [sys.executable, "-m", "jip2p.sidecar.server"])
-    argv += ["--clip-weights", weights, "--device", device, "--precision", precision,
-             "--batch-size", str(batch_size)]
-    argv += ["--clip-config", config] if config else ["--clip-model", model]
+    argv += ["--device", device, "--precision", precision, "--batch-size", str(batch_size)]
+    if weights is not None:
+      argv += ["--clip-weights", weights]
+      argv += ["--clip-config", config] if config else ["--clip-model", model]
+    if dino_weights is not None:
+      argv += ["--dino-weights", dino_weights]
+      argv += ["--dino-config", dino_config] if dino_config else []
     self._argv = argv
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.abspath(jip2p.__file__)))
@@ -251,10 +262,10 @@ class ClipScorer:
     """
     if self._process is not None:
       raise Jip2pError("ClipScorer.start() called twice")
-    if not os.path.isfile(self.weights):
-      raise Jip2pError(f"CLIP weights file not found: {self.weights}")
-    if self.config is not None and not os.path.isfile(self.config):
-      raise Jip2pError(f"CLIP config file not found: {self.config}")
+    for what, path in (("CLIP weights", self.weights), ("CLIP config", self.config),
+                       ("DINO weights", self.dino_weights), ("DINO config", self.dino_config)):
+      if path is not None and not os.path.isfile(path):
+        raise Jip2pError(f"{what} file not found: {path}")
     process = self._spawn()
     self.info = process.wait_ready(self.start_timeout)
     self._process = process
@@ -352,6 +363,10 @@ class ClipScorer:
   def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
     """N strings → L2-normalised CLIP text features float32 [N, D] (long texts truncated)."""
     return self._call({"type": "encode_texts", "texts": _texts(texts, "texts")}, {})["features"]
+
+  def encode_dino(self, images) -> np.ndarray:
+    """uint8 [N, H, W, 3] (or float 0..1) → L2-normalised DINO features float32 [N, D]."""
+    return self._call({"type": "encode_dino"}, {"images": _images(images, "images")})["features"]
 
   def _call(self, header: dict, arrays: dict) -> dict:
     waiter = _Waiter()

@@ -16,14 +16,15 @@ pipes carrying a stream of frames:
 Messages (``header["type"]``):
 
   sidecar → client, exactly once, first:
-    ``ready``  {version, model, image_size [h, w], embed_dim, context_length, device,
-                precision, pid}
+    ``ready``  {version, model, image_size [h, w], embed_dim, context_length, precision (CLIP's;
+                null without CLIP), dino ({model, image_size, embed_dim} or null), device, pid}
     ``fatal``  {message}: the model could not be loaded; the sidecar then exits with status 2.
   client → sidecar:
     ``score``          {id, captions0, captions1}; arrays images0, images1: uint8 [N, H, W, 3]
                        (0..255) or float32 (0..1), any H, W.
     ``encode_images``  {id}; array images as above.
     ``encode_texts``   {id, texts}.
+    ``encode_dino``    {id}; array images as above: DINO features.
     ``shutdown``       {}: the sidecar exits after the request it is working on.
   sidecar → client, one per request, in request order:
     ``result``  {id}; arrays sim_0, sim_1, sim_direction, sim_image float32 [N] (score) or
@@ -47,7 +48,7 @@ import numpy as np
 
 from jip2p.errors import Jip2pError
 
-VERSION = 1
+VERSION = 2  # 2: DINO (encode_dino, ready's dino), CLIP optional
 MAGIC = b"JPCS"
 DTYPES = ("uint8", "float32")
 SCORE_KEYS = ("sim_0", "sim_1", "sim_direction", "sim_image")

@@ -1,0 +1,58 @@
+"""``jip2p-app``: the web editor (Gradio) on a local model folder.
+
+    jip2p-app --model DIR                       # http://127.0.0.1:7860, this machine only
+    jip2p-app --model DIR --host 0.0.0.0        # reachable from the network: mind who can use it
+
+One edit runs at a time; others wait in a queue of ``--max-queue``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from jip2p import edit
+from jip2p.cli import run
+from jip2p.errors import ConfigError
+from jip2p.models.attention import IMPLEMENTATIONS
+
+PROG = "jip2p-app"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--model", required=True, metavar="DIR", help="InstructPix2Pix model folder")
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+  p.add_argument("--port", type=int, default=7860)
+  p.add_argument("--resolution", type=int, default=512,
+                 help="long side of the editor's resize rule")
+  p.add_argument("--steps", type=int, default=50, help="the steps field's starting value")
+  p.add_argument("--max-queue", type=int, default=16, help="edits that may wait")
+  p.add_argument("--dtype", choices=sorted(edit.DTYPES), default="float32")
+  p.add_argument("--attention-impl", choices=IMPLEMENTATIONS, default="xla")
+  return p.parse_args(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  args = parse_args(argv)
+  for name, least in (("resolution", 64), ("steps", 1), ("max_queue", 1), ("port", 1)):
+    if getattr(args, name) < least:
+      raise ConfigError(f"--{name.replace('_', '-')} must be ≥ {least}, got "
+                        f"{getattr(args, name)}")
+  editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
+                                       attention_impl=args.attention_impl)
+  from jip2p import app  # Gradio loads only once the model did.
+  print(f"{PROG}: serving {args.model} on http://{args.host}:{args.port}", file=sys.stderr)
+  app.launch(app.build_app(editor, resolution=args.resolution, steps=args.steps),
+             host=args.host, port=args.port, max_queue=args.max_queue)
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+  sys.exit(main())

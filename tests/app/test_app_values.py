@@ -1,0 +1,60 @@
+"""The web editor's values and examples without a browser: randomized seed and guidance as the
+original app draws them, the checks on typed values, the examples, and ``jip2p-app``'s errors."""
+
+import random
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+from jip2p import app as web
+from jip2p.cli import app as app_cli
+
+
+def test_fixed_values_pass_through():
+  values = web.choose_values(42, 7.5, 1.5, 20, False, False, random.Random(0))
+  assert values == web.Values(42, 7.5, 1.5, 20)
+  assert values.describe(3, (512, 384)) == ("Turn 3: seed 42 · s_T 7.5 · s_I 1.5 · 20 steps · "
+                                            "512×384")
+
+
+def test_randomized_values_follow_the_original_app():
+  rng = random.Random(1)
+  drawn = [web.choose_values(42, 7.5, 1.5, 20, True, True, rng) for _ in range(300)]
+  seeds = {v.seed for v in drawn}
+  assert len(seeds) > 250 and all(0 <= s <= web.MAX_RANDOM_SEED for s in seeds)
+  text = np.array([v.text_guidance for v in drawn])
+  image = np.array([v.image_guidance for v in drawn])
+  assert text.min() >= 6.0 and text.max() <= 9.0 and image.min() >= 1.2 and image.max() <= 1.8
+  assert text.max() - text.min() > 2.5 and image.max() - image.min() > 0.5  # spread over U(a, b)
+  np.testing.assert_array_equal(text, np.round(text, 2))  # rounded to 2 decimals
+  only_seed = web.choose_values(42, 7.5, 1.5, 20, True, False, rng)
+  assert (only_seed.text_guidance, only_seed.image_guidance) == (7.5, 1.5)
+
+
+@pytest.mark.parametrize("seed,steps,text,match", [
+    (-1, 20, 7.5, "seed must be a whole number"), (1.5, 20, 7.5, "seed must be a whole number"),
+    (None, 20, 7.5, "seed must be"), (1, 0, 7.5, "Steps must be"),
+    (1, 20, float("nan"), "Text guidance must be a number")])
+def test_bad_values_are_refused_with_a_message(seed, steps, text, match):
+  with pytest.raises(gr.Error, match=match):
+    web.choose_values(seed, text, 1.5, steps, False, False, random.Random(0))
+
+
+def test_examples_are_photos_then_world_scenes(tmp_path):
+  examples = web.write_examples(str(tmp_path))
+  assert len(examples) == len(web.PHOTOS) + web.WORLD_SCENES
+  assert examples[1][1] == "turn the cat into a tiger"
+  for path, instruction in examples:
+    with Image.open(path) as image:
+      assert image.mode == "RGB" and min(image.size) >= 256 and instruction
+  with Image.open(examples[-1][0]) as scene:
+    assert scene.size == (256, 256)
+
+
+def test_cli_reports_problems_in_one_line(tmp_path, capsys):
+  assert app_cli.main(["--model", str(tmp_path), "--resolution", "32"]) == 2
+  assert "--resolution must be ≥ 64, got 32" in capsys.readouterr().err
+  assert app_cli.main(["--model", str(tmp_path / "missing")]) == 2
+  assert "jip2p-app: error:" in capsys.readouterr().err
