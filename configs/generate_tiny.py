@@ -1,0 +1,42 @@
+r"""Paired generation on a tiny random model: for tests and smoke runs, seconds on a CPU.
+
+  jip2p-generate --config configs/generate_tiny.py:model=/tmp/tiny_sd,clip=/tmp/clip.pt,\
+clip_config=/tmp/clip.json --prompts data/prompts.jsonl --out /tmp/gen
+
+Expect: 4 candidates per prompt, 3 steps at 32 px, every candidate passing (thresholds at -1),
+the best 2 by CLIP direction kept: 2 records per prompt.
+
+Arguments: model, clip, clip_config, candidates, steps, batch, res, top_k, shard.
+"""
+
+import importlib.util
+import os
+
+from jip2p.train import config as config_lib
+
+
+def _sd15():
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate_sd15.py")
+  spec = importlib.util.spec_from_file_location("generate_sd15", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, model="", clip="", clip_config="", candidates=4, steps=3,
+                           batch=3, res=32, top_k=2, shard=1000)
+  c = _sd15().get_config(f"candidates={a['candidates']},steps={a['steps']},"
+                               f"batch={a['batch']},res={a['res']}")
+  c.model = a["model"]
+  c.clip.weights = a["clip"]
+  c.clip.config = a["clip_config"]
+  c.clip.device = "cpu"
+  c.clip.start_timeout = 120.0
+  for key in ("min_sim_image", "min_sim_direction", "min_sim_0", "min_sim_1"):
+    c.filter[key] = -1.0
+  c.filter.top_k = a["top_k"]
+  c.output.examples_per_shard = a["shard"]
+  c.output.image_format = "png"
+  c.show_attention_steps = a["steps"]
+  return c

@@ -1,0 +1,153 @@
+"""`jip2p-generate`: InstructPix2Pix prompts JSONL → CLIP-filtered paired images as TFRecords.
+
+  jip2p-generate --config configs/generate_sd15.py:model=/models/sd15,clip=/models/ViT-L-14.pt \\
+      --prompts prompts.jsonl --out DIR [--partition k --num-partitions n]
+  jip2p-generate --config ... --show-attention "a photo of a cat" --out DIR
+
+Prompts go to partition ``line mod (num_partitions·process_count)``; each partition writes its
+own dataset directory (``DIR/part-KKKKK-of-NNNNN`` when there is more than one). Rerunning the
+same command after a crash resumes: finished prompts are skipped, nothing is written twice.
+This process runs JAX and TensorFlow; the CLIP model runs in the torch sidecar process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+from collections.abc import Sequence
+
+from jip2p.cli import run
+from jip2p.errors import ConfigError, InputError
+
+PROG = "jip2p-generate"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True,
+                      help="a configs/generate_*.py file, with an optional ':arg' for get_config")
+  parser.add_argument("--prompts", help="JSONL with input (or caption), edit, output per line")
+  parser.add_argument("--out", required=True, help="output directory (local or gs://)")
+  parser.add_argument("--partition", type=int, default=0, help="this job's partition k")
+  parser.add_argument("--num-partitions", type=int, default=1, help="n independent jobs")
+  parser.add_argument("--show-attention", metavar="PROMPT",
+                      help="only save per-token cross-attention heat maps of PROMPT under "
+                           "OUT/attention and exit")
+  args = parser.parse_args(argv)
+  if args.show_attention is None and not args.prompts:
+    parser.error("--prompts is required (unless --show-attention)")
+  return args
+
+
+def load_config(spec: str):
+  """``path.py[:arg]`` → the ConfigDict its ``get_config(arg)`` returns."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location("jip2p_generate_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config()")
+  return module.get_config(arg or None)
+
+
+def generation_config(c):
+  from jip2p.p2p import filter as filter_lib
+  from jip2p.p2p import run as run_lib
+  return run_lib.GenerationConfig(
+      candidates=c.candidates, batch_size=c.batch_size, seed=c.seed, mode=c.mode,
+      min_p=c.min_p, max_p=c.max_p, min_cfg=c.min_cfg, max_cfg=c.max_cfg,
+      filter=filter_lib.FilterConfig(**c.filter.to_dict()), split=c.output.split,
+      image_format=c.output.image_format, jpeg_quality=c.output.jpeg_quality)
+
+
+def _load_pipeline(c):
+  import jax.numpy as jnp
+
+  from jip2p.checkpoints import load_pipeline
+  if not c.model or not os.path.isdir(c.model):
+    raise ConfigError(f"model folder not found: {c.model!r} (set config.model, e.g. "
+                      "configs/generate_sd15.py:model=/models/sd15)")
+  return load_pipeline(c.model, dtype=getattr(jnp, c.compute_dtype))
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  args = parse_args(argv)
+  c = load_config(args.config)
+  if args.show_attention is not None:
+    from jip2p.p2p import generate
+    paths = generate.show_attention(_load_pipeline(c), args.show_attention,
+                                    os.path.join(args.out, "attention"), seed=c.seed,
+                                    steps=c.show_attention_steps, height=c.height, width=c.width)
+    print(f"wrote {len(paths)} images to {os.path.dirname(paths[0])}")
+    return 0
+
+  import jax
+  from tqdm import tqdm
+
+  from jip2p.data.writer import DatasetWriter
+  from jip2p.p2p import generate
+  from jip2p.p2p import run as run_lib
+  from jip2p.sidecar import ClipScorer
+  from jip2p.tokenizer import load_tokenizer
+
+  options = generation_config(c)
+  total = args.num_partitions * jax.process_count()
+  index = args.partition * jax.process_count() + jax.process_index()
+  if not 0 <= args.partition < args.num_partitions:
+    raise ConfigError(f"--partition {args.partition} must be in [0, {args.num_partitions})")
+  if not os.path.isfile(args.prompts):
+    raise InputError(f"prompts file not found: {args.prompts}")
+  if not c.model or not os.path.isdir(c.model):
+    raise ConfigError(f"model folder not found: {c.model!r} (set config.model, e.g. "
+                      "configs/generate_sd15.py:model=/models/sd15)")
+  tokenizer = load_tokenizer(c.model)
+  with open(args.prompts, encoding="utf-8") as f:
+    prompts, prompt_report = run_lib.read_prompts(f, tokenizer)
+  print(f"{PROG}: prompts: {prompt_report.summary()}", file=sys.stderr, flush=True)
+  prompts = run_lib.partition(prompts, index, total)
+
+  # The sidecar first: missing CLIP weights or a sidecar that cannot start fail before any work.
+  if not c.clip.weights:
+    raise ConfigError("no CLIP weights: set config.clip.weights to a local file (e.g. OpenAI's "
+                      "ViT-L-14.pt)")
+  scorer = ClipScorer(c.clip.weights, model=c.clip.model, config=c.clip.config or None,
+                      device=c.clip.device, precision=c.clip.precision,
+                      batch_size=c.clip.batch_size, timeout=c.clip.timeout,
+                      start_timeout=c.clip.start_timeout)
+  with scorer:
+    generator = generate.PairGenerator(_load_pipeline(c), steps=c.steps, height=c.height,
+                                       width=c.width)
+    out = args.out if total == 1 else os.path.join(args.out, f"part-{index:05d}-of-{total:05d}")
+    metadata = {"generator": PROG, "config": c.to_dict(), "prompts": os.path.abspath(args.prompts),
+                "partition": index, "num_partitions": total}
+    writer = DatasetWriter(out, name=c.output.name,
+                           examples_per_shard=c.output.examples_per_shard, metadata=metadata)
+    throughput = run_lib.Throughput()
+    with writer, tqdm(total=len(prompts), desc=PROG, unit="prompt", file=sys.stderr) as bar:
+      def progress(report):
+        bar.update(1)
+        bar.set_postfix(throughput.postfix(report), refresh=False)
+
+      first, _ = run_lib.resume_point(writer.cursor(options.split))
+      bar.update(sum(p.index < first for p in prompts))
+      report = run_lib.generate_dataset(generator, scorer, prompts, writer, options,
+                                        progress=progress)
+  rate = report.passed / report.candidates if report.candidates else 0.0
+  resumed = (f", resumed at prompt line {report.resumed_after + 1}"
+             if report.resumed_after is not None else "")
+  print(f"{PROG}: {report.prompts} prompts, {report.candidates} candidates, pass rate "
+        f"{rate:.1%}, {report.written} records written{resumed}")
+  print(f"dataset: {out}")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
