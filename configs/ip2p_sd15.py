@@ -1,0 +1,33 @@
+r"""InstructPix2Pix as in the paper: Stable Diffusion 1.5, 256 px, batch 1024, 10k steps.
+
+  jip2p-train --config=configs/ip2p_sd15.py:init=/models/sd15,data=/data/ip2p-shards \
+      --workdir=gs://bucket/runs/ip2p_sd15
+
+Expect: the SD 1.5 UNet's conv_in grown to 8 channels (new ones zero), AdamW 1e-4 constant, EMA
+0.9999, 5/5/5% conditioning dropout, random flip and a 256–288 resize then 256 crop; a global batch
+of 1024 = 32 per device × devices × grad_accum (8 A100s or a v4-8/v5e-8 slice: grad_accum 4). The
+logged loss (ε MSE at random timesteps) is noisy and decreases slowly; the paper trained 10k steps
+(25.5 h on 8× A100-40GB). On 16 GB chips (v5e) use FSDP: ``fsdp=8``. EMA weights are exported to
+<workdir>/export/ema, a diffusers folder for jip2p-edit or diffusers.
+
+Arguments (``configs/ip2p_sd15.py:key=value,…``): init (SD 1.5 diffusers folder), data (folder of
+training shards), res, batch (global), accum, fsdp, steps.
+"""
+
+from jip2p.train import config as config_lib
+
+
+def get_config(arg=None):
+  a = config_lib.parse_arg(arg, init="", data="", res=256, batch=1024, accum=4, fsdp=1,
+                           steps=10_000)
+  c = config_lib.base_config()
+  c.model.init = a["init"]
+  c.data.path = a["data"]
+  c.data.res = a["res"]
+  c.data.resize_min = a["res"]
+  c.data.resize_max = a["res"] * 288 // 256
+  c.batch_size = a["batch"]
+  c.grad_accum = a["accum"]
+  c.mesh.fsdp = a["fsdp"]
+  c.total_steps = a["steps"]
+  return c

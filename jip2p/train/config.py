@@ -1,0 +1,193 @@
+"""The training config schema, and the checks that turn a bad config into one clear error at start.
+
+Every file in ``configs/`` starts from `base_config()` (the paper's recipe, DESIGN.md §1) and
+changes values; `validate` rejects keys the schema does not know (a typo must not be silently
+ignored), values of the wrong type or outside their range, and combinations that cannot run on the
+devices at hand (a batch that does not split over them, a mesh that does not cover them).
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+from jip2p.errors import ConfigError
+from jip2p.models.attention import IMPLEMENTATIONS
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+NONFINITE_POLICIES = ("stop", "skip")
+DATA_SOURCES = ("synthetic", "tfrecord")
+EXPORT_WEIGHTS = ("ema", "raw")
+RANDOM_INIT_PREFIX = "random:"
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys a training config may have, with InstructPix2Pix's values (SD 1.5, 256 px)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 10_000
+  c.batch_size = 1024  # Global examples per optimizer step: per device × devices × grad_accum.
+  c.grad_accum = 4
+
+  # init: a diffusers-format folder (SD 1.5 / 2.1 or an InstructPix2Pix model) or "random:<preset>"
+  # (jip2p.checkpoints.PRESETS, seeded by model.seed). The UNet's conv_in grows to
+  # unet_in_channels (new channels zero).
+  c.model = ml_collections.ConfigDict(dict(
+      init="", seed=0, unet_in_channels=8, compute_dtype="bfloat16", attention_impl="xla",
+      remat=False))
+
+  # source "tfrecord": jip2p's triplet shards under `path` (jip2p.data.reader); "synthetic":
+  # the first `num_examples` pairs of the procedural edit world (jip2p.data.synthetic), for tests
+  # and smoke runs.
+  c.data = ml_collections.ConfigDict(dict(
+      source="tfrecord", path="", res=256, resize_min=256, resize_max=288, flip=True,
+      num_examples=8, shuffle_buffer=10_000))
+
+  # One r ~ U(0, 1) per example: r < 2p drops the text (CLIP("")), p ≤ r < 3p the image latent.
+  c.conditioning_dropout = 0.05
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0))
+  c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=True))
+
+  # data=-1: all devices not used by fsdp. Pure data parallelism is fsdp=1.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # Tensors with fewer elements than this stay replicated under FSDP.
+  c.sharding = ml_collections.ConfigDict(dict(min_fsdp_size=2 ** 14))
+
+  # A non-finite loss or gradient: "stop" raises naming the step (the last checkpoint is good),
+  # "skip" leaves the state unchanged for that step and goes on.
+  c.nonfinite = "stop"
+
+  c.checkpoint = ml_collections.ConfigDict(dict(
+      every_steps=1000, keep=3, keep_every=0, async_save=True))
+  c.log_every_steps = 50
+  # Every `every_steps` (0: never), edit `num_images` fixed validation pairs with the EMA weights.
+  c.eval = ml_collections.ConfigDict(dict(
+      every_steps=1000, num_images=4, num_steps=20, text_scale=7.5, image_scale=1.5))
+  # 0: look the peak up by device kind (jip2p.train.metrics.PEAK_FLOPS).
+  c.metrics = ml_collections.ConfigDict(dict(peak_flops_per_device=0.0))
+  # Weights written as diffusers folders under <workdir>/export/ when training ends.
+  c.export = ml_collections.ConfigDict(dict(at_end="ema"))
+  return c
+
+
+def parse_arg(arg: str | None, **defaults):
+  """``"res=512,init=/ckpt"`` → dict of the defaults updated with typed values (big_vision style).
+
+  Each value is read as a Python literal when it is one, else kept as a string; a key not in
+  ``defaults`` is an error naming it.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ConfigError(f"config argument {item!r} is not of the form key=value")
+    if key not in defaults:
+      raise ConfigError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    try:
+      out[key] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[key] = value
+  return out
+
+
+def _check_keys(config, schema, prefix: str = "") -> None:
+  unknown = sorted(set(config.keys()) - set(schema.keys()))
+  if unknown:
+    names = ", ".join(prefix + k for k in unknown)
+    raise ConfigError(f"unknown config key(s): {names}")
+  for key in schema.keys():
+    if key not in config:
+      raise ConfigError(f"config is missing key {prefix + key}")
+    value, expected = config[key], schema[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f"config.{prefix + key} must be a group of settings, got {value!r}")
+      _check_keys(value, expected, prefix + key + ".")
+      continue
+    if isinstance(expected, bool) or not isinstance(expected, (int, float)):
+      ok = isinstance(value, type(expected))
+    else:  # An int is fine where a float is expected; a bool is never a number here.
+      numeric = (int, float) if isinstance(expected, float) else (int,)
+      ok = isinstance(value, numeric) and not isinstance(value, bool)
+    if not ok:
+      raise ConfigError(f"config.{prefix + key}={value!r} must be of type "
+                        f"{type(expected).__name__}")
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Device-independent checks: keys, types, ranges and choices. Raises `ConfigError`."""
+  _check_keys(config, base_config())
+  m, d, o = config.model, config.data, config.optimizer
+  _require(bool(m.init), "config.model.init is empty: set it to a diffusers-format Stable "
+           "Diffusion folder (--config.model.init=/path/to/sd15) or to 'random:tiny'")
+  _require(m.compute_dtype in COMPUTE_DTYPES,
+           f"config.model.compute_dtype={m.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
+  _require(m.attention_impl in IMPLEMENTATIONS,
+           f"config.model.attention_impl={m.attention_impl!r}; choose one of {IMPLEMENTATIONS}")
+  _require(m.unet_in_channels == 8, f"config.model.unet_in_channels={m.unet_in_channels}: "
+           "InstructPix2Pix conditions on 4 noisy + 4 image-latent channels, so it must be 8")
+  _require(d.source in DATA_SOURCES,
+           f"config.data.source={d.source!r}; choose one of {DATA_SOURCES}")
+  _require(d.source != "tfrecord" or bool(d.path), "config.data.path is empty: set it to the "
+           "folder of training shards (--config.data.path=...) or use "
+           "config.data.source='synthetic'")
+  _require(d.res > 0 and d.resize_min >= d.res and d.resize_max >= d.resize_min,
+           f"config.data needs 0 < res ≤ resize_min ≤ resize_max, got res={d.res}, "
+           f"resize_min={d.resize_min}, resize_max={d.resize_max}")
+  _require(d.num_examples > 0, f"config.data.num_examples={d.num_examples} must be positive")
+  for key in ("total_steps", "batch_size", "grad_accum", "log_every_steps"):
+    _require(config[key] > 0, f"config.{key}={config[key]} must be positive")
+  _require(config.batch_size % config.grad_accum == 0,
+           f"config.batch_size={config.batch_size} is not divisible by "
+           f"config.grad_accum={config.grad_accum}")
+  _require(0.0 <= config.conditioning_dropout <= 1 / 3, "config.conditioning_dropout="
+           f"{config.conditioning_dropout} must be in [0, 1/3] (3p of the examples are dropped)")
+  _require(o.lr > 0, f"config.optimizer.lr={o.lr} must be positive")
+  _require(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"config.optimizer b1={o.b1}, b2={o.b2} must be in "
+           "[0, 1)")
+  _require(o.eps > 0 and o.weight_decay >= 0 and o.grad_clip_norm >= 0,
+           "config.optimizer needs eps > 0, weight_decay ≥ 0 and grad_clip_norm ≥ 0 (0: off)")
+  _require(0 <= config.ema.decay < 1, f"config.ema.decay={config.ema.decay} must be in [0, 1)")
+  _require(config.mesh.fsdp >= 1 and (config.mesh.data >= 1 or config.mesh.data == -1),
+           f"config.mesh data={config.mesh.data}, fsdp={config.mesh.fsdp}: sizes must be ≥ 1 "
+           "(data may be -1: all devices left)")
+  _require(config.nonfinite in NONFINITE_POLICIES,
+           f"config.nonfinite={config.nonfinite!r}; choose one of {NONFINITE_POLICIES}")
+  c = config.checkpoint
+  _require(c.every_steps > 0 and c.keep > 0 and c.keep_every >= 0,
+           "config.checkpoint needs every_steps > 0, keep > 0 and keep_every ≥ 0 (0: off)")
+  e = config.eval
+  _require(e.every_steps >= 0 and e.num_images > 0 and e.num_steps > 0,
+           "config.eval needs every_steps ≥ 0 (0: off), num_images > 0 and num_steps > 0")
+  _require(config.metrics.peak_flops_per_device >= 0,
+           "config.metrics.peak_flops_per_device must be ≥ 0 (0: from the device kind)")
+  weights = [w for w in config.export.at_end.split(",") if w]
+  _require(all(w in EXPORT_WEIGHTS for w in weights), f"config.export.at_end="
+           f"{config.export.at_end!r}: a comma-separated subset of {EXPORT_WEIGHTS}, or ''")
+
+
+def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
+               num_processes: int = 1) -> tuple[int, int]:
+  """(data, fsdp) for ``num_devices``; raises `ConfigError` when the batch or mesh do not fit."""
+  fsdp, data = config.mesh.fsdp, config.mesh.data
+  if data == -1:
+    _require(num_devices % fsdp == 0, f"config.mesh.fsdp={fsdp} does not divide the "
+             f"{num_devices} devices")
+    data = num_devices // fsdp
+  _require(data * fsdp == num_devices, f"config.mesh data={data} × fsdp={fsdp} = {data * fsdp} "
+           f"devices, but there are {num_devices}")
+  micro = config.batch_size // config.grad_accum
+  _require(micro % num_devices == 0,
+           f"config.batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} "
+           f"examples per micro-step do not split evenly over {num_devices} devices")
+  _require(num_devices % num_processes == 0,
+           f"{num_devices} devices do not split evenly over {num_processes} processes")
+  return data, fsdp

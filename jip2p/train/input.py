@@ -1,0 +1,120 @@
+"""Per-host training batches with a position that a checkpoint stores and a restart restores.
+
+A source yields this process's rows of each global batch as numpy:
+``input``, ``edited`` float32 [B_local, H, W, 3] in [-1, 1], ``input_ids`` int32 [B_local, 77].
+The loop turns them into one global array with `jax.make_array_from_process_local_data`.
+
+  * ``"synthetic"`` — the first ``num_examples`` pairs of the procedural edit world. The global
+    batch of step s is a pure function of (seed, s), and each process takes its contiguous rows,
+    so any number of processes sees the same global batches (what the multi-host test checks).
+  * ``"tfrecord"``  — `jip2p.data.reader` over a folder of triplet shards, split per process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from jip2p.data import synthetic
+from jip2p.tokenizer import CLIPTokenizer
+
+
+class SyntheticSource:
+  """Batches drawn with replacement from a fixed list of procedural examples.
+
+  Position: the number of batches already taken.
+  """
+
+  def __init__(self, *, num_examples: int, res: int, seed: int, global_batch: int, flip: bool,
+               tokenizer: CLIPTokenizer, process_index: int = 0, process_count: int = 1):
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} does not split over {process_count} "
+                       "processes")
+    examples = [synthetic.example_at(i, seed=seed, size=res) for i in range(num_examples)]
+    to_float = lambda im: im.astype(np.float32) / 127.5 - 1.0
+    self._input = np.stack([to_float(e.input_image) for e in examples])
+    self._edited = np.stack([to_float(e.edited_image) for e in examples])
+    self._ids = np.asarray(tokenizer([e.instruction for e in examples]), np.int32)
+    self.instructions = [e.instruction for e in examples]
+    self._seed, self._flip = seed, flip
+    self._global_batch = global_batch
+    local = global_batch // process_count
+    self._rows = slice(process_index * local, (process_index + 1) * local)
+    self.position = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self._seed, self.position])
+    index = rng.integers(0, len(self._input), self._global_batch)[self._rows]
+    flip = (rng.random(self._global_batch) < 0.5)[self._rows] & self._flip
+    self.position += 1
+    pick = lambda a: np.where(flip[:, None, None, None], a[index][:, :, ::-1], a[index])
+    return {"input": pick(self._input), "edited": pick(self._edited),
+            "input_ids": self._ids[index]}
+
+  def get_position(self) -> Any:
+    return self.position
+
+  def set_position(self, position: Any) -> None:
+    self.position = int(position)
+
+  def validation_batch(self, n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` examples (cycled), unflipped: the same on every process."""
+    index = np.arange(n) % len(self._input)
+    return {"input": self._input[index], "edited": self._edited[index],
+            "input_ids": self._ids[index]}
+
+
+class TFRecordSource:
+  """`jip2p.data.reader` over this process's part of the shards; position: its `ReaderState`."""
+
+  def __init__(self, *, path: str, res: int, resize_min: int, resize_max: int, flip: bool,
+               shuffle_buffer: int, seed: int, global_batch: int, tokenizer: CLIPTokenizer,
+               process_index: int = 0, process_count: int = 1):
+    from jip2p.data import reader  # TensorFlow: only processes that read shards import it.
+    self._reader = reader
+    self._path, self._tokenizer = path, tokenizer
+    self._config = reader.ReaderConfig(
+        batch_size=reader.per_host_batch_size(global_batch, process_count), resolution=res,
+        min_resize=resize_min, max_resize=resize_max, flip_prob=0.5 if flip else 0.0, seed=seed,
+        shuffle_buffer=shuffle_buffer)
+    self._hosts = dict(process_index=process_index, process_count=process_count)
+    self._it = reader.make_iterator(path, self._config, tokenize=tokenizer, **self._hosts)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._it)
+
+  def get_position(self) -> Any:
+    return self._it.state().to_dict()
+
+  def set_position(self, position: Any) -> None:
+    self._it = self._reader.make_iterator(self._path, self._config, tokenize=self._tokenizer,
+                                          state=position, **self._hosts)
+
+  def validation_batch(self, n: int) -> dict[str, np.ndarray]:
+    """The first ``n`` records in storage order, resized without augmentation: the same batch on
+    every process."""
+    config = dataclasses.replace(self._config, batch_size=n, augment=False, shuffle=False,
+                                 drop_remainder=False, num_epochs=1)
+    batch = next(self._reader.make_iterator(self._path, config, tokenize=self._tokenizer,
+                                            process_index=0, process_count=1))
+    index = np.arange(n) % len(batch["input_ids"])
+    return {k: v[index] for k, v in batch.items()}
+
+
+def make_source(config, *, tokenizer: CLIPTokenizer, process_index: int, process_count: int):
+  """The source ``config.data`` names, for ``config.batch_size`` global examples per step."""
+  d = config.data
+  common = dict(res=d.res, flip=d.flip, seed=config.seed, global_batch=config.batch_size,
+                tokenizer=tokenizer, process_index=process_index, process_count=process_count)
+  if d.source == "synthetic":
+    return SyntheticSource(num_examples=d.num_examples, **common)
+  return TFRecordSource(path=d.path, resize_min=d.resize_min, resize_max=d.resize_max,
+                        shuffle_buffer=d.shuffle_buffer, **common)

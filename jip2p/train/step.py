@@ -1,0 +1,176 @@
+"""The InstructPix2Pix train step: one pure function of (state, frozen models, batch).
+
+Per example (DESIGN.md §1): target latents ``z = scaling · VAE.encode(edited).sample()``, image
+conditioning ``VAE.encode(input).mode()`` (unscaled), text ``CLIP(instruction)``; conditioning
+dropout; ``t ~ U{0..T−1}``, ``z_t = √ᾱ_t·z + √(1−ᾱ_t)·ε``; the UNet predicts ε from
+``concat([z_t, image latent])``; loss = mean squared error in float32.
+
+Every random draw is made at the shape of the *global* micro-batch from keys folded from
+``(state.rng, step, micro-step)``, so results do not depend on how the batch is split over devices.
+Gradients are accumulated over ``grad_accum`` micro-batches with `lax.scan`; micro-batch ``a``
+takes rows ``a, a+A, a+2A…`` of the batch, so each device's rows stay on that device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jip2p.train import sharding
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a checkpoint holds besides the data position. ``rng`` is a raw uint32 key [2]."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ema: Any
+  rng: jax.Array
+
+
+def make_optimizer(lr: float, *, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   weight_decay: float = 0.01, grad_clip_norm: float = 0.0
+                   ) -> optax.GradientTransformation:
+  """AdamW at a constant learning rate (no warm-up), optionally after global-norm clipping."""
+  adamw = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+  if grad_clip_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(grad_clip_norm), adamw)
+  return adamw
+
+
+def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """Step 0: EMA starts as a copy of the parameters."""
+  params = jax.tree.map(jnp.asarray, params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=optimizer.init(params), ema=jax.tree.map(jnp.copy, params),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
+  """The original's LitEma: min(decay, (1 + n)/(10 + n)) at the n-th update (n from 1)."""
+  if not warmup:
+    return jnp.float32(decay)
+  n = step.astype(jnp.float32)
+  return jnp.minimum(jnp.float32(decay), (1.0 + n) / (10.0 + n))
+
+
+def dropout_masks(key: jax.Array, batch: int, prob: float) -> tuple[jax.Array, jax.Array]:
+  """(drop_text, drop_image), bool [batch], from one r ~ U(0, 1) per example.
+
+  r < 2p drops the text, p ≤ r < 3p the image: p of the examples lose only the text, p both, p
+  only the image (the original's ``prompt_mask`` and ``input_mask``).
+  """
+  r = jax.random.uniform(key, (batch,))
+  return r < 2 * prob, (r >= prob) & (r < 3 * prob)
+
+
+def conditioning_dropout(key: jax.Array, text: jax.Array, null_text: jax.Array,
+                         image_latents: jax.Array, prob: float) -> tuple[jax.Array, jax.Array]:
+  """Replaces dropped text by CLIP("") (``null_text`` [1, L, D]) and zeroes dropped image latents.
+
+  text [B, L, D], image_latents [B, h, w, C] → the same shapes.
+  """
+  drop_text, drop_image = dropout_masks(key, text.shape[0], prob)
+  text = jnp.where(drop_text[:, None, None], null_text.astype(text.dtype), text)
+  image_latents = jnp.where(drop_image[:, None, None, None], 0.0, image_latents)
+  return text, image_latents
+
+
+def _micro_batches(batch: dict[str, jax.Array], accum: int, mesh) -> dict[str, jax.Array]:
+  """[B, …] → [A, B/A, …] with micro-batch a = rows a, a+A, …; the second axis stays split."""
+  def split(x):
+    x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+    spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)
+    return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+  return {k: split(v) for k, v in batch.items()}
+
+
+def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
+                 scaling_factor: float, dropout: float) -> Callable:
+  """loss(params, frozen, micro_batch, key) → scalar float32 loss of one micro-batch."""
+  sqrt_ac = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)
+  sqrt_1m_ac = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)
+  num_timesteps = len(alphas_cumprod)
+
+  def loss_fn(params, frozen, batch, key):
+    k_sample, k_drop, k_t, k_noise = jax.random.split(key, 4)
+    vae = nnx.merge(vae_def, frozen["vae"])
+    text_encoder = nnx.merge(text_def, frozen["text_encoder"])
+    # One encoder pass over both images (rows interleaved, so each device keeps its own rows):
+    # half the program of two passes, twice the batch.
+    b = batch["edited"].shape[0]
+    pairs = jnp.stack([batch["edited"], batch["input"]], axis=1)
+    posterior = vae.encode(pairs.reshape((2 * b,) + pairs.shape[2:]))
+    posterior = jax.tree.map(lambda x: x.reshape((b, 2) + x.shape[1:]), posterior)
+    latents = jax.tree.map(lambda x: x[:, 0], posterior).sample(k_sample) * scaling_factor
+    image_latents = posterior.mode()[:, 1]
+    text = text_encoder(batch["input_ids"])
+    latents, image_latents, text = jax.lax.stop_gradient((latents, image_latents, text))
+    text, image_latents = conditioning_dropout(k_drop, text, frozen["null_text"], image_latents,
+                                               dropout)
+
+    t = jax.random.randint(k_t, (b,), 0, num_timesteps)
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    noisy = (sqrt_ac[t][:, None, None, None] * latents
+             + sqrt_1m_ac[t][:, None, None, None] * noise)
+    unet = nnx.merge(unet_def, params)
+    pred = unet(jnp.concatenate([noisy, image_latents], axis=-1), t, text)
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
+
+  return loss_fn
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, mesh,
+                    grad_accum: int, ema_decay_rate: float, ema_warmup: bool,
+                    lr: float) -> Callable:
+  """train_step(state, frozen, batch) → (state, metrics); jit it with the loop's shardings.
+
+  batch: ``input``, ``edited`` float [B, H, W, 3] in [-1, 1]; ``input_ids`` int32 [B, 77].
+  metrics: ``loss``, ``grad_norm``, ``lr``, ``ema_decay`` (float32) and ``finite`` (bool). A
+  non-finite loss or gradient leaves params, optimizer state and EMA as they were (the step
+  counter still advances, so the data moves on); the loop decides whether to stop.
+  """
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def train_step(state: TrainState, frozen, batch):
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    micro = _micro_batches(batch, grad_accum, mesh)
+
+    def accumulate(carry, xs):
+      loss_sum, grad_sum = carry
+      mb, index = xs
+      loss, grads = grad_fn(state.params, frozen, mb, jax.random.fold_in(step_key, index))
+      return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                    (micro, jnp.arange(grad_accum)))
+    loss = loss / grad_accum
+    grads = jax.tree.map(lambda g: g / grad_accum, grads)
+    grad_norm = optax.tree.norm(grads)
+
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    step = state.step + 1
+    decay = ema_decay(step, ema_decay_rate, ema_warmup)
+    ema = jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), state.ema, params)
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = TrainState(step=step, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
+                           rng=state.rng)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
+               "lr": jnp.float32(lr), "ema_decay": decay}
+    return new_state, metrics
+
+  return train_step
