@@ -1,0 +1,61 @@
+"""Process-wide JAX settings for fast runs: XLA GPU flags and the persistent compilation cache.
+
+Call `configure` at the start of a program, before JAX touches a device: XLA reads ``XLA_FLAGS``
+once, when its backend starts. Both settings are opt-out:
+
+  * ``GPU_FLAGS`` are appended to ``XLA_FLAGS`` (flags the user already set win). XLA parses them
+    on every backend and only the GPU compiler reads them.
+  * The persistent compilation cache stores compiled programs (and, on GPU, autotuning results)
+    on disk, so a second start of the same program loads instead of compiling. Default folder:
+    ``$JIP2P_COMPILATION_CACHE`` or ``~/.cache/jip2p/jax``; a gs:// path works too.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Candidates from the JAX GPU performance notes; `jip2p-bench --xla-flags none|tuned` measures them
+# (bench/RESULTS.md). Latency-hiding scheduling and a high-priority async stream overlap transfers
+# and collectives with compute; double-buffered while loops overlap a sampler scan's iterations;
+# cuDNN layer norm fuses the transformer blocks' LayerNorms.
+GPU_FLAGS = (
+    "--xla_gpu_enable_latency_hiding_scheduler=true",
+    "--xla_gpu_enable_highest_priority_async_stream=true",
+    "--xla_gpu_enable_while_loop_double_buffering=true",
+    "--xla_gpu_enable_cudnn_layer_norm=true",
+)
+CACHE_ENV = "JIP2P_COMPILATION_CACHE"
+
+
+def default_cache_dir() -> str:
+  return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jip2p",
+                                                   "jax")
+
+
+def with_flags(xla_flags: str, flags: tuple[str, ...]) -> str:
+  """``xla_flags`` plus each of ``flags`` whose name it does not already set."""
+  present = {f.split("=", 1)[0] for f in xla_flags.split()}
+  extra = [f for f in flags if f.split("=", 1)[0] not in present]
+  return " ".join(xla_flags.split() + extra)
+
+
+def configure(*, gpu_flags: bool = True, cache_dir: str | None = "",
+              min_compile_seconds: float = 1.0) -> dict[str, str | None]:
+  """Applies the settings; returns what is in effect (for logs and benchmark records).
+
+  cache_dir: "" → `default_cache_dir()`; None → no persistent cache.
+  min_compile_seconds: programs compiling faster than this are not stored.
+  """
+  import jax
+
+  if gpu_flags:
+    os.environ["XLA_FLAGS"] = with_flags(os.environ.get("XLA_FLAGS", ""), GPU_FLAGS)
+  if cache_dir == "":
+    cache_dir = default_cache_dir()
+  if cache_dir is not None:
+    if "://" not in cache_dir:
+      os.makedirs(cache_dir, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  return {"xla_flags": os.environ.get("XLA_FLAGS", ""), "compilation_cache": cache_dir}

@@ -1,0 +1,188 @@
+"""The latent cache: `jip2p-cache-latents` writes it, `LatentSource` reads it, and the trainer's own
+loss on a cached batch equals its loss (and gradients) on the images of the same crops and flips,
+with the VAE sampling noise drawn from the same key."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(__file__))
+import triplet_fixtures as fx  # noqa: E402
+
+from jip2p.bench.jax_side import random_module  # noqa: E402
+from jip2p.checkpoints import preset_configs  # noqa: E402
+from jip2p.cli import cache_latents  # noqa: E402
+from jip2p.data import latents, writer  # noqa: E402
+from jip2p.diffusion import schedules  # noqa: E402
+from jip2p.errors import ConfigError  # noqa: E402
+from jip2p.train import step as step_lib  # noqa: E402
+
+pytestmark = pytest.mark.tf
+
+RES, RESIZE, N = 32, 40, 6
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+  """N pairs (edited = negative of input, with ramps that show flips) and one unusable record."""
+  folder = str(tmp_path_factory.mktemp("triplets"))
+  with writer.DatasetWriter(folder, examples_per_shard=4) as w:
+    for i in range(N):
+      w.write(fx.triplet(i, size=48))
+      if i == 2:
+        w.write(fx.triplet(99, size=48, instruction=" "))
+  return folder
+
+
+@pytest.fixture(scope="module")
+def cache(dataset, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("cache") / "latents")
+  code = cache_latents.main(["--data", dataset, "--model", "random:tiny", "--out", out,
+                             "--resolution", str(RES), "--resize", str(RESIZE), "--batch-size",
+                             "4", "--examples-per-shard", "4"])
+  assert code == 0
+  return out
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+  return cache_latents.load_model("random:tiny", "float32")
+
+
+def test_cache_layout(cache, dataset):
+  info = latents.CacheInfo.read(cache)
+  assert info.num_examples == N and info.skipped == 1
+  assert [n for _, n in info.shards] == [4, 2]
+  assert info.latent_shape == (RES // 2, RES // 2, 4) and info.text_shape == (77, 32)
+  records = list(latents.iter_records(cache))
+  assert [r["instruction"] for r in records] == [f"example {i}" for i in range(N)]
+  assert [r["index"] for r in records] == [0, 1, 2, 4, 5, 6]  # record 3 had no instruction
+  for r in records:  # the flipped crop is encoded, not the latent flipped
+    assert not np.allclose(r["edited_mean"][1], r["edited_mean"][0][:, ::-1], atol=1e-3)
+  validation = latents.LatentSource(cache, global_batch=2, seed=0).validation_batch(3)
+  assert validation["input"].shape == (3, RES, RES, 3)
+  # The fixture's edited image is the input's negative: the stored crops keep that pairing.
+  np.testing.assert_allclose(validation["edited"], -validation["input"], atol=1.5 / 127.5)
+  again = cache_latents.main(["--data", dataset, "--model", "random:tiny", "--out", cache])
+  assert again == 2  # refuses to overwrite
+
+
+def test_crops_are_centre_crops_of_the_resized_images(dataset):
+  """As the reader crops (crop-first): the centre window of the image resized to RESIZE, mapped to
+  whole source pixels, area-resized to RES."""
+  ds = latents.crop_dataset(dataset, split="train", resolution=RES, resize=RESIZE,
+                            max_examples=1)
+  first = next(ds.as_numpy_iterator())
+  source = 48
+  start = round((RESIZE - RES) // 2 / RESIZE * source)
+  extent = round(RES / RESIZE * source)
+  assert (start, extent) == (5, 38)
+  from jip2p.data.tf_setup import import_tf
+  tf = import_tf()
+  for name, image in (("input", fx.pattern(0, source, source)),
+                      ("edited", 255 - fx.pattern(0, source, source))):
+    window = image[start:start + extent, start:start + extent].astype(np.float32)
+    want = tf.image.resize(window, [RES, RES], method="area", antialias=True).numpy()
+    np.testing.assert_allclose(first[name], want / 127.5 - 1.0, atol=1e-5)
+
+
+def _micro_unet(pipeline):
+  config = preset_configs("tiny", unet_in_channels=8)["unet"]
+  config.update(block_out_channels=[32], down_block_types=["CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D"], layers_per_block=1, norm_num_groups=8,
+                cross_attention_dim=pipeline.text_encoder.config.hidden_size)
+  return random_module(config, dtype=np.float32, attention="xla", seed=3)
+
+
+def test_training_from_the_cache_equals_training_from_images(cache, dataset, pipeline):
+  source = latents.LatentSource(cache, global_batch=4, seed=1, tokenizer=pipeline.tokenizer)
+  batch = next(source)
+  assert set(batch) == {"edited", "input", "input_ids"}
+  assert batch["edited"].shape == (4, RES // 2, RES // 2, 8) and batch["input_ids"].shape == (
+      4, 77, 32)
+
+  # Which record and which flip each row holds, found by exact match.
+  records = list(latents.iter_records(cache))
+  crops = {int(c["index"]): c for c in latents.crop_dataset(
+      dataset, split="train", resolution=RES, resize=RESIZE).as_numpy_iterator()}
+  rows = []
+  for row in batch["edited"]:
+    rows += [(r, f) for r in records for f in (0, 1)
+             if np.array_equal(row[..., :4], r["edited_mean"][f])]
+  assert len(rows) == 4
+  image_batch = {
+      "input": np.stack([crops[r["index"]]["input"][:, ::-1] if f else crops[r["index"]]["input"]
+                         for r, f in rows]),
+      "edited": np.stack([crops[r["index"]]["edited"][:, ::-1] if f else
+                          crops[r["index"]]["edited"] for r, f in rows]),
+      "input_ids": np.asarray(pipeline.tokenizer([r["instruction"] for r, _ in rows]), np.int32)}
+
+  unet_def, params = nnx.split(_micro_unet(pipeline), nnx.Param)
+  vae_def, vae_state = nnx.split(pipeline.vae)
+  text_def, text_state = nnx.split(pipeline.text_encoder)
+  null_text = jax.jit(lambda s, ids: nnx.merge(text_def, s)(ids))(text_state,
+                                                                   pipeline.tokenizer([""]))
+  cached_vae_def, cached_vae_state = nnx.split(latents.CachedVAE(pipeline.vae.config))
+  cached_text_def, cached_text_state = nnx.split(latents.PrecomputedText())
+  common = dict(alphas_cumprod=schedules.from_scheduler_config(
+      pipeline.scheduler_config).alphas_cumprod(), scaling_factor=0.18215, dropout=0.2)
+  from_images = step_lib.make_loss_fn(unet_def, vae_def, text_def, **common)
+  from_cache = step_lib.make_loss_fn(unet_def, cached_vae_def, cached_text_def, **common)
+  grad = lambda fn: jax.jit(jax.value_and_grad(fn))
+  key = jax.random.key(7)
+  loss_i, grads_i = grad(from_images)(
+      params, {"vae": vae_state, "text_encoder": text_state, "null_text": null_text},
+      image_batch, key)
+  loss_c, grads_c = grad(from_cache)(
+      params, {"vae": cached_vae_state, "text_encoder": cached_text_state,
+               "null_text": null_text}, batch, key)
+  np.testing.assert_allclose(loss_c, loss_i, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_i)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # Another key draws other VAE noise (and timesteps): the loss moves.
+  other, _ = grad(from_cache)(params, {"vae": cached_vae_state, "text_encoder": cached_text_state,
+                                       "null_text": null_text}, batch, jax.random.key(8))
+  assert abs(float(other) - float(loss_c)) > 1e-4
+
+
+def test_source_flips_shuffles_and_resumes(cache):
+  source = latents.LatentSource(cache, global_batch=2, seed=0)
+  batches = [next(source) for _ in range(9)]  # three epochs of six
+  records = list(latents.iter_records(cache))
+  seen = []
+  for batch in batches:
+    for row in batch["input"]:
+      match = [(r["index"], f) for r in records for f in (0, 1)
+               if np.array_equal(row[..., :4], r["input_mean"][f])
+               and np.array_equal(row[..., 4:], r["input_logvar"][f])]
+      assert len(match) == 1
+      seen.append(match[0])
+  epochs = [sorted(i for i, _ in seen[e * N:(e + 1) * N]) for e in range(3)]
+  assert all(e == [r["index"] for r in records] for e in epochs)  # each record once per epoch
+  assert {f for _, f in seen} == {0, 1}
+  assert [i for i, _ in seen[:N]] != [i for i, _ in seen[N:2 * N]]  # reshuffled
+  resumed = latents.LatentSource(cache, global_batch=2, seed=0)
+  resumed.set_position(5)
+  for want in batches[5:7]:
+    got = next(resumed)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k])
+  assert resumed.get_position() == 7
+
+
+def test_token_ids_mode(dataset, pipeline, tmp_path):
+  info = latents.write_cache(dataset, str(tmp_path / "ids"), pipeline, resolution=RES,
+                             text="ids", dtype="float16", batch_size=8, max_examples=3)
+  assert info.text == "ids" and info.text_shape == (77,) and info.num_examples == 3
+  batch = next(latents.LatentSource(str(tmp_path / "ids"), global_batch=3, seed=0))
+  assert batch["input_ids"].dtype == np.int32 and batch["input_ids"].shape == (3, 77)
+  assert batch["edited"].dtype == np.float32
+  want = json.loads((tmp_path / "ids" / latents.MANIFEST).read_text())
+  assert want["dtype"] == "float16" and want["resize"] == RES
+  with pytest.raises(ConfigError, match="text='tokens'"):
+    latents.write_cache(dataset, str(tmp_path / "bad"), pipeline, text="tokens")

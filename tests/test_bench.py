@@ -1,0 +1,115 @@
+"""`jip2p-bench` end to end on CPU at the tiny preset: both sides run in their own processes and the
+run ends in a well-formed table and JSON with the figures of every case."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from jip2p.bench import cases, report
+from jip2p.errors import ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CASES = "train_full_32_b2,edit_64_s1_b1,p2p_64_s1_k1"
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench")
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)  # The sides run on one CPU device, as on one GPU.
+  done = subprocess.run(
+      [sys.executable, "-m", "jip2p.cli.bench", "--preset", "tiny", "--cases", CASES,
+       "--dtype", "float32", "--warmup", "0", "--iters", "2", "--torch-compile", "none",
+       "--json", str(out / "bench.json"), "--markdown", str(out / "bench.md")],
+      capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return done.stdout, json.loads((out / "bench.json").read_text()), (out / "bench.md").read_text()
+
+
+def test_every_case_has_figures_from_both_sides(bench):
+  _, doc, _ = bench
+  rows = {(r["case"], r["side"]): r for r in doc["records"]}
+  assert set(rows) == {("train_full_32_b2", "jax"), ("train_full_32_b2", "torch"),
+                       ("edit_64_s1_b1", "jax"), ("edit_64_s1_b1", "torch"),
+                       ("p2p_64_s1_k1", "jax")}
+  for r in rows.values():
+    assert "error" not in r, r
+    assert r["iters"] == 2 and len(r["times"]) == 2 and r["time_s"] in r["times"]
+    assert r["first_s"] > 0 and r["items_per_s"] == pytest.approx(r["items"] / r["time_s"])
+  assert rows["train_full_32_b2", "torch"]["variant"] == "eager"
+  assert rows["train_full_32_b2", "torch"]["ema"] is True
+  for case in ("train_full_32_b2", "edit_64_s1_b1"):
+    jax_row, torch_row = rows[case, "jax"], rows[case, "torch"]
+    assert torch_row["speedup"] == pytest.approx(jax_row["items_per_s"] / torch_row["items_per_s"])
+  env = doc["environment"]
+  assert env["jax"]["versions"]["jax"] and env["torch"]["versions"]["torch"]
+  assert env["jax"]["platform"] == "cpu" and env["torch"]["platform"] == "cpu"
+
+
+def test_flops_agree_between_the_two_counts(bench):
+  """PyTorch's FlopCounterMode (the baseline's definition) and XLA's cost analysis count the same
+  UNet training FLOPs to within a few percent; TFLOP/s use PyTorch's count on both sides."""
+  _, doc, _ = bench
+  torch_flops = doc["torch_unet_flops_per_image"]["32"]
+  train = [r for r in doc["records"] if r["case"] == "train_full_32_b2"]
+  jax_row = next(r for r in train if r["side"] == "jax")
+  assert jax_row["xla_unet_flops_per_image"] == pytest.approx(torch_flops, rel=0.05)
+  for r in train:
+    assert r["flops_per_image"] == torch_flops and r["flops_source"] == "torch FlopCounterMode"
+    assert r["tflops"] == pytest.approx(r["items_per_s"] * torch_flops / 1e12)
+    assert r["mfu"] is None  # no known peak for a CPU
+
+
+def test_second_start_compiles_from_the_persistent_cache(bench):
+  _, doc, _ = bench
+  first = next(r["first_s"] for r in doc["records"]
+               if r["case"] == "train_full_32_b2" and r["side"] == "jax")
+  second = doc["second_start_s"]["train_full_32_b2"]
+  assert 0 < second < first / 2
+
+
+def test_markdown_table_is_well_formed(bench):
+  stdout, _, md = bench
+  assert md.strip() in stdout
+  for title in ("### Train step", "### Edit latency", "### P2P paired generation"):
+    assert title in md
+  tables = [block.splitlines() for block in md.split("###")[1:]]
+  for lines in tables:
+    rows = [l for l in lines if l.startswith("|")]
+    widths = {l.count("|") for l in rows}
+    assert len(widths) == 1, rows  # every row has the header's columns
+    assert len(rows) >= 3
+  assert "| train_full_32_b2 | JAX (float32, xla) |" in md
+  assert "| train_full_32_b2 | PyTorch eager |" in md
+  assert "| edit_64_s1_b1 | PyTorch float32 |" in md
+
+
+def test_case_names():
+  case = cases.parse("train_unet_256_b64")
+  assert (case.kind, case.res, case.batch, case.full) == ("train", 256, 64, False)
+  assert (case.warmup, case.iters) == (3, 10)
+  case = cases.parse("edit_512_s100_b8", iters=1)
+  assert (case.kind, case.steps, case.batch, case.iters) == ("edit", 100, 8, 1)
+  assert [c.name for c in cases.parse_list("p2p_512_s100_k8,p2p_512_s100_k8")] == [
+      "p2p_512_s100_k8"]
+  assert all(cases.parse(name) for name in cases.DEFAULT_CASES)
+  with pytest.raises(ConfigError, match="train_full_256"):
+    cases.parse("train_full_256")
+
+
+def test_failed_process_becomes_a_failed_row():
+  records = report.derive([
+      {"side": "jax", "variant": "jax", "case": "train_full_256_b128", "kind": "train",
+       "items": 128, "time_s": 0.5, "first_s": 60.0, "device": "NVIDIA H100 80GB HBM3",
+       "iters": 10},
+      {"side": "torch", "variant": "eager", "case": "train_full_256_b128", "kind": "train",
+       "error": "out of memory: CUDA out of memory"}], {256: 541.7e9})
+  assert records[0]["mfu"] == pytest.approx(256 * 541.7e9 / 989e12)
+  md = report.table(records)
+  assert "failed: out of memory" in md
+  rows = [l for l in md.splitlines() if l.startswith("|")]
+  assert len({l.count("|") for l in rows}) == 1
