@@ -6,7 +6,7 @@ clip_config=/tmp/clip.json --prompts data/prompts.jsonl --out /tmp/gen
 Expect: 4 candidates per prompt, 3 steps at 32 px, every candidate passing (thresholds at -1),
 the best 2 by CLIP direction kept: 2 records per prompt.
 
-Arguments: model, clip, clip_config, candidates, steps, batch, res, top_k, shard.
+Arguments: model, clip, clip_config, candidates, steps, batch, res, top_k, shard, mode.
 """
 
 import importlib.util
@@ -25,9 +25,9 @@ def _sd15():
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, model="", clip="", clip_config="", candidates=4, steps=3,
-                           batch=3, res=32, top_k=2, shard=1000)
+                           batch=3, res=32, top_k=2, shard=1000, mode="ip2p")
   c = _sd15().get_config(f"candidates={a['candidates']},steps={a['steps']},"
-                               f"batch={a['batch']},res={a['res']}")
+                         f"batch={a['batch']},res={a['res']},mode={a['mode']}")
   c.model = a["model"]
   c.clip.weights = a["clip"]
   c.clip.config = a["clip_config"]

@@ -7,13 +7,18 @@
 Prompts go to partition ``line mod (num_partitions·process_count)``; each partition writes its
 own dataset directory (``DIR/part-KKKKK-of-NNNNN`` when there is more than one). Rerunning the
 same command after a crash resumes: finished prompts are skipped, nothing is written twice.
-This process runs JAX and TensorFlow; the CLIP model runs in the torch sidecar process.
+With ``config.mode = "p2p"`` every prompt uses ``config.p2p``'s Prompt-to-Prompt options, or the
+line's own ``"p2p"`` object over them (bad objects skip the line, counted by line number). Each
+batch of candidates is sharded over this host's devices (batch_size a multiple of their count).
+``--show-attention PROMPT`` saves one heat map per token of PROMPT (and the image) under
+OUT/attention. This process runs JAX and TensorFlow; the CLIP model runs in the torch sidecar.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -25,16 +30,19 @@ PROG = "jip2p-generate"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", required=True,
                       help="a configs/generate_*.py file, with an optional ':arg' for get_config")
-  parser.add_argument("--prompts", help="JSONL with input (or caption), edit, output per line")
+  parser.add_argument("--prompts", help="JSONL with input (or caption), edit, output per line, "
+                                          "and optionally p2p (an object of P2P options)")
   parser.add_argument("--out", required=True, help="output directory (local or gs://)")
   parser.add_argument("--partition", type=int, default=0, help="this job's partition k")
   parser.add_argument("--num-partitions", type=int, default=1, help="n independent jobs")
   parser.add_argument("--show-attention", metavar="PROMPT",
-                      help="only save per-token cross-attention heat maps of PROMPT under "
-                           "OUT/attention and exit")
+                      help="only save per-token cross-attention heat maps of PROMPT (one PNG "
+                           "per token, bos and eos included, plus image.png and attention.png) "
+                           "under OUT/attention and exit")
   args = parser.parse_args(argv)
   if args.show_attention is None and not args.prompts:
     parser.error("--prompts is required (unless --show-attention)")
@@ -56,9 +64,15 @@ def load_config(spec: str):
 
 def generation_config(c):
   from jip2p.p2p import filter as filter_lib
+  from jip2p.p2p import generate
   from jip2p.p2p import run as run_lib
+  group = c.get("p2p")
+  try:
+    p2p = generate.p2p_options(group.to_dict() if group is not None else {})
+  except ConfigError as e:
+    raise ConfigError(f"config.p2p: {e}") from e
   return run_lib.GenerationConfig(
-      candidates=c.candidates, batch_size=c.batch_size, seed=c.seed, mode=c.mode,
+      candidates=c.candidates, batch_size=c.batch_size, seed=c.seed, mode=c.mode, p2p=p2p,
       min_p=c.min_p, max_p=c.max_p, min_cfg=c.min_cfg, max_cfg=c.max_cfg,
       filter=filter_lib.FilterConfig(**c.filter.to_dict()), split=c.output.split,
       image_format=c.output.image_format, jpeg_quality=c.output.jpeg_quality)
@@ -106,9 +120,15 @@ def _main(argv: Sequence[str] | None) -> int:
                       "configs/generate_sd15.py:model=/models/sd15)")
   tokenizer = load_tokenizer(c.model)
   with open(args.prompts, encoding="utf-8") as f:
-    prompts, prompt_report = run_lib.read_prompts(f, tokenizer)
+    prompts, prompt_report = run_lib.read_prompts(
+        f, tokenizer, p2p=options.p2p if options.mode == "p2p" else None)
   print(f"{PROG}: prompts: {prompt_report.summary()}", file=sys.stderr, flush=True)
   prompts = run_lib.partition(prompts, index, total)
+  devices = jax.local_device_count()
+  if options.batch_size % devices:
+    print(f"{PROG}: batch_size {options.batch_size} is not a multiple of the {devices} devices: "
+          f"each batch runs on {math.gcd(options.batch_size, devices)} of them",
+          file=sys.stderr, flush=True)
 
   # The sidecar first: missing CLIP weights or a sidecar that cannot start fail before any work.
   if not c.clip.weights:

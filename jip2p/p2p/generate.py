@@ -14,7 +14,15 @@ The reference is InstructPix2Pix's ``generate_img_dataset.py`` (DESIGN.md §1, s
 
 K candidates (of any captions, e.g. many prompts' candidates together) run as one jitted program:
 text encoding, the whole sampling loop and decoding. `PairGenerator` compiles once per batch shape
-and reuses the program; `generate_pairs` is the one-call form.
+and reuses the program; `generate_pairs` is the one-call form. Per-candidate Prompt-to-Prompt
+options are data (the controller's arrays), so candidates with different options share a program;
+only whether any candidate of the batch uses LocalBlend selects one of two programs.
+
+With several local devices the candidate axis is sharded over a 1-D mesh (axis "candidates"),
+the weights replicated. A batch of K candidates uses the largest number of devices that divides
+K — all of them when K is a multiple of the device count (choose the batch size so), never
+padding: no device computes a candidate that is thrown away, and a candidate's images stay those
+of its seed on any mesh.
 
 Seeds are uint32. A candidate's images depend only on its seed, captions, p, scale and options,
 never on the other candidates of its batch: all its randomness comes from ``jax.random.key(seed)``
@@ -26,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -33,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jip2p.diffusion import guidance, samplers, schedules
 from jip2p.errors import ConfigError, InputError
@@ -40,7 +50,8 @@ from jip2p.p2p import align, control
 from jip2p.tokenizer import bytes_to_unicode
 
 MODES = ("ip2p", "p2p")
-EDITS = ("replace", "refine", "none")
+EDITS = ("replace", "refine", "auto", "none")
+CANDIDATES = "candidates"  # the mesh axis of the candidate batch
 
 StepWindow = float | tuple[float, float]
 
@@ -49,8 +60,9 @@ StepWindow = float | tuple[float, float]
 class P2POptions:
   """Prompt-to-Prompt for one caption pair (google/prompt-to-prompt's controller arguments).
 
-  edit: "replace" (word swap; same number of words), "refine" (words added or removed) or
-    "none" (only reweighting / blending).
+  edit: "replace" (word swap; same number of words), "refine" (words added or removed), "auto"
+    (replace when the captions have the same number of words, else refine) or "none" (only
+    reweighting / blending).
   cross_replace_steps: the steps during which cross-attention is edited, as a fraction f of the
     steps (= (0, f)), a (start, end) pair of fractions, or a dict from words of the edited
     caption to such windows, with the key "default_" for all other tokens (default (0, 1)).
@@ -71,11 +83,75 @@ class P2POptions:
   blend_threshold: float = 0.3
 
 
+P2P_KEYS = tuple(f.name for f in dataclasses.fields(P2POptions))
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _words_of(value, name: str) -> tuple[str, ...]:
+  words = (value,) if isinstance(value, str) else value
+  if not isinstance(words, (list, tuple)) or not all(isinstance(w, str) and w for w in words):
+    raise ConfigError(f"{name}={value!r} must be a word or a list of words")
+  return tuple(words)
+
+
+def _p2p_value(key: str, value):
+  """One option from JSON or a config (lists for pairs) → its `P2POptions` form, checked."""
+  if key == "edit":
+    if value not in EDITS:
+      raise ConfigError(f"unknown Prompt-to-Prompt edit {value!r}; choose one of {EDITS}")
+    return value
+  if key == "cross_replace_steps":
+    if isinstance(value, Mapping):
+      if not all(isinstance(w, str) and w for w in value):
+        raise ConfigError(f"cross_replace_steps={value!r}: per-word windows need word keys")
+      return {w: _window(v, f"cross_replace_steps[{w!r}]") for w, v in value.items()}
+    return _window(value, "cross_replace_steps")
+  if key == "self_replace_steps":
+    return _window(value, "self_replace_steps")
+  if key == "reweight":
+    if value is None:
+      return None
+    if (not isinstance(value, Mapping)
+        or not all(isinstance(w, (str, int)) and _number(v) for w, v in value.items())):
+      raise ConfigError(f"reweight={value!r} must map words to scales")
+    return {w: float(v) for w, v in value.items()} or None
+  if key == "blend_words":
+    if value is None:
+      return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or len(value) != 2:
+      raise ConfigError(f"blend_words={value!r} must be (words of caption 0, words of caption 1)")
+    return tuple(_words_of(v, "blend_words") for v in value)
+  if key == "blend_threshold":
+    if not _number(value):
+      raise ConfigError(f"blend_threshold={value!r} must be a number")
+    return float(value)
+  raise ConfigError(f"unknown p2p option {key!r}; choose from {', '.join(P2P_KEYS)}")
+
+
+def p2p_options(values: Mapping, base: P2POptions = P2POptions()) -> P2POptions:
+  """``base`` with the given fields replaced: a config group's ``to_dict()`` or a prompt line's
+  ``"p2p"`` object. Raises `ConfigError` naming an unknown key or a bad value."""
+  if not isinstance(values, Mapping):
+    raise ConfigError(f"p2p options must be an object of {', '.join(P2P_KEYS)}, got "
+                      f"{values!r:.80}")
+  return dataclasses.replace(base, **{k: _p2p_value(k, v) for k, v in values.items()})
+
+
+def check_p2p(tokenizer, pair: tuple[str, str], options: P2POptions) -> None:
+  """Raises `InputError` (or `ConfigError`) unless ``options`` fit the caption pair: a word swap
+  needs equal word counts, reweighted and blend words must occur. Run on the host, per prompt,
+  before any generation."""
+  _p2p_arrays(tokenizer, pair, 1, options)
+
+
 @dataclasses.dataclass(frozen=True)
 class GeneratedPairs:
   """The result of one batch of K candidates.
 
-  images: uint8 ``[K, 2, H, W, 3]``.
+  images: uint8 ``[K, 2, H, W, 3]`` (NumPy, or a jax.Array sharded over the candidate mesh).
   p, cfg_scale: float32 ``[K]``, the sharing fraction (drawn but unused in "p2p" mode) and the
     guidance scale of each candidate.
   attention: float32 ``[K, 2, h, w, L]``, the conditional cross-attention maps at ``h×w``
@@ -138,14 +214,12 @@ def step_noise(seeds: jax.Array, i: jax.Array, latent_shape: tuple[int, ...]) ->
 
 
 def _window(spec, name: str) -> tuple[float, float]:
-  if isinstance(spec, (int, float)) and not isinstance(spec, bool):
-    spec = (0.0, float(spec))
-  if (not isinstance(spec, (tuple, list)) or len(spec) != 2
-      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
-      or not 0.0 <= spec[0] <= spec[1] <= 1.0):
+  window = (0.0, spec) if _number(spec) else spec
+  if (not isinstance(window, (tuple, list)) or len(window) != 2
+      or not all(_number(v) for v in window) or not 0.0 <= window[0] <= window[1] <= 1.0):
     raise ConfigError(f"{name}={spec!r} must be a fraction in [0, 1] or a pair of fractions "
                       "0 ≤ start ≤ end ≤ 1")
-  return float(spec[0]), float(spec[1])
+  return float(window[0]), float(window[1])
 
 
 def cross_replace_alpha(tokenizer, caption: str, num_steps: int,
@@ -178,11 +252,14 @@ def _p2p_arrays(tokenizer, pair: tuple[str, str], num_steps: int, options: P2POp
   """One candidate's `control.PromptToPrompt` and `control.LocalBlend` arrays."""
   source, target = pair
   length = tokenizer.max_length
-  if options.edit == "replace":
+  edit = options.edit
+  if edit == "auto":
+    edit = "replace" if len(source.split(" ")) == len(target.split(" ")) else "refine"
+  if edit == "replace":
     token_map, keep = align.replacement_mapper(tokenizer, source, target), np.zeros(length)
-  elif options.edit == "refine":
+  elif edit == "refine":
     token_map, keep = align.refinement_map(tokenizer, source, target)
-  elif options.edit == "none":
+  elif edit == "none":
     token_map, keep = np.eye(length), np.zeros(length)
   else:
     raise ConfigError(f"unknown Prompt-to-Prompt edit {options.edit!r}; choose one of {EDITS}")
@@ -223,10 +300,12 @@ class PairGenerator:
     steps: N, the Euler-ancestral steps on the discrete grid (100 in the reference).
     height, width: image size in pixels; default the UNet's ``sample_size`` × VAE downscale
       (512 for SD 1.5).
+    devices: the devices the candidate axis is sharded over (default all local devices); a
+      batch of K candidates uses the first gcd(K, len(devices)) of them.
   """
 
   def __init__(self, pipeline, *, steps: int = 100, height: int | None = None,
-               width: int | None = None):
+               width: int | None = None, devices=None):
     unet_config, vae_config = pipeline.unet.config, pipeline.vae.config
     if unet_config.in_channels != vae_config.latent_channels:
       raise ConfigError(f"paired generation needs a text-to-image UNet: in_channels is "
@@ -252,10 +331,25 @@ class PairGenerator:
     defs, self._states = {}, {}
     for name in ("unet", "vae", "text_encoder"):
       defs[name], self._states[name] = nnx.split(getattr(pipeline, name))
-    self._null_tokens = jnp.asarray(self.tokenizer([""]))
-    self._run = jax.jit(functools.partial(_sample_pairs, defs, self.latent_shape,
-                                          vae_config.scaling_factor),
-                        static_argnames=("record", "attention_hw"))
+    self._null_tokens = np.asarray(self.tokenizer([""]))
+    self._sample = functools.partial(_sample_pairs, defs, self.latent_shape,
+                                     vae_config.scaling_factor)
+    self.devices = list(jax.local_devices() if devices is None else devices)
+    if not self.devices:
+      raise ConfigError("no devices to generate on")
+    self._programs = {}
+
+  def _program(self, k: int):
+    """(mesh, weights replicated on it, jitted program) for a batch of K candidates, per mesh
+    size (each mesh size keeps its own replica of the weights)."""
+    n = math.gcd(k, len(self.devices))
+    if n not in self._programs:
+      mesh = Mesh(np.asarray(self.devices[:n]), (CANDIDATES,))
+      states = jax.device_put(self._states, NamedSharding(mesh, PartitionSpec()))
+      run = jax.jit(self._sample, out_shardings=NamedSharding(mesh, PartitionSpec(CANDIDATES)),
+                    static_argnames=("record", "attention_hw"))
+      self._programs[n] = mesh, states, run
+    return self._programs[n]
 
   def __call__(self, prompt_pairs: Sequence[tuple[str, str]], seeds: Sequence[int], *,
                mode: str = "ip2p", p=None, cfg_scale=None, min_p: float = 0.1,
@@ -263,7 +357,7 @@ class PairGenerator:
                p2p: P2POptions | Sequence[P2POptions] | None = None,
                attention_hw: tuple[int, int] | None = None,
                self_replace_max_pixels: int | None = None,
-               return_attention: bool = False) -> GeneratedPairs:
+               return_attention: bool = False, to_host: bool = True) -> GeneratedPairs:
     """Generates one pair per (caption pair, seed).
 
     Args:
@@ -278,6 +372,8 @@ class PairGenerator:
       self_replace_max_pixels: P2P replaces self-attention maps in layers with at most this many
         query positions (the reference: 16·16 at 512 px); default attention_hw's product.
       return_attention: also return the averaged cross-attention maps.
+      to_host: return images and attention as NumPy arrays; False leaves them as jax.Arrays
+        sharded over the candidate mesh.
     """
     pairs = _check_pairs(prompt_pairs)
     seeds = _check_seeds(seeds)
@@ -312,14 +408,22 @@ class PairGenerator:
         blend = control.LocalBlend(word_weights=arrays["word_weights"],
                                    threshold=arrays["threshold"])
 
-    tokens = jnp.asarray(self.tokenizer([c for pair in pairs for c in pair]))
-    images, maps = self._run(self._states, self.schedule, tokens, self._null_tokens,
-                             jnp.asarray(seeds), jnp.asarray(cfg_scale), controller, blend,
-                             record=return_attention or blend is not None,
-                             attention_hw=hw)
-    attention = np.asarray(maps) if return_attention else None
-    return GeneratedPairs(images=np.asarray(images), p=np.asarray(p, np.float32),
-                          cfg_scale=np.asarray(cfg_scale, np.float32), attention=attention)
+    tokens = np.asarray(self.tokenizer([c for pair in pairs for c in pair]))
+    mesh, states, run = self._program(k)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_candidate = NamedSharding(mesh, PartitionSpec(CANDIDATES))
+    # Rows of every per-candidate input lead with the candidate axis (tokens: [candidate, image]);
+    # scalars (the controllers' step) and the shared inputs are replicated.
+    shard = lambda x: jax.device_put(x, by_candidate if np.ndim(x) else replicated)
+    images, maps = run(states, jax.device_put(self.schedule, replicated),
+                       shard(tokens), jax.device_put(self._null_tokens, replicated),
+                       shard(seeds), shard(np.asarray(cfg_scale, np.float32)),
+                       jax.tree.map(shard, controller), jax.tree.map(shard, blend),
+                       record=return_attention or blend is not None, attention_hw=hw)
+    convert = np.asarray if to_host else (lambda x: x)
+    return GeneratedPairs(images=convert(images), p=np.asarray(p, np.float32),
+                          cfg_scale=np.asarray(cfg_scale, np.float32),
+                          attention=convert(maps) if return_attention else None)
 
 
 def _sample_pairs(defs, latent_shape, scaling_factor, states, schedule, tokens, null_tokens,
@@ -443,6 +547,8 @@ def show_attention(pipeline, prompt: str, out_dir: str | os.PathLike, *, seed: i
   from matplotlib import colormaps  # Only the colour map; no plotting backend.
   from PIL import Image, ImageDraw
 
+  if not isinstance(prompt, str) or not prompt.strip():
+    raise InputError(f"the prompt to show attention for is empty: {prompt!r}")
   generator = PairGenerator(pipeline, steps=steps, height=height, width=width)
   result = generator([(prompt, prompt)], [seed], p=0.0, cfg_scale=cfg_scale,
                      attention_hw=attention_hw, return_attention=True)

@@ -2,7 +2,8 @@
 
 prompts JSONL → candidates (N per prompt, many prompts per device batch) → CLIP sidecar scores →
 filter → `DatasetWriter` triplets, plus one JSON line of every candidate's scores per prompt in
-``candidates.jsonl`` beside the shards, so thresholds can be changed later without generating.
+``candidates.jsonl`` beside the shards (with the prompt's Prompt-to-Prompt options in p2p mode),
+so thresholds can be changed later without generating.
 
 Determinism and resuming: a prompt's candidate seeds depend only on (config seed, prompt line
 number); a candidate's images only on its seed (`generate.PairGenerator`). Prompts are written in
@@ -27,6 +28,7 @@ import numpy as np
 from jip2p.data import schema
 from jip2p.errors import ConfigError, InputError
 from jip2p.p2p import filter as filter_lib
+from jip2p.p2p import generate
 from jip2p.sidecar.protocol import SCORE_KEYS
 
 SCORES_FILE = "candidates.jsonl"
@@ -35,27 +37,38 @@ SOURCE = "jip2p-generate"
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-  """One usable line of the prompts file; ``index`` is its 0-based line number."""
+  """One usable line of the prompts file; ``index`` is its 0-based line number; ``p2p`` its
+  Prompt-to-Prompt options (the config's, updated by the line's ``"p2p"`` object), None in
+  ip2p mode."""
 
   index: int
   input: str
   edit: str
   output: str
+  p2p: generate.P2POptions | None = None
 
 
 @dataclasses.dataclass
 class PromptReport:
-  """What `read_prompts` skipped (reason → 1-based line numbers) and truncated."""
+  """What `read_prompts` skipped (reason → 1-based line numbers, with the error of lines whose
+  reason has one) and truncated."""
 
   lines: int = 0
   skipped: dict[str, list[int]] = dataclasses.field(
       default_factory=lambda: collections.defaultdict(list))
+  errors: dict[int, str] = dataclasses.field(default_factory=dict)
   truncated: list[int] = dataclasses.field(default_factory=list)
+
+  def skip(self, reason: str, line: int, error: Exception | None = None) -> None:
+    self.skipped[reason].append(line)
+    if error is not None:
+      self.errors[line] = str(error)
 
   def summary(self) -> str:
     parts = [f"{self.lines} lines"]
     for reason, lines in sorted(self.skipped.items()):
-      parts.append(f"skipped {len(lines)} ({reason}: lines {_few(lines)})")
+      first = next((f"; line {n}: {self.errors[n]}" for n in lines if n in self.errors), "")
+      parts.append(f"skipped {len(lines)} ({reason}: lines {_few(lines)}{first})")
     if self.truncated:
       parts.append(f"truncated {len(self.truncated)} captions to 77 tokens (lines "
                    f"{_few(self.truncated)})")
@@ -66,12 +79,19 @@ def _few(lines: Sequence[int], n: int = 10) -> str:
   return ", ".join(map(str, lines[:n])) + (", …" if len(lines) > n else "")
 
 
-def read_prompts(lines: Iterable[str], tokenizer=None) -> tuple[list[Prompt], PromptReport]:
-  """Parses prompts JSONL (keys ``input`` or ``caption``, ``edit``, ``output``).
+def read_prompts(lines: Iterable[str], tokenizer=None, p2p: generate.P2POptions | None = None
+                 ) -> tuple[list[Prompt], PromptReport]:
+  """Parses prompts JSONL (keys ``input`` or ``caption``, ``edit``, ``output``, optional ``p2p``).
 
   Malformed lines, missing keys and empty captions/instructions are skipped and counted with
   their line number; captions longer than the tokenizer's context are counted (the text encoder
   sees their first 77 tokens). Blank lines are ignored.
+
+  p2p: the config's Prompt-to-Prompt options in p2p mode (None in ip2p mode). A line's ``"p2p"``
+  object (keys of `generate.P2POptions`; lists for pairs) replaces some of them for that prompt.
+  Skipped and counted: a bad ``"p2p"`` object (unknown key, bad value), one in ip2p mode, and,
+  given a tokenizer, options that do not fit the captions (a word swap of captions with different
+  word counts, reweighted or blend words that do not occur).
   """
   prompts, report = [], PromptReport()
   limit = tokenizer.max_length - 2 if tokenizer is not None else None
@@ -82,26 +102,41 @@ def read_prompts(lines: Iterable[str], tokenizer=None) -> tuple[list[Prompt], Pr
     try:
       row = json.loads(line)
     except ValueError:
-      report.skipped["malformed JSON"].append(index + 1)
+      report.skip("malformed JSON", index + 1)
       continue
     if not isinstance(row, dict):
-      report.skipped["not a JSON object"].append(index + 1)
+      report.skip("not a JSON object", index + 1)
       continue
     row = dict(row)
     if "input" not in row and "caption" in row:
       row["input"] = row["caption"]  # the original generator's key
     missing = [k for k in ("input", "edit", "output") if k not in row]
     if missing:
-      report.skipped[f"missing {'/'.join(missing)}"].append(index + 1)
+      report.skip(f"missing {'/'.join(missing)}", index + 1)
       continue
     if not all(isinstance(row[k], str) and row[k].strip() for k in ("input", "edit", "output")):
-      report.skipped["empty caption or edit"].append(index + 1)
+      report.skip("empty caption or edit", index + 1)
       continue
+    prompt = Prompt(index, row["input"].strip(), row["edit"].strip(), row["output"].strip(), p2p)
+    if "p2p" in row:
+      if p2p is None:
+        report.skip("p2p options outside p2p mode", index + 1)
+        continue
+      try:
+        prompt = dataclasses.replace(prompt, p2p=generate.p2p_options(row["p2p"], p2p))
+      except ConfigError as e:
+        report.skip("bad p2p object", index + 1, e)
+        continue
+    if prompt.p2p is not None and tokenizer is not None:
+      try:
+        generate.check_p2p(tokenizer, (prompt.input, prompt.output), prompt.p2p)
+      except (ConfigError, InputError) as e:
+        report.skip("p2p options do not fit the captions", index + 1, e)
+        continue
     if limit is not None and any(len(tokenizer.encode(row[k])) > limit
                                  for k in ("input", "output")):
       report.truncated.append(index + 1)
-    prompts.append(Prompt(index, row["input"].strip(), row["edit"].strip(),
-                          row["output"].strip()))
+    prompts.append(prompt)
   return prompts, report
 
 
@@ -126,6 +161,7 @@ class GenerationConfig:
   batch_size: int = 8
   seed: int = 0
   mode: str = "ip2p"
+  p2p: generate.P2POptions = generate.P2POptions()  # a prompt's own options take precedence
   min_p: float = 0.1
   max_p: float = 0.9
   min_cfg: float = 7.5
@@ -139,6 +175,8 @@ class GenerationConfig:
     if self.candidates < 1 or self.batch_size < 1:
       raise ConfigError(f"candidates={self.candidates} and batch_size={self.batch_size} must be "
                         "positive")
+    if self.mode not in generate.MODES:
+      raise ConfigError(f"mode={self.mode!r}: choose one of {generate.MODES}")
     if self.image_format not in ("jpeg", "png"):
       raise ConfigError(f"image_format={self.image_format!r}: choose 'jpeg' or 'png'")
 
@@ -256,8 +294,9 @@ class _Run:
     padded = batch + [batch[-1]] * (c.batch_size - len(batch))
     pairs = [(prompt.input, prompt.output) for prompt, _ in padded]
     seeds = [int(self.pending[prompt.index]["seeds"][n]) for prompt, n in padded]
+    options = [prompt.p2p or c.p2p for prompt, _ in padded] if c.mode == "p2p" else None
     out = self.generator(pairs, seeds, mode=c.mode, min_p=c.min_p, max_p=c.max_p,
-                         min_cfg=c.min_cfg, max_cfg=c.max_cfg)
+                         min_cfg=c.min_cfg, max_cfg=c.max_cfg, p2p=options)
     images = out.images[:len(batch)]
     for k, (prompt, n) in enumerate(batch):
       entry = self.pending[prompt.index]
@@ -298,6 +337,8 @@ class _Run:
            "output": prompt.output, "seed": entry["seeds"].tolist(),
            "p": entry["p"].tolist(), "cfg_scale": entry["cfg_scale"].tolist(),
            **{k: v.tolist() for k, v in scores.items()}, "kept": kept.tolist()}
+    if c.mode == "p2p":
+      row["p2p"] = dataclasses.asdict(prompt.p2p or c.p2p)
     self.scores_file.write(json.dumps(row) + "\n")
     self.scores_file.flush()
     for j, n in enumerate(kept):

@@ -176,3 +176,31 @@ def test_prompts_partitions_and_seeds():
   assert run.resume_point(None) == (-1, 0)
   assert run.resume_point({"prompt": 5, "written": 1, "of": 2}) == (5, 1)
   assert run.resume_point({"prompt": 5, "written": 2, "of": 2}) == (6, 0)
+
+
+def test_p2p_mode_checks_options_before_generating(assets, tmp_path, capsys):
+  root, spec, _, _ = assets
+  prompts = tmp_path / "p2p.jsonl"
+  line = json.loads(PROMPTS[0])
+  prompts.write_text("\n".join([
+      json.dumps(line), json.dumps({**line, "p2p": {"edit": "swap"}}),
+      json.dumps({**line, "p2p": {"reweight": {"dog": 2}, "cross_replace_steps": [0.1, 0.5]}}),
+      json.dumps({**line, "p2p": {"edit": "replace", "blend_words": [["cat"], ["horse"]]}}),
+  ]) + "\n")
+  missing = tmp_path / "nope.pt"
+  p2p_spec = spec.replace(str(root / "tiny_clip.pt"), str(missing)) + ",mode=p2p"
+  argv = ["--config", p2p_spec, "--prompts", str(prompts), "--out", str(tmp_path / "never")]
+  assert generate_cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "4 lines, skipped 1 (bad p2p object: lines 2; line 2: unknown Prompt-to-Prompt edit" in err
+  assert "skipped 1 (p2p options do not fit the captions: lines 4; line 4: blend word" in err
+  assert f"CLIP weights file not found: {missing}" in err
+  # A bad value in config.p2p is a configuration error naming the key, before the prompts.
+  config = tmp_path / "bad_p2p.py"
+  config.write_text("import runpy\n\n\ndef get_config(arg=None):\n"
+                    f"  c = runpy.run_path({str(ROOT / 'configs/generate_tiny.py')!r})"
+                    "['get_config'](arg)\n  c.p2p.cross_replace_steps = (0.5, 2.0)\n  return c\n")
+  argv[1] = f"{config}:" + p2p_spec.partition(":")[2]
+  assert generate_cli.main(argv) == 2
+  assert ("error: config.p2p: cross_replace_steps=(0.5, 2.0) must be a fraction"
+          in capsys.readouterr().err)
