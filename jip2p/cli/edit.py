@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from PIL import PngImagePlugin
 from tqdm import tqdm
 
-from jip2p import edit
+from jip2p import edit, runtime
 from jip2p.cli import run
 from jip2p.errors import ConfigError, InputError
 from jip2p.models.attention import IMPLEMENTATIONS
@@ -157,6 +157,7 @@ def write_png(image, path: str, metadata: dict[str, str]) -> None:
 
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
+  runtime.configure()  # Before JAX starts its backend (XLA reads its flags once).
   for key in ("steps", "resolution", "batch_size"):
     least = 64 if key == "resolution" else 1
     if getattr(args, key) < least:

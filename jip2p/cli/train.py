@@ -17,6 +17,7 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from jip2p import runtime
 from jip2p.cli import run
 from jip2p.errors import ConfigError
 from jip2p.train import distributed, loop
@@ -57,7 +58,8 @@ def _main(argv: Sequence[str] | None) -> int:
   if not fv.workdir:
     raise ConfigError("--workdir is required")
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
-  # Before anything touches a device.
+  # Before anything touches a device: XLA reads its flags once, when its backend starts.
+  runtime.configure()
   distributed.initialize(fv.distributed, coordinator_address=fv.coordinator_address,
                          num_processes=fv.num_processes, process_id=fv.process_id)
   loop.train(fv.config, fv.workdir)

@@ -32,17 +32,20 @@ def base_config() -> ml_collections.ConfigDict:
 
   # init: a diffusers-format folder (SD 1.5 / 2.1 or an InstructPix2Pix model) or "random:<preset>"
   # (jip2p.checkpoints.PRESETS, seeded by model.seed). The UNet's conv_in grows to
-  # unet_in_channels (new channels zero).
+  # unet_in_channels = 2 × the VAE's latent channels (new channels zero).
   c.model = ml_collections.ConfigDict(dict(
       init="", seed=0, unet_in_channels=8, compute_dtype="bfloat16", attention_impl="xla",
       remat=False))
 
   # source "tfrecord": jip2p's triplet shards under `path` (jip2p.data.reader); "synthetic":
   # the first `num_examples` pairs of the procedural edit world (jip2p.data.synthetic), for tests
-  # and smoke runs.
+  # and smoke runs. latents=True: `path` is a latent cache written by jip2p-cache-latents from the
+  # run's own model (jip2p.data.latents) and the step runs no VAE encoder (nor text encoder, when
+  # the cache holds embeddings); the crop is the cache's centre crop at its resize (resize_min and
+  # resize_max are not used), res must equal its resolution.
   c.data = ml_collections.ConfigDict(dict(
       source="tfrecord", path="", res=256, resize_min=256, resize_max=288, flip=True,
-      num_examples=8, shuffle_buffer=10_000))
+      num_examples=8, shuffle_buffer=10_000, latents=False))
 
   # One r ~ U(0, 1) per example: r < 2p drops the text (CLIP("")), p ≤ r < 3p the image latent.
   c.conditioning_dropout = 0.05
@@ -132,13 +135,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"config.model.compute_dtype={m.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
   _require(m.attention_impl in IMPLEMENTATIONS,
            f"config.model.attention_impl={m.attention_impl!r}; choose one of {IMPLEMENTATIONS}")
-  _require(m.unet_in_channels == 8, f"config.model.unet_in_channels={m.unet_in_channels}: "
-           "InstructPix2Pix conditions on 4 noisy + 4 image-latent channels, so it must be 8")
+  _require(m.unet_in_channels >= 2 and m.unet_in_channels % 2 == 0,
+           f"config.model.unet_in_channels={m.unet_in_channels}: InstructPix2Pix conditions on "
+           "the noisy latent and the image latent, so it must be 2 × the VAE's latent channels "
+           "(8 for Stable Diffusion)")
   _require(d.source in DATA_SOURCES,
            f"config.data.source={d.source!r}; choose one of {DATA_SOURCES}")
   _require(d.source != "tfrecord" or bool(d.path), "config.data.path is empty: set it to the "
            "folder of training shards (--config.data.path=...) or use "
            "config.data.source='synthetic'")
+  _require(not d.latents or (d.source == "tfrecord" and bool(d.path)),
+           "config.data.latents=True reads a latent cache: set config.data.source='tfrecord' and "
+           "config.data.path to the folder jip2p-cache-latents wrote")
   _require(d.res > 0 and d.resize_min >= d.res and d.resize_max >= d.resize_min,
            f"config.data needs 0 < res ≤ resize_min ≤ resize_max, got res={d.res}, "
            f"resize_min={d.resize_min}, resize_max={d.resize_max}")

@@ -29,14 +29,19 @@ CONFIG_FILE = "config.json"
 
 def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
   """The initial models of a run: ``config.model.init`` loaded (or random), the UNet's conv_in
-  grown to 8 channels, remat and the compute dtype applied. Parameters are float32."""
+  grown to 2 × latent channels, remat and the compute dtype applied. Parameters are float32."""
   m = config.model
   dtype = jnp.dtype(m.compute_dtype)
   if m.init.startswith(config_lib.RANDOM_INIT_PREFIX):
     preset = m.init[len(config_lib.RANDOM_INIT_PREFIX):]
-    pipeline = checkpoints.random_pipeline(preset, unet_in_channels=4, seed=m.seed, dtype=dtype)
+    pipeline = checkpoints.random_pipeline(preset, unet_in_channels=m.unet_in_channels // 2,
+                                           seed=m.seed, dtype=dtype)
   else:
     pipeline = checkpoints.load_pipeline(m.init, dtype=dtype, attention_impl=m.attention_impl)
+  latent = pipeline.vae.config.latent_channels
+  if m.unet_in_channels != 2 * latent:
+    raise ConfigError(f"config.model.unet_in_channels={m.unet_in_channels}, but the model's "
+                      f"VAE has {latent} latent channels: set it to {2 * latent}")
   unet = pipeline.unet
   if unet.config.in_channels != m.unet_in_channels:
     unet = checkpoints.expand_conv_in(unet, m.unet_in_channels)

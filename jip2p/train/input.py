@@ -8,6 +8,10 @@ The loop turns them into one global array with `jax.make_array_from_process_loca
     batch of step s is a pure function of (seed, s), and each process takes its contiguous rows,
     so any number of processes sees the same global batches (what the multi-host test checks).
   * ``"tfrecord"``  — `jip2p.data.reader` over a folder of triplet shards, split per process.
+  * ``data.latents`` — `jip2p.data.latents.LatentSource` over a latent cache: ``input`` and
+    ``edited`` are then VAE moments [B_local, h, w, 2C] and ``input_ids`` the cached text
+    (embeddings [B_local, L, D] float32, or token ids), for a step built with the cache's
+    stand-ins of the VAE and text encoder.
 """
 
 from __future__ import annotations
@@ -116,5 +120,10 @@ def make_source(config, *, tokenizer: CLIPTokenizer, process_index: int, process
                 tokenizer=tokenizer, process_index=process_index, process_count=process_count)
   if d.source == "synthetic":
     return SyntheticSource(num_examples=d.num_examples, **common)
+  if d.latents:
+    from jip2p.data import latents  # TensorFlow, as for the shards.
+    return latents.LatentSource(d.path, global_batch=config.batch_size, seed=config.seed,
+                                flip=d.flip, shuffle_buffer=d.shuffle_buffer, tokenizer=tokenizer,
+                                process_index=process_index, process_count=process_count)
   return TFRecordSource(path=d.path, resize_min=d.resize_min, resize_max=d.resize_max,
                         shuffle_buffer=d.shuffle_buffer, **common)

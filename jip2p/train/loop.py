@@ -89,6 +89,24 @@ def _own_position(positions: list[Any]) -> Any:
                     f"{jax.process_count()}")
 
 
+def _check_cache(info, config: ml_collections.ConfigDict, vae_config, null_ids: np.ndarray,
+                 null_text: jax.Array) -> None:
+  """A latent cache must come from this run's VAE (and text encoder) at ``config.data.res``."""
+  res, f = config.data.res, vae_config.downscale
+  want = {"resolution": (info.resolution, res),
+          "VAE scaling factor": (info.scaling_factor, vae_config.scaling_factor),
+          "latent shape": (info.latent_shape, (res // f, res // f, vae_config.latent_channels)),
+          f"text shape ({info.text})": (info.text_shape, (null_ids if info.text == "ids" else
+                                                          null_text).shape[1:])}
+  wrong = [f"{name} {got} (this run: {expected})" for name, (got, expected) in want.items()
+           if got != expected]
+  if wrong:
+    raise ConfigError(f"the latent cache {config.data.path} does not fit this run's model "
+                      f"({config.model.init}) at config.data.res={res}: its {'; '.join(wrong)}. "
+                      "Write the cache with this model and resolution (jip2p-cache-latents "
+                      "--model … --resolution …)")
+
+
 def _json_append(path: epath.Path, record: dict) -> None:
   with path.open("a") as f:
     f.write(json.dumps(record) + "\n")
@@ -125,8 +143,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     raise ConfigError("the UNet holds state other than parameters, which training cannot carry")
   vae_def, vae_state = nnx.split(pipeline.vae)
   text_def, text_state = nnx.split(pipeline.text_encoder)
-  null_text = jax.jit(lambda state, ids: nnx.merge(text_def, state)(ids))(
-      text_state, pipeline.tokenizer([""]))
+  null_ids = np.asarray(pipeline.tokenizer([""]), np.int32)
+  null_text = jax.jit(lambda state, ids: nnx.merge(text_def, state)(ids))(text_state, null_ids)
+  # The real frozen models: validation sampling (and the train step, from images).
   frozen_host = {"vae": vae_state, "text_encoder": text_state, "null_text": null_text}
   pipeline = dataclasses.replace(pipeline, unet=None)
   scheduler = schedules.from_scheduler_config(pipeline.scheduler_config)
@@ -137,6 +156,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   source = input_lib.make_source(config, tokenizer=pipeline.tokenizer,
                                  process_index=jax.process_index(), process_count=process_count)
   batch_sharding = sharding.batch_sharding(mesh)
+  micro = config.batch_size // config.grad_accum
+  res = config.data.res
+  if config.data.latents:
+    from jip2p.data import latents  # TensorFlow: only a run from a cache imports it.
+    _check_cache(source.info, config, pipeline.vae.config, null_ids, null_text)
+    # The step's VAE and text encoder: stand-ins that turn the cached moments into the posterior
+    # and pass cached embeddings through (token ids still go through the real text encoder).
+    step_vae_def, step_vae_state = nnx.split(latents.CachedVAE(pipeline.vae.config))
+    step_text_def, step_text_state = (nnx.split(latents.PrecomputedText())
+                                      if source.info.text == "embeddings" else
+                                      (text_def, text_state))
+    step_frozen_host = {"vae": step_vae_state, "text_encoder": step_text_state,
+                        "null_text": null_text}
+    micro_shapes = latents.latent_batch_shapes(source.info, micro)
+  else:
+    step_vae_def, step_text_def, step_frozen_host = vae_def, text_def, frozen_host
+    micro_shapes = {"input": jax.ShapeDtypeStruct((micro, res, res, 3), jnp.float32),
+                    "edited": jax.ShapeDtypeStruct((micro, res, res, 3), jnp.float32),
+                    "input_ids": jax.ShapeDtypeStruct((micro, 77), jnp.int32)}
 
   def global_batch(local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -153,16 +191,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                             min_size=config.sharding.min_fsdp_size)
   frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), frozen_host)
   frozen = jax.device_put(frozen_host, frozen_shardings)
-  del frozen_host, vae_state, text_state
+  step_frozen_shardings = jax.tree.map(lambda _: sharding.replicated(mesh), step_frozen_host)
+  step_frozen = (frozen if step_frozen_host is frozen_host else
+                 jax.device_put(step_frozen_host, step_frozen_shardings))
+  del frozen_host, step_frozen_host, vae_state, text_state
 
   # ------------------------------------------------------------------ step
-  loss_fn = step_lib.make_loss_fn(unet_def, vae_def, text_def, alphas_cumprod=alphas_cumprod,
-                                  scaling_factor=scaling, dropout=config.conditioning_dropout)
+  loss_fn = step_lib.make_loss_fn(unet_def, step_vae_def, step_text_def,
+                                  alphas_cumprod=alphas_cumprod, scaling_factor=scaling,
+                                  dropout=config.conditioning_dropout)
   train_step = jax.jit(
       step_lib.make_train_step(loss_fn, optimizer, mesh=mesh, grad_accum=config.grad_accum,
                                ema_decay_rate=config.ema.decay, ema_warmup=config.ema.warmup,
                                lr=o.lr),
-      in_shardings=(state_shardings, frozen_shardings, batch_sharding),
+      in_shardings=(state_shardings, step_frozen_shardings, batch_sharding),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
 
@@ -207,11 +249,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         Image.fromarray(grid).save(f, format="PNG")
 
   # ------------------------------------------------------------------ loop
-  micro = config.batch_size // config.grad_accum
-  res = config.data.res
-  micro_shapes = {"input": jax.ShapeDtypeStruct((micro, res, res, 3), jnp.float32),
-                  "edited": jax.ShapeDtypeStruct((micro, res, res, 3), jnp.float32),
-                  "input_ids": jax.ShapeDtypeStruct((micro, 77), jnp.int32)}
   flops_per_step = 0.0
   peak = metrics.peak_flops(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
   preemption = Preemption()
@@ -251,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if primary and not flops_per_step:
       shapes = lambda t: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
       flops_per_step = config.grad_accum * metrics.cost_flops(
-          jax.value_and_grad(loss_fn), shapes(state.params), shapes(frozen), micro_shapes,
+          jax.value_and_grad(loss_fn), shapes(state.params), shapes(step_frozen), micro_shapes,
           jax.random.key(0))
     last = {k: float(np.mean([m[k] for m in values])) for k in ("loss", "grad_norm", "lr")}
     record = dict(last, ema_decay=float(values[-1]["ema_decay"]), skipped_steps=skipped)
@@ -273,7 +310,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   step = start
   try:
     for step in range(start + 1, config.total_steps + 1):
-      state, step_metrics = train_step(state, frozen, global_batch(next(source)))
+      state, step_metrics = train_step(state, step_frozen, global_batch(next(source)))
       unchecked.append((step, step_metrics))
       to_log.append(step_metrics)
       stopwatch.tick()

@@ -69,7 +69,7 @@ def trainer_env(devices: int, cache_dir: str) -> dict[str, str]:
   by the runs of a session (runs of one config compile once)."""
   env = dict(os.environ)
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-  env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+  env["JAX_COMPILATION_CACHE_DIR"] = env["JIP2P_COMPILATION_CACHE"] = cache_dir
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
   env["TF_CPP_MIN_LOG_LEVEL"] = "2"

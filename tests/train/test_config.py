@@ -61,7 +61,7 @@ def test_config_arguments_are_checked():
     (lambda c: setattr(c, "grad_accum", 3), "not divisible by config.grad_accum=3"),
     (lambda c: setattr(c, "nonfinite", "ignore"), "config.nonfinite='ignore'"),
     (lambda c: setattr(c.model, "compute_dtype", "fp8"), "config.model.compute_dtype='fp8'"),
-    (lambda c: setattr(c.model, "unet_in_channels", 4), "must be 8"),
+    (lambda c: setattr(c.model, "unet_in_channels", 5), "must be 2 × the VAE.s latent channels"),
     (lambda c: setattr(c.data, "path", ""), "config.data.path is empty"),
     (lambda c: setattr(c, "conditioning_dropout", 0.5), "must be in \\[0, 1/3\\]"),
     (lambda c: setattr(c.export, "at_end", "ema,best"), "config.export.at_end='ema,best'"),
