@@ -50,18 +50,28 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # ------------------------------------------------------------------------------ images
 
 
-def preprocess_size(width: int, height: int, resolution: int = 512) -> tuple[int, int]:
+def preprocess_size(width: int, height: int, resolution: int = 512,
+                    multiple: int = 64) -> tuple[int, int]:
   """The reference's output size (width, height) for an input of ``width × height``.
 
-  The long side is scaled to ``resolution``, the short side rounded *up* to a multiple of 64 (the
-  scale follows it), then both are floored to multiples of 64; in the reference's float arithmetic,
-  so sizes match it exactly.
+  The long side is scaled to ``resolution``, the short side rounded *up* to a multiple of
+  ``multiple`` (the scale follows it), then both are floored to multiples of it; in the
+  reference's float arithmetic, so sizes match it exactly. The reference's multiple is 64 (see
+  `size_multiple`).
   """
   if width <= 0 or height <= 0:
     raise InputError(f"an image of {width}×{height} pixels has nothing to edit")
+  m = multiple
   factor = resolution / max(width, height)
-  factor = math.ceil(min(width, height) * factor / 64) * 64 / min(width, height)
-  return int((width * factor) // 64) * 64, int((height * factor) // 64) * 64
+  factor = math.ceil(min(width, height) * factor / m) * m / min(width, height)
+  return int((width * factor) // m) * m, int((height * factor) // m) * m
+
+
+def size_multiple(unet_config, vae_config) -> int:
+  """Pixels an edit's sides must be multiples of: 64 as in the reference, or for a model trained
+  below 64 px (e.g. the procedural world's) its own VAE downscale × UNet downsampling."""
+  own = vae_config.downscale * 2 ** (unet_config.num_blocks - 1)
+  return 64 if unet_config.sample_size * vae_config.downscale >= 64 else own
 
 
 def _check_pixels(width: int, height: int, name: str) -> None:
@@ -133,18 +143,20 @@ def prepare_image(image: Any, name: str = "image") -> Image.Image:
   return to_rgb(image, name)
 
 
-def edit_size(width: int, height: int, resolution: int, name: str = "image") -> tuple[int, int]:
+def edit_size(width: int, height: int, resolution: int, name: str = "image",
+              multiple: int = 64) -> tuple[int, int]:
   """`preprocess_size`, refusing aspect ratios whose edit would exceed `MAX_PIXELS`."""
-  size = preprocess_size(width, height, resolution)
+  size = preprocess_size(width, height, resolution, multiple)
   if size[0] * size[1] > MAX_PIXELS:
     raise InputError(f"{name}: its aspect ratio ({width}×{height}) would make a {size[0]}×"
                      f"{size[1]} edit, more than {MAX_PIXELS / 1e6:.0f} megapixels")
   return size
 
 
-def preprocess(image: Image.Image, resolution: int = 512, name: str = "image") -> Image.Image:
+def preprocess(image: Image.Image, resolution: int = 512, name: str = "image",
+               multiple: int = 64) -> Image.Image:
   """An RGB image resized to `preprocess_size` by centre fit (LANCZOS), as the reference does."""
-  size = edit_size(*image.size, resolution, name)
+  size = edit_size(*image.size, resolution, name, multiple)
   if size == image.size:
     return image
   return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
@@ -236,6 +248,7 @@ class Editor:
     self._scaling_factor = float(vae.scaling_factor)
     self._latent_channels = latent
     self._downscale = vae.downscale
+    self.size_multiple = size_multiple(unet, vae)
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
@@ -280,8 +293,8 @@ class Editor:
       steps: sampling steps.
       text_guidance, image_guidance: s_T and s_I of the two-scale guidance.
       resolution: the long side before the short side is rounded up (see `preprocess_size`);
-        None edits the images at their own size, which must be multiples of 64 (e.g. images
-        already passed through `preprocess`).
+        None edits the images at their own size, which must be multiples of `size_multiple`
+        (64 for Stable Diffusion; e.g. images already passed through `preprocess`).
       seed: image j uses ``seed + j`` (``seed`` random when None); at most `MAX_SEED`.
       sampler: one of `SAMPLERS` (k-diffusion Euler ancestral, the reference, by default).
       schedule: the sigma grid, one of `SCHEDULES`: k-diffusion's "discrete" (the reference), or
@@ -304,7 +317,7 @@ class Editor:
     """Checks arguments and inputs; → (jobs to sample, jobs with empty instructions)."""
     _check_int("steps", steps, 1)
     if resolution is not None:
-      _check_int("resolution", resolution, 64)
+      _check_int("resolution", resolution, self.size_multiple)
     _check_int("batch_size", batch_size, 1)
     for key, value in (("text_guidance", text_guidance), ("image_guidance", image_guidance)):
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -342,10 +355,12 @@ class Editor:
       if key not in loaded:
         image = (load_image(item) if isinstance(item, (str, os.PathLike))
                  else prepare_image(item, name))
-        if resolution is None and (image.size[0] % 64 or image.size[1] % 64):
+        m = self.size_multiple
+        if resolution is None and (image.size[0] % m or image.size[1] % m):
           raise InputError(f"{name}: with resolution=None the image size must be multiples of "
-                           f"64, got {image.size[0]}×{image.size[1]}")
-        loaded[key] = image if resolution is None else preprocess(image, resolution, name)
+                           f"{m}, got {image.size[0]}×{image.size[1]}")
+        loaded[key] = (image if resolution is None else
+                       preprocess(image, resolution, name, multiple=m))
       image = loaded[key]
       job_noise = None
       if noise is not None:

@@ -23,7 +23,7 @@ from safetensors.numpy import save_file
 
 from jip2p.checkpoints.mapping import load_torch_state_dict, to_torch_state_dict
 from jip2p.errors import CheckpointError, ConfigError
-from jip2p.models import clip_text, unet, vae
+from jip2p.models import clip_text, pixel_codec, unet, vae
 from jip2p.tokenizer import CLIPTokenizer, load_tokenizer
 
 # diffusers / transformers class name → (config class, jip2p module class, weights file stem).
@@ -31,14 +31,16 @@ COMPONENT_CLASSES = {
     "UNet2DConditionModel": (unet.UNetConfig, unet.UNet2DCondition, "diffusion_pytorch_model"),
     "AutoencoderKL": (vae.VAEConfig, vae.AutoencoderKL, "diffusion_pytorch_model"),
     "CLIPTextModel": (clip_text.CLIPTextConfig, clip_text.CLIPTextEncoder, "model"),
+    # jip2p's exact pixel-space codec, in the VAE's place (no weights; diffusers cannot load it).
+    "PixelCodec": (pixel_codec.PixelCodecConfig, pixel_codec.PixelCodec, "diffusion_pytorch_model"),
 }
 _LIBRARY = {"UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers",
-            "CLIPTextModel": "transformers"}
+            "CLIPTextModel": "transformers", "PixelCodec": "diffusers"}
 
 # Key spellings of other library versions (transformers 5 drops ``text_model.``, old diffusers VAEs
 # say ``query``/``key``/``value``) → the one jip2p's modules are named after.
 CANONICAL_KEYS = {"UNet2DConditionModel": dict, "AutoencoderKL": vae.canonical_state_dict,
-                  "CLIPTextModel": clip_text.canonical_state_dict}
+                  "CLIPTextModel": clip_text.canonical_state_dict, "PixelCodec": dict}
 
 
 @dataclasses.dataclass

@@ -91,6 +91,26 @@ PRESETS = {
                          "num_attention_heads": 4, "num_hidden_layers": 2,
                          "projection_dim": 32},
     },
+    # The procedural edit world (jip2p.data.synthetic, 32 px): the exact pixel codec in the VAE's
+    # place (2×2 patches → 16×16×12 latents) and a small UNet and text encoder. The UNet is much
+    # wider than the latent (64 vs 12 channels, as SD's 320 vs 4): ε-prediction at high noise
+    # needs it to pass the noise through almost exactly.
+    "world": {
+        "unet": {
+            "_class_name": "UNet2DConditionModel",
+            "attention_head_dim": 8, "block_out_channels": [64, 128],
+            "cross_attention_dim": 64,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+            "in_channels": 12, "out_channels": 12, "layers_per_block": 1,
+            "norm_num_groups": 32, "sample_size": 16, "flip_sin_to_cos": True, "freq_shift": 0,
+        },
+        "vae": {"_class_name": "PixelCodec", "in_channels": 3, "patch_size": 2,
+                "scaling_factor": 1.0, "sample_size": 32},
+        "text_encoder": {**_SD15_TEXT, "hidden_size": 64, "intermediate_size": 128,
+                         "num_attention_heads": 4, "num_hidden_layers": 2,
+                         "projection_dim": 64},
+    },
 }
 
 

@@ -52,7 +52,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T")
   parser.add_argument("--image-guidance", type=float, default=1.5, help="s_I")
   parser.add_argument("--resolution", type=int, default=512,
-                      help="long side before the short side is rounded up to a multiple of 64")
+                      help="long side before the short side is rounded up to a multiple of 64 "
+                           "(for models trained below 64 px, of their own size step)")
   parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
   parser.add_argument("--sampler", choices=edit.SAMPLERS, default="euler_ancestral")
   parser.add_argument("--schedule", choices=edit.SCHEDULES, default="discrete",
@@ -159,7 +160,7 @@ def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   runtime.configure()  # Before JAX starts its backend (XLA reads its flags once).
   for key in ("steps", "resolution", "batch_size"):
-    least = 64 if key == "resolution" else 1
+    least = 8 if key == "resolution" else 1
     if getattr(args, key) < least:
       raise ConfigError(f"--{key.replace('_', '-')} must be ≥ {least}, got {getattr(args, key)}")
   if args.jsonl is not None:
@@ -172,17 +173,22 @@ def _main(argv: Sequence[str] | None) -> int:
   outputs = output_paths(args.output, [path for path, _ in jobs], args.overwrite)
 
   # Every image is read in full (truncation shows only then) before the model is loaded.
-  resized = {}
+  loaded = {}
   for path, _ in jobs:
-    if path not in resized:
-      resized[path] = edit.preprocess(edit.load_image(path), args.resolution, path)
+    if path not in loaded:
+      loaded[path] = edit.load_image(path)
+  editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
+                                       attention_impl=args.attention_impl)
+  if args.resolution < editor.size_multiple:
+    raise ConfigError(f"--resolution must be ≥ {editor.size_multiple} for this model, got "
+                      f"{args.resolution}")
+  resized = {path: edit.preprocess(image, args.resolution, path, editor.size_multiple)
+             for path, image in loaded.items()}
 
   seed = args.seed
   if seed is None:
     seed = secrets.randbelow(edit.MAX_SEED - len(jobs) + 2)
     print(f"{PROG}: seed {seed} (pass --seed {seed} to repeat this run)")
-  editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
-                                       attention_impl=args.attention_impl)
   edits = editor.edits(
       [resized[path] for path, _ in jobs], [instruction for _, instruction in jobs],
       steps=args.steps, text_guidance=args.text_guidance, image_guidance=args.image_guidance,
