@@ -3,6 +3,7 @@
   jip2p-import hf-parquet  PARQUET... --out DIR   # clip-filtered or 1000-samples shards
   jip2p-import generator   FOLDER     --out DIR   # the original generator's output folder
   jip2p-import magicbrush  PARQUET... --out DIR [--split validation]
+  jip2p-import synthetic   --num 20000 --out DIR  # the procedural edit world (jip2p.data.synthetic)
 
 PARQUET arguments may be files, folders or globs; local or gs://. Rerunning the same command
 after an interruption resumes: rows already stored are skipped, none is written twice.
@@ -16,6 +17,7 @@ import sys
 from collections.abc import Sequence
 
 from jip2p.cli import run
+from jip2p.errors import ConfigError
 
 PROG = "jip2p-import"
 
@@ -30,9 +32,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     "FOLDER"),
       "magicbrush": ("MagicBrush parquet shards", "PARQUET"),
   }
+  sources["synthetic"] = ("the procedural edit world: coloured shapes and exact edits", None)
   for name, (help_text, metavar) in sources.items():
     p = sub.add_parser(name, help=help_text)
-    p.add_argument("inputs", nargs="+" if metavar == "PARQUET" else 1, metavar=metavar)
+    if metavar is None:
+      p.add_argument("--num", type=int, required=True, help="examples to write")
+      p.add_argument("--seed", type=int, default=0,
+                     help="world seed (use another seed for evaluation scenes)")
+      p.add_argument("--size", type=int, default=64, help="image side in pixels (≥ 32)")
+      p.add_argument("--wording", choices=("train", "heldout"), default="train",
+                     help="instruction templates: the training ones or the held-out ones")
+    else:
+      p.add_argument("inputs", nargs="+" if metavar == "PARQUET" else 1, metavar=metavar)
     p.add_argument("--out", required=True, help="dataset directory (local or gs://)")
     p.add_argument("--name", default="jip2p_triplets",
                    help="dataset name, used in shard file names and by TFDS")
@@ -59,7 +70,14 @@ def _main(argv: Sequence[str] | None) -> int:
                       format="%(levelname)s %(message)s")
   from jip2p.data import importers
   from jip2p.data.writer import DatasetWriter
-  if args.source == "generator":
+  if args.source == "synthetic":
+    if args.num < 1:
+      raise ConfigError(f"--num={args.num} must be at least 1")
+    rows = importers.iter_synthetic(args.num, seed=args.seed, size=args.size,
+                                    wording=args.wording)
+    args.inputs = [f"synthetic:num={args.num},seed={args.seed},size={args.size},"
+                   f"wording={args.wording}"]
+  elif args.source == "generator":
     rows = importers.iter_generator(args.inputs[0])
   elif args.source == "magicbrush":
     rows = importers.iter_magicbrush(importers.list_parquet(args.inputs))

@@ -10,6 +10,7 @@ Sources (DESIGN.md §1, "Released data formats"):
     `{seed}_1.jpg` and `metadata.jsonl` (seed, p2p_threshold, cfg_scale, clip_sim_0/1/dir/image);
     every listed seed becomes one triplet with its CLIP scores.
   * MagicBrush parquet (img_id, turn_index, source_img, mask_img, instruction, target_img).
+  * the procedural edit world of `jip2p.data.synthetic` (generated, exact; for the demo and tests).
 
 Every source yields `Row`s in a deterministic order; `import_rows` validates them (full decode),
 optionally stores the images at a smaller resolution, assigns a split by a hash of the row's
@@ -144,6 +145,18 @@ def iter_magicbrush(files: Sequence[str]) -> Iterator[Row]:
       yield _row(key, img_id, _hf_image(row["source_img"], path),
                  _hf_image(row["target_img"], path), row["instruction"] or "",
                  source="magicbrush", source_id=key, turn_index=-1 if turn is None else int(turn))
+
+
+def iter_synthetic(num: int, *, seed: int = 0, size: int = 64,
+                   wording: str = "train") -> Iterator[Row]:
+  """Rows of the procedural edit world (`jip2p.data.synthetic`): examples ``0 .. num-1`` of world
+  ``seed``, worded with the ``wording`` templates ("train" or "heldout"), as PNGs."""
+  from jip2p.data import synthetic
+  for ex in synthetic.generate(num, seed=seed, size=size, split=wording):
+    key = f"{seed}/{ex.index}"
+    yield _row(key, key, _png(ex.input_image), _png(ex.edited_image), ex.instruction,
+               input_caption=ex.input_caption, edited_caption=ex.edited_caption,
+               source="synthetic", source_id=key, seed=seed)
 
 
 def iter_generator(root: str) -> Iterator[Row]:
@@ -308,6 +321,12 @@ def _row(key: str, group: str, input_image: bytes | None, edited_image: bytes | 
     return Row(key, group, None, "empty instruction")
   return Row(key, group, schema.Triplet(input_image=input_image, edited_image=edited_image,
                                         instruction=instruction, **fields))
+
+
+def _png(image) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(image).save(out, "PNG")
+  return out.getvalue()
 
 
 def _hf_image(value, parquet_path: str) -> bytes | None:
