@@ -2,9 +2,9 @@
 # Local set-up and runs. The first call creates .venv and installs jip2p with the pinned packages
 # of launch/constraints.txt (again whenever pyproject.toml or the pins change); then it runs:
 #
-#   bash launch/local.sh demo [DIR]    the main job on the embedded default: train a tiny random
-#                                      model on the procedural edit world, export it, evaluate it
-#                                      on held-out scenes (results under DIR, default demo/)
+#   bash launch/local.sh demo [DIR]    the main job on the embedded default (jip2p-demo): write
+#                                      the procedural edit world, train configs/synthetic.py on it,
+#                                      edit held-out scenes, report (DIR/report.md, default demo/)
 #   bash launch/local.sh test [ARGS]   the test suite (PyTorch-side and TensorFlow-side tests run
 #                                      in separate processes: the two must never share one)
 #   bash launch/local.sh CMD [ARGS]    any jip2p console script, e.g. jip2p-edit --help
@@ -36,11 +36,7 @@ case "$job" in
     python -m pytest --side=tf "$@"
     ;;
   demo)
-    out=${1:-demo}
-    jip2p-train --config=configs/tiny.py --workdir="$out/run"
-    jip2p-eval --model "$out/run/export/ema" --output "$out/eval" --set world --world-n 16 \
-      --world-size 64 --resolution 64 --steps 20 --sweep none --save-images
-    echo "demo: trained model in $out/run/export/ema; metrics (summary.csv) and edits in $out/eval"
+    exec jip2p-demo --out "${1:-demo}" "${@:2}"
     ;;
   *) exec "$job" "$@" ;;
 esac
