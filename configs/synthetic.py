@@ -1,15 +1,15 @@
-r"""InstructPix2Pix on the procedural edit world (`jip2p.data.synthetic`): a model that learns on a CPU.
+r"""InstructPix2Pix on the procedural edit world (`jip2p.data.synthetic`), small enough for a CPU.
 
   jip2p-import synthetic --out /tmp/world --num 20000
   jip2p-train --config=configs/synthetic.py --workdir=/tmp/jip2p-world \
       --config.data.path=/tmp/world
 
 (`jip2p-demo` does both and scores the result.) The real pipeline at a small size: the "world"
-preset (jip2p.checkpoints.PRESETS) — a 2-level UNet with cross-attention, a 2-layer CLIP text
+preset (jip2p.checkpoints.PRESETS) — a 3-level UNet with cross-attention, a 2-layer CLIP text
 encoder (random and frozen, as SD's is frozen) and, in the VAE's place, the exact pixel codec
-(jip2p.models.pixel_codec: 2×2 space-to-depth, so 32 px scenes become 16×16×12 latents and the
-UNet takes 24 channels). No VAE was pretrained for this world, and a learned one would blur the exact edges the
-world's metrics score; the codec is lossless and costs nothing to train.
+(jip2p.models.pixel_codec with patch 1: the latents are the 32×32×3 pixels in [-1, 1], and the
+UNet takes 6 channels). No VAE was pretrained for this world, and a learned one would blur the
+exact edges the world's metrics score; the codec is lossless and costs nothing to train.
 
 Arguments (``configs/synthetic.py:key=value,…``): path, steps, batch, lr, accum, res.
 """
@@ -24,7 +24,7 @@ def get_config(arg=None):
   c.batch_size = a["batch"]
   c.grad_accum = a["accum"]
   c.model.init = "random:world"
-  c.model.unet_in_channels = 24
+  c.model.unet_in_channels = 6
   c.model.compute_dtype = "float32"
   c.data.source = "tfrecord"
   c.data.path = a["path"]

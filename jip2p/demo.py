@@ -51,18 +51,18 @@ class Settings:
   out: str = "demo"
   config: str = CONFIG
   config_arg: str = ""
-  steps: int | None = 400  # None: the config's total_steps (the shipped model's recipe)
+  steps: int | None = 300  # None: the config's total_steps (the shipped model's recipe)
   minutes: float | None = None  # stop training after this long (a checkpoint is saved)
   pretrained: bool = False
   num_train: int = 20_000  # training examples written
-  num_eval: int = 48  # held-out examples edited at each evaluation point
-  eval_points: int = 2  # checkpoints evaluated along the run (besides the untrained model)
+  num_eval: int = 32  # held-out examples edited at each evaluation point
+  eval_points: int = 1  # checkpoints evaluated along the run (besides the untrained model)
   eval_steps: int = 20  # sampler steps per edit
   text_guidance: float = 7.5
   image_guidance: float = 1.5
   sampler: str = "euler_ancestral"
   seed: int = 0
-  batch_size: int = 30  # edits per compiled call
+  batch_size: int = 32  # edits per compiled call
   sweep: bool = False  # also edit with every (s_T, s_I) of SWEEP_TEXT × SWEEP_IMAGE
 
   def validate(self) -> None:
@@ -271,10 +271,11 @@ def _text_tile(text: str, width: int, height: int) -> np.ndarray:
 
 
 def image_grid(examples: Sequence[synthetic.Example], outputs: np.ndarray, results: Sequence[dict],
-               *, per_family: int = 2, scale: int = 2) -> np.ndarray:
+               *, per_family: int = 2, scale: int | None = None) -> np.ndarray:
   """uint8 grid, one row per example (``per_family`` of each family): input | instruction (and
-  ✓/✗) | output | ground truth, images upscaled ``scale``× (nearest)."""
+  ✓/✗) | output | ground truth, images upscaled ``scale``× (nearest; default to 128 px)."""
   rows, taken = [], {}
+  scale = scale or max(1, 128 // examples[0].size)
   side = examples[0].size * scale
   up = lambda im: np.kron(im, np.ones((scale, scale, 1), np.uint8))
   header = np.concatenate([_text_tile(t, side if t != "instruction" else 2 * side, 16)

@@ -84,8 +84,8 @@ def test_training_learns_the_world(tmp_path):
   model's. It fails when the image latents, the optimiser or the loss break. (At this budget the
   sampled edits are not yet successes: see the README's demo section.)"""
   out = tmp_path / "learn"
-  proc = run_demo(out, "--steps", "300", "--num-train", "4000", "--num-eval", "24",
-                  "--eval-points", "1", "--config", f"{REPO}/configs/synthetic.py:batch=16")
+  proc = run_demo(out, "--steps", "250", "--num-train", "4000", "--num-eval", "24",
+                  "--eval-points", "1")
   assert proc.returncode == 0, proc.stderr[-3000:]
   metrics = json.loads((out / "metrics.json").read_text())
   untrained, trained = (p["scores"]["overall"] for p in metrics["points"])
@@ -97,3 +97,28 @@ def test_training_learns_the_world(tmp_path):
   # the same model without the image.
   assert errors["image"] < errors["copy"] / 2, errors
   assert errors["image"] < errors["no image"] / 2, errors
+
+
+def test_shipped_model_edits_and_sweeps(tmp_path):
+  """The model in data/ loads in the demo (with the guidance sweep) and in jip2p-edit."""
+  out = tmp_path / "pretrained"
+  proc = run_demo(out, "--pretrained", "--sweep", "--num-eval", "12", "--eval-steps", "4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  metrics = json.loads((out / "metrics.json").read_text())
+  assert [(r["text_guidance"], r["image_guidance"]) for r in metrics["sweep"]] == [
+      (t, i) for t in (1.0, 3.0, 7.5) for i in (1.0, 1.5, 2.0)]
+  assert "## Guidance sweep" in (out / "report.md").read_text()
+  assert (out / "sweep.png").is_file() and (out / "grid.png").is_file()
+
+  scene = tmp_path / "scene.png"
+  from jip2p.data import synthetic
+  Image.fromarray(synthetic.example_at(0, seed=1, size=32).input_image).save(scene)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "jip2p.cli.edit", "--model", os.path.join(REPO, "data",
+       "synthetic-ip2p"), "--input", str(scene), "--instruction", "make the background blue",
+       "--output", str(tmp_path / "edited.png"), "--resolution", "32", "--steps", "4",
+       "--seed", "0"], env=dict(env, PYTHONPATH=REPO), capture_output=True, text=True,
+      timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert Image.open(tmp_path / "edited.png").size == (32, 32)

@@ -92,20 +92,21 @@ PRESETS = {
                          "projection_dim": 32},
     },
     # The procedural edit world (jip2p.data.synthetic, 32 px): the exact pixel codec in the VAE's
-    # place (2×2 patches → 16×16×12 latents) and a small UNet and text encoder. The UNet is much
-    # wider than the latent (64 vs 12 channels, as SD's 320 vs 4): ε-prediction at high noise
-    # needs it to pass the noise through almost exactly.
+    # place (patch 1: latents are the 32×32×3 pixels) and a small 3-level UNet and text encoder.
+    # The UNet is much wider than the latent (32 vs 3 channels, as SD's 320 vs 4): ε-prediction
+    # at σ ≈ 14.6 needs it to pass the noise through almost exactly, which a 12- or 48-channel
+    # latent (2×2 or 4×4 patches) made several times slower to learn.
     "world": {
         "unet": {
             "_class_name": "UNet2DConditionModel",
-            "attention_head_dim": 8, "block_out_channels": [64, 128],
+            "attention_head_dim": 8, "block_out_channels": [32, 64, 64],
             "cross_attention_dim": 64,
-            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-            "in_channels": 12, "out_channels": 12, "layers_per_block": 1,
-            "norm_num_groups": 32, "sample_size": 16, "flip_sin_to_cos": True, "freq_shift": 0,
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "in_channels": 3, "out_channels": 3, "layers_per_block": 1,
+            "norm_num_groups": 32, "sample_size": 32, "flip_sin_to_cos": True, "freq_shift": 0,
         },
-        "vae": {"_class_name": "PixelCodec", "in_channels": 3, "patch_size": 2,
+        "vae": {"_class_name": "PixelCodec", "in_channels": 3, "patch_size": 1,
                 "scaling_factor": 1.0, "sample_size": 32},
         "text_encoder": {**_SD15_TEXT, "hidden_size": 64, "intermediate_size": 128,
                          "num_attention_heads": 4, "num_hidden_layers": 2,

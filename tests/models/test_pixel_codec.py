@@ -43,13 +43,13 @@ def test_bad_config_is_named():
 
 def test_world_pipeline_saves_loads_and_edits(tmp_path):
   folder = str(tmp_path / "world")
-  checkpoints.create_random_pipeline(folder, "world", unet_in_channels=24)
+  checkpoints.create_random_pipeline(folder, "world", unet_in_channels=6)
   with open(f"{folder}/vae/config.json") as f:
     assert json.load(f)["_class_name"] == "PixelCodec"
   pipeline = checkpoints.load_pipeline(folder)
-  assert isinstance(pipeline.vae, PixelCodec) and pipeline.vae.config.patch_size == 2
+  assert isinstance(pipeline.vae, PixelCodec) and pipeline.vae.config.patch_size == 1
   editor = Editor(pipeline)
-  # Trained at 32 px: sizes round to its own step (2 px codec × 2 UNet levels), not to 64.
+  # Trained at 32 px: sizes round to its own step (1 px codec × 3 UNet levels), not to 64.
   assert editor.size_multiple == 4
   image = np.random.default_rng(1).integers(0, 256, (40, 32, 3), np.uint8)
   out = editor([image], ["make the circle red"], steps=2, resolution=32, seed=0,
