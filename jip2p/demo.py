@@ -20,7 +20,6 @@ TensorFlow (the reader and writer), so it must never import PyTorch.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import signal
@@ -97,16 +96,6 @@ def write_world(directory: str, *, n: int, seed: int = TRAIN_SEED, size: int = 6
 
 
 # ------------------------------------------------------------------------------ config
-
-
-def load_config(path: str, arg: str = ""):
-  """``get_config(arg)`` of a config file (as ``jip2p-train --config=path:arg`` reads it)."""
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file {path} does not exist")
-  spec = importlib.util.spec_from_file_location("jip2p_demo_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 # ------------------------------------------------------------------------------ training
@@ -321,7 +310,8 @@ def plot_metrics(path: str, losses: Sequence[tuple[int, float]],
 
 
 def _table(points: Sequence[dict[str, Any]], base: dict[str, dict]) -> list[str]:
-  columns = [(f"step {p['step']}", p["scores"]) for p in points]
+  columns = [(f"step {p['step']}" if p["step"] >= 0 else "shipped model", p["scores"])
+             for p in points]
   columns += [("copy input", base["copy"]), ("noise", base["noise"])]
   lines = ["| family | n | " + " | ".join(name for name, _ in columns) + " |",
            "|---|---|" + "---|" * len(columns)]
@@ -414,7 +404,8 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
     evaluate(-1, editor)
     info = {"model": f"the shipped model `{os.path.relpath(PRETRAINED, REPO)}`"}
   else:
-    config = load_config(s.config, s.config_arg)
+    from jip2p.train import config as config_lib
+    config = config_lib.load(f"{s.config}:{s.config_arg}")
     res = config.data.res
     examples = list(synthetic.generate(s.num_eval, seed=EVAL_SEED, size=res, split="heldout"))
     start = time.time()

@@ -17,7 +17,6 @@ OUT/attention. This process runs JAX and TensorFlow; the CLIP model runs in the 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -49,19 +48,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def load_config(spec: str):
-  """``path.py[:arg]`` → the ConfigDict its ``get_config(arg)`` returns."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise ConfigError(f"config file not found: {path}")
-  module_spec = importlib.util.spec_from_file_location("jip2p_generate_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} has no get_config()")
-  return module.get_config(arg or None)
-
-
 def generation_config(c):
   from jip2p.p2p import filter as filter_lib
   from jip2p.p2p import generate
@@ -90,7 +76,8 @@ def _load_pipeline(c):
 
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
-  c = load_config(args.config)
+  from jip2p.train import config as config_lib
+  c = config_lib.load(args.config)
   if args.show_attention is not None:
     from jip2p.p2p import generate
     paths = generate.show_attention(_load_pipeline(c), args.show_attention,

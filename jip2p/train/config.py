@@ -9,6 +9,8 @@ devices at hand (a batch that does not split over them, a mesh that does not cov
 from __future__ import annotations
 
 import ast
+import importlib.util
+import os
 
 import ml_collections
 
@@ -74,6 +76,19 @@ def base_config() -> ml_collections.ConfigDict:
   # Weights written as diffusers folders under <workdir>/export/ when training ends.
   c.export = ml_collections.ConfigDict(dict(at_end="ema"))
   return c
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """``path.py[:arg]`` → the ConfigDict its ``get_config(arg)`` returns (any jip2p config file)."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"config file not found: {path}")
+  module_spec = importlib.util.spec_from_file_location("jip2p_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"{path} has no get_config()")
+  return module.get_config(arg or None)
 
 
 def parse_arg(arg: str | None, **defaults):
