@@ -110,3 +110,24 @@ def wait_for_step(workdir: str, step: int, proc: subprocess.Popen, timeout: floa
     time.sleep(0.2)
   proc.send_signal(signal.SIGKILL)
   raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def write_world_shards(directory: str, *, n: int, seed: int, size: int,
+                       examples_per_shard: int) -> str:
+  """Writes ``n`` examples of the procedural world (instructions only) as triplet shards."""
+  import io
+
+  from PIL import Image
+
+  from jip2p.data import schema, synthetic, writer
+
+  def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+  with writer.DatasetWriter(directory, examples_per_shard=examples_per_shard) as w:
+    for e in synthetic.generate(n, seed=seed, size=size):
+      w.write(schema.Triplet(input_image=png(e.input_image), edited_image=png(e.edited_image),
+                             instruction=e.instruction))
+  return directory

@@ -3,20 +3,17 @@ the run from the images the cache was written from, and a cache of another model
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from jip2p import checkpoints
 from jip2p.cli import cache_latents
-from jip2p.data import schema, synthetic, writer
 from jip2p.train import checkpointing
-from tests.train.helpers import losses, run_trainer
+from tests.train.helpers import losses, run_trainer, write_world_shards
 
 pytestmark = pytest.mark.tf
 
@@ -24,20 +21,10 @@ RES = 32  # configs/tiny.py's, and the cache's crop: resize = res, so the whole 
 N = 8  # One shard each of triplets and latents; two steps of batch 4 per epoch.
 
 
-def _png(image: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("latent_run_shards"))
-  with writer.DatasetWriter(directory, examples_per_shard=N) as w:
-    for e in synthetic.generate(N, seed=5, size=40):
-      w.write(schema.Triplet(input_image=_png(e.input_image), edited_image=_png(e.edited_image),
-                             instruction=e.instruction))
-  return directory
+  return write_world_shards(str(tmp_path_factory.mktemp("latent_run_shards")), n=N, seed=5,
+                            size=40, examples_per_shard=N)
 
 
 @pytest.fixture(scope="module")

@@ -3,33 +3,18 @@ batches an uninterrupted run reads."""
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
 import pytest
-from PIL import Image
 
-from jip2p.data import schema, synthetic, writer
 from jip2p.train import checkpointing
-from tests.train.helpers import losses, run_trainer
+from tests.train.helpers import losses, run_trainer, write_world_shards
 
 pytestmark = pytest.mark.tf
 
 
-def _png(image: np.ndarray) -> bytes:
-  buffer = io.BytesIO()
-  Image.fromarray(image).save(buffer, format="PNG")
-  return buffer.getvalue()
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-  directory = str(tmp_path_factory.mktemp("shards"))
-  with writer.DatasetWriter(directory, examples_per_shard=8) as w:
-    for e in synthetic.generate(24, seed=3, size=40):
-      w.write(schema.Triplet(input_image=_png(e.input_image), edited_image=_png(e.edited_image),
-                             instruction=e.instruction))
-  return directory
+  return write_world_shards(str(tmp_path_factory.mktemp("shards")), n=24, seed=3, size=40,
+                            examples_per_shard=8)
 
 
 def test_resumed_run_reads_the_same_batches(shards, micro_folder, compile_cache, tmp_path):
