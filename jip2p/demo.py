@@ -13,7 +13,8 @@ Each stage runs the code a real run uses:
               ``report.md``, with ``grid.png`` (input | instruction | output | ground truth) and
               ``metrics.png`` (loss and held-out success over the training steps).
 
-``pretrained=True`` skips 1–2 and edits with the model shipped in ``data/``. This process imports
+``pretrained=DIR`` skips 1–2 and edits with that model folder (`PRETRAINED`: the one shipped in
+``data/``; any exported world model works). This process imports
 TensorFlow (the reader and writer), so it must never import PyTorch.
 """
 
@@ -52,7 +53,7 @@ class Settings:
   config_arg: str = ""
   steps: int | None = 300  # None: the config's total_steps (the shipped model's recipe)
   minutes: float | None = None  # stop training after this long (a checkpoint is saved)
-  pretrained: bool = False
+  pretrained: str | None = None  # a model folder to edit with instead of training one
   num_train: int = 20_000  # training examples written
   num_eval: int = 32  # held-out examples edited at each evaluation point
   eval_points: int = 1  # checkpoints evaluated along the run (besides the untrained model)
@@ -394,15 +395,17 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
     overall = points[-1]["scores"]["overall"]
     log(f"step {step}: held-out success {overall['success']:.0%}, PSNR {overall['psnr']:.1f} dB")
 
-  if s.pretrained:
-    if not os.path.isdir(PRETRAINED):
-      raise CheckpointError(f"the shipped model {PRETRAINED} is missing; run without "
-                            "--pretrained to train one")
-    editor = Editor.from_pretrained(PRETRAINED)
+  if s.pretrained is not None:
+    if not os.path.isdir(s.pretrained):
+      raise CheckpointError(f"no model folder at {s.pretrained}; run without --pretrained to "
+                            "train one")
+    editor = Editor.from_pretrained(s.pretrained)
     res = editor.pipeline.vae.config.sample_size
     examples = list(synthetic.generate(s.num_eval, seed=EVAL_SEED, size=res, split="heldout"))
     evaluate(-1, editor)
-    info = {"model": f"the shipped model `{os.path.relpath(PRETRAINED, REPO)}`"}
+    shipped = os.path.abspath(s.pretrained) == os.path.abspath(PRETRAINED)
+    info = {"model": (f"the shipped model `{os.path.relpath(PRETRAINED, REPO)}`" if shipped else
+                      f"the model `{s.pretrained}`")}
   else:
     from jip2p.train import config as config_lib
     config = config_lib.load(f"{s.config}:{s.config_arg}")

@@ -188,9 +188,10 @@ def _per_example_noise(keys: jax.Array, i: jax.Array, shape: tuple) -> jax.Array
   return jax.vmap(lambda k: samplers.step_noise(k, i, shape[1:]))(keys)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "method", "scaling_factor"))
+@functools.partial(jax.jit, static_argnames=("graphdefs", "method", "scaling_factor",
+                                             "prediction_type"))
 def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, image_scale, *,
-                graphdefs, method: str, scaling_factor: float):
+                graphdefs, method: str, scaling_factor: float, prediction_type: str):
   """One padded batch, start to finish; compiled per model architecture (the static graphdefs, so
   editors of one architecture share programs), batch, image shape, steps and sampler.
 
@@ -205,7 +206,8 @@ def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, i
                                      text_scale, image_scale)
   step_keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s))[1])(seeds)
   latents = samplers.sample(eps_fn, noise, schedule, step_keys, method=method,
-                            noise_fn=_per_example_noise)
+                            noise_fn=_per_example_noise,
+                            prediction_type=prediction_type)
   decoded = vae.decode(latents / scaling_factor)
   return jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
 
@@ -395,7 +397,8 @@ class Editor:
         noise = np.stack([drawn[b] if j.noise is None else j.noise for b, j in enumerate(padded)])
         out = np.asarray(_edit_batch(
             self._states, images, input_ids, noise, seeds, grid, text_scale, image_scale,
-            graphdefs=self._graphdefs, method=sampler, scaling_factor=self._scaling_factor))
+            graphdefs=self._graphdefs, method=sampler, scaling_factor=self._scaling_factor,
+            prediction_type=self.scheduler_config.prediction_type))
         for b, job in enumerate(batch):
           yield job.index, _output(out[b], output_type)
 

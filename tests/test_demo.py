@@ -68,12 +68,14 @@ def one_step_errors(model_dir, t=500, n=24):
                                  jnp.float32)
   z0, zi = pipe.vae.encode(to_x("edited_image")).mode(), pipe.vae.encode(to_x("input_image")).mode()
   text = pipe.text_encoder(jnp.asarray(pipe.tokenizer([e.instruction for e in examples])))
-  ac = float(schedules.from_scheduler_config(pipe.scheduler_config).alphas_cumprod()[t])
-  noisy = ac ** 0.5 * z0 + (1 - ac) ** 0.5 * jax.random.normal(jax.random.key(0), z0.shape)
+  config = schedules.from_scheduler_config(pipe.scheduler_config)
+  a, s = config.alphas_cumprod()[t] ** 0.5, (1 - config.alphas_cumprod()[t]) ** 0.5
+  noisy = a * z0 + s * jax.random.normal(jax.random.key(0), z0.shape)
   errors = {}
   for name, image in (("image", zi), ("no image", jnp.zeros_like(zi))):
-    eps = pipe.unet(jnp.concatenate([noisy, image], -1), jnp.full((n,), t), text)
-    errors[name] = float(jnp.mean(((noisy - (1 - ac) ** 0.5 * eps) / ac ** 0.5 - z0) ** 2))
+    out = pipe.unet(jnp.concatenate([noisy, image], -1), jnp.full((n,), t), text)
+    x0 = a * noisy - s * out if config.prediction_type == "v_prediction" else (noisy - s * out) / a
+    errors[name] = float(jnp.mean((x0 - z0) ** 2))
   errors["copy"] = float(jnp.mean((zi - z0) ** 2))
   return errors
 

@@ -167,9 +167,11 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
                                               ).astype(np.float32)}
   frozen = {"vae": vae_state, "text_encoder": text_state, "null_text": null_text}
   unet_def, params = nnx.split(pipe.unet, nnx.Param)
-  alphas_cumprod = schedules.from_scheduler_config(configs["scheduler"]).alphas_cumprod()
-  loss_fn = step_lib.make_loss_fn(unet_def, vae_def, text_def, alphas_cumprod=alphas_cumprod,
-                                  scaling_factor=vae_config.scaling_factor, dropout=0.05)
+  scheduler = schedules.from_scheduler_config(configs["scheduler"])
+  loss_fn = step_lib.make_loss_fn(unet_def, vae_def, text_def,
+                                  alphas_cumprod=scheduler.alphas_cumprod(),
+                                  scaling_factor=vae_config.scaling_factor, dropout=0.05,
+                                  prediction_type=scheduler.prediction_type)
   optimizer = step_lib.make_optimizer(1e-4)
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   init = lambda p: step_lib.init_state(p, optimizer, seed=0)

@@ -93,10 +93,10 @@ PRESETS = {
     },
     # The procedural edit world (jip2p.data.synthetic, 32 px): the exact pixel codec in the VAE's
     # place (patch 1: latents are the 32×32×3 pixels) and a small 3-level UNet and text encoder.
-    # The UNet is much wider than the latent (32 vs 3 channels, as SD's 320 vs 4): ε-prediction
-    # at σ ≈ 14.6 needs it to pass the noise through almost exactly, which a 12- or 48-channel
-    # latent (2×2 or 4×4 patches) made several times slower to learn.
+    # v-prediction: a small model's ε error at the first sampling steps is amplified by σ ≈ 14.6
+    # into its x0 estimate, and samples never recover from that start; v's is not.
     "world": {
+        "scheduler": {"prediction_type": "v_prediction"},
         "unet": {
             "_class_name": "UNet2DConditionModel",
             "attention_head_dim": 8, "block_out_channels": [32, 64, 64],
@@ -121,7 +121,7 @@ def preset_configs(preset: str, *, unet_in_channels: int = 4) -> dict[str, dict]
     raise ConfigError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
   configs = copy.deepcopy(PRESETS[preset])
   configs["unet"]["in_channels"] = unet_in_channels
-  configs["scheduler"] = dict(SCHEDULER)
+  configs["scheduler"] = {**SCHEDULER, **configs.get("scheduler", {})}
   return configs
 
 

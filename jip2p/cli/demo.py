@@ -5,6 +5,7 @@
   jip2p-demo --minutes 5              # stop training after 5 minutes (a checkpoint is saved)
   jip2p-demo --pretrained             # edit with the model shipped in data/ instead of training
   jip2p-demo --pretrained --sweep     # … and sweep the two guidance scales (table + plot)
+  jip2p-demo --pretrained DIR         # score another world model (e.g. from jip2p-export)
 
 Writes ``DIR/report.md`` with PSNR and per-family success on held-out scenes, ``DIR/grid.png``
 (input | instruction | output | ground truth), ``DIR/metrics.png`` (loss and held-out success over
@@ -25,7 +26,7 @@ PROG = "jip2p-demo"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  from jip2p.demo import CONFIG, Settings
+  from jip2p.demo import CONFIG, PRETRAINED, Settings
   d = Settings()
   parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   parser.add_argument("--out", default=d.out, help="output folder (default: demo)")
@@ -37,8 +38,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "the config's total_steps, the shipped model's recipe)")
   parser.add_argument("--minutes", type=float, default=None,
                       help="stop training after this many minutes")
-  parser.add_argument("--pretrained", action="store_true",
-                      help="edit with the model shipped in data/ instead of training one")
+  parser.add_argument("--pretrained", nargs="?", const=PRETRAINED, default=None, metavar="DIR",
+                      help="edit with a model folder instead of training one (alone: the model "
+                           "shipped in data/synthetic-ip2p)")
   parser.add_argument("--num-train", type=int, default=d.num_train, help="training examples")
   parser.add_argument("--num-eval", type=int, default=d.num_eval, help="held-out scenes edited")
   parser.add_argument("--eval-points", type=int, default=d.eval_points,

@@ -8,7 +8,8 @@ always evaluated as written: s_T = 1 or s_I = 1 are ordinary values, not switche
 pipeline drops guidance altogether unless s_T > 1 and s_I ≥ 1, which changes the result for
 s_T = 1, s_I ≠ 1; jip2p does not.) The three predictions come from one UNet call on a batch of 3B
 ordered [text + image, null text + image, null text + zero image], like the reference and
-diffusers, and are combined in float32.
+diffusers, and are combined in float32. A v-prediction model's outputs are combined the same way
+(the sampler's conversion to ε is affine with model-independent weights, so the two commute).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Samplers for ε-prediction diffusion models: the whole loop is one `lax.scan`.
+"""Samplers for ε- and v-prediction diffusion models: the whole loop is one `lax.scan`.
 
 `sample` is a pure, traceable function: call it inside the caller's `jax.jit` (with the model
 closed over in ``eps_fn``) and a run of n steps is one compiled program, reused for every input,
@@ -9,6 +9,9 @@ Conventions (k-diffusion's, which the original InstructPix2Pix uses):
     ``eps_fn(x / √(σ_i² + 1), timesteps[i], i)``: the scaled input is the DDPM sample that
     diffusers' ``scale_model_input`` produces, ``t`` is the UNet's timestep and ``i`` the step index
     (int32 scalar, traced) so that attention controllers can depend on the step.
+  * A v-prediction model's output is turned into ε before the step:
+    ``ε = (v + σ·x_in)/√(σ² + 1)``, diffusers' conversion in VE form. It is affine in v with
+    weights that do not depend on the model, so guidance may combine v's as it combines ε's.
   * The run starts at ``x = noise · schedule.init_sigma`` (``noise`` unit-variance): σ_0·noise for
     k-diffusion grids, as the reference's ``randn · sigmas[0]``; diffusers' ``init_noise_sigma``
     for the diffusers grids.
@@ -35,13 +38,14 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jip2p.diffusion.schedules import Schedule
+from jip2p.diffusion.schedules import PREDICTION_TYPES, Schedule
 from jip2p.errors import ConfigError
 
 METHODS = ("euler_ancestral", "euler", "ddim", "dpmpp_2m")
 _DEFAULT_ETA = {"euler_ancestral": 1.0, "ddim": 0.0}
 
-# eps_fn(x_in [B, ...] float32, t float32 scalar, i int32 scalar) -> eps [B, ...].
+# eps_fn(x_in [B, ...] float32, t float32 scalar, i int32 scalar) -> the model's prediction
+# [B, ...]: ε, or v for a v-prediction model (sample's prediction_type).
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 # noise_fn(key, i, shape) -> unit normal noise broadcastable to shape.
 NoiseFn = Callable[[jax.Array, jax.Array, tuple], jax.Array]
@@ -77,7 +81,10 @@ def _ancestral_sigmas(sigma, sigma_next, eta):
   return sigma_down, sigma_up
 
 
-def _check(method: str, eta: float | None, key: jax.Array | None) -> float:
+def _check(method: str, eta: float | None, key: jax.Array | None, prediction_type: str) -> float:
+  if prediction_type not in PREDICTION_TYPES:
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}; choose one of "
+                      f"{PREDICTION_TYPES}")
   if method not in METHODS:
     raise ConfigError(f"unknown sampler {method!r}; choose one of {METHODS}")
   if method not in _DEFAULT_ETA:
@@ -95,12 +102,13 @@ def _check(method: str, eta: float | None, key: jax.Array | None) -> float:
 def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array | None = None, *,
            method: str = "euler_ancestral", eta: float | None = None,
            noise_fn: NoiseFn | None = None, post_step: PostStep | None = None,
-           post_state: Any = None) -> jax.Array | tuple[jax.Array, Any]:
+           post_state: Any = None, prediction_type: str = "epsilon"
+           ) -> jax.Array | tuple[jax.Array, Any]:
   """Runs ``schedule.num_steps`` steps of ``method`` from unit-variance ``noise``.
 
   Args:
-    eps_fn: the model, ``eps_fn(x_in, t, i) -> ε`` (see the module docstring); its output is cast
-      to float32.
+    eps_fn: the model, ``eps_fn(x_in, t, i) -> ε`` (or v, see ``prediction_type`` and the module
+      docstring); its output is cast to float32.
     noise: ``[B, ...]`` unit-variance initial noise (the caller's, so that it can be shared).
     schedule: the grid (`schedules.discrete`, …).
     key: the key of the per-step noise; only needed when the method draws noise (η > 0).
@@ -112,12 +120,14 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
     post_state: optional initial state (a pytree) carried from step to step for a stateful
       post_step, then called ``post_step(x, i, state) -> (x, state)`` (Prompt-to-Prompt's
       LocalBlend accumulates attention maps this way).
+    prediction_type: what eps_fn returns, one of `schedules.PREDICTION_TYPES` (a model's
+      ``SchedulerConfig.prediction_type``).
 
   Returns:
     float32 latents of noise's shape: ``x_n / √(σ_n² + 1)`` (x0 when the grid ends at 0); with
     a post_state, the pair (latents, final state).
   """
-  eta = _check(method, eta, key)
+  eta = _check(method, eta, key, prediction_type)
   noise_fn = step_noise if noise_fn is None else noise_fn
   if post_state is not None and post_step is None:
     raise ValueError("a post_state is carried for a post_step: pass post_step too")
@@ -135,7 +145,10 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
   def body(carry, s):
     x, old_denoised, state = carry
     sigma, sigma_next, i = s["sigma"], s["sigma_next"], s["i"]
-    eps = eps_fn(x * jax.lax.rsqrt(sigma ** 2 + 1), s["t"], i).astype(jnp.float32)
+    x_in = x * jax.lax.rsqrt(sigma ** 2 + 1)
+    eps = eps_fn(x_in, s["t"], i).astype(jnp.float32)
+    if prediction_type == "v_prediction":
+      eps = (eps + sigma * x_in) * jax.lax.rsqrt(sigma ** 2 + 1)
     if method == "euler":
       x = x + eps * (sigma_next - sigma)
     elif method in ("euler_ancestral", "ddim"):

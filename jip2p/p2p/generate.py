@@ -333,7 +333,7 @@ class PairGenerator:
       defs[name], self._states[name] = nnx.split(getattr(pipeline, name))
     self._null_tokens = np.asarray(self.tokenizer([""]))
     self._sample = functools.partial(_sample_pairs, defs, self.latent_shape,
-                                     vae_config.scaling_factor)
+                                     vae_config.scaling_factor, scheduler.prediction_type)
     self.devices = list(jax.local_devices() if devices is None else devices)
     if not self.devices:
       raise ConfigError("no devices to generate on")
@@ -426,8 +426,8 @@ class PairGenerator:
                           attention=convert(maps) if return_attention else None)
 
 
-def _sample_pairs(defs, latent_shape, scaling_factor, states, schedule, tokens, null_tokens,
-                  seeds, cfg_scale, controller, blend, *, record, attention_hw):
+def _sample_pairs(defs, latent_shape, scaling_factor, prediction_type, states, schedule, tokens,
+                  null_tokens, seeds, cfg_scale, controller, blend, *, record, attention_hw):
   """The jitted program: tokens ``[2K, L]`` → (uint8 images ``[K, 2, H, W, 3]``, maps or None)."""
   unet = nnx.merge(defs["unet"], states["unet"])
   vae = nnx.merge(defs["vae"], states["vae"])
@@ -464,7 +464,7 @@ def _sample_pairs(defs, latent_shape, scaling_factor, states, schedule, tokens, 
     kwargs = dict(post_step=post_step,
                   post_state=jnp.zeros((k, 2, *attention_hw, tokens.shape[-1]), jnp.float32))
   out = samplers.sample(eps_fn, noise, schedule, key=seeds, method="euler_ancestral",
-                        noise_fn=noise_fn, **kwargs)
+                        noise_fn=noise_fn, prediction_type=prediction_type, **kwargs)
   latents, maps = out if record else (out, None)
   x = vae.decode(latents / scaling_factor)
   images = jnp.floor(255.0 * jnp.clip((x + 1.0) / 2.0, 0.0, 1.0)).astype(jnp.uint8)

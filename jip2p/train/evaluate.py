@@ -18,7 +18,8 @@ from jip2p.diffusion import guidance, samplers, schedules
 
 
 def make_edit_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray, num_steps: int,
-                 scaling_factor: float, text_scale: float, image_scale: float) -> Callable:
+                 scaling_factor: float, text_scale: float, image_scale: float,
+                 prediction_type: str = "epsilon") -> Callable:
   """edit(params, frozen, batch, key) → edited images float32 [B, H, W, 3] in [-1, 1]."""
   schedule = schedules.discrete(alphas_cumprod, num_steps)
 
@@ -32,7 +33,8 @@ def make_edit_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray, num
                                        text_scale, image_scale)
     k_init, k_steps = jax.random.split(key)
     noise = jax.random.normal(k_init, image_latents.shape, jnp.float32)
-    latents = samplers.sample(eps_fn, noise, schedule, k_steps, method="euler_ancestral")
+    latents = samplers.sample(eps_fn, noise, schedule, k_steps, method="euler_ancestral",
+                              prediction_type=prediction_type)
     return jnp.clip(vae.decode(latents / scaling_factor), -1.0, 1.0)
 
   return edit

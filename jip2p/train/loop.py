@@ -199,7 +199,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ step
   loss_fn = step_lib.make_loss_fn(unet_def, step_vae_def, step_text_def,
                                   alphas_cumprod=alphas_cumprod, scaling_factor=scaling,
-                                  dropout=config.conditioning_dropout)
+                                  dropout=config.conditioning_dropout,
+                                  prediction_type=scheduler.prediction_type)
   train_step = jax.jit(
       step_lib.make_train_step(loss_fn, optimizer, mesh=mesh, grad_accum=config.grad_accum,
                                ema_decay_rate=config.ema.decay, ema_warmup=config.ema.warmup,
@@ -227,7 +228,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   edit_fn = jax.jit(
       evaluate.make_edit_fn(unet_def, vae_def, text_def, alphas_cumprod=alphas_cumprod,
                             num_steps=e.num_steps, scaling_factor=scaling,
-                            text_scale=e.text_scale, image_scale=e.image_scale),
+                            text_scale=e.text_scale, image_scale=e.image_scale,
+                            prediction_type=scheduler.prediction_type),
       in_shardings=(state_shardings.ema, frozen_shardings, sharding.replicated(mesh),
                     sharding.replicated(mesh)),
       out_shardings=sharding.replicated(mesh))

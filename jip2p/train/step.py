@@ -3,7 +3,8 @@
 Per example (DESIGN.md §1): target latents ``z = scaling · VAE.encode(edited).sample()``, image
 conditioning ``VAE.encode(input).mode()`` (unscaled), text ``CLIP(instruction)``; conditioning
 dropout; ``t ~ U{0..T−1}``, ``z_t = √ᾱ_t·z + √(1−ᾱ_t)·ε``; the UNet predicts ε from
-``concat([z_t, image latent])``; loss = mean squared error in float32.
+``concat([z_t, image latent])`` — or the velocity ``v = √ᾱ_t·ε − √(1−ᾱ_t)·z`` for a v-prediction
+model (the scheduler config's ``prediction_type``); loss = mean squared error in float32.
 
 Every random draw is made at the shape of the *global* micro-batch from keys folded from
 ``(state.rng, step, micro-step)``, so results do not depend on how the batch is split over devices.
@@ -23,6 +24,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from jip2p.diffusion import schedules
+from jip2p.errors import ConfigError
 from jip2p.train import sharding
 
 
@@ -94,9 +97,25 @@ def _micro_batches(batch: dict[str, jax.Array], accum: int, mesh) -> dict[str, j
   return {k: split(v) for k, v in batch.items()}
 
 
+def noised_and_target(latents: jax.Array, noise: jax.Array, sqrt_ac: jax.Array,
+                      sqrt_1m_ac: jax.Array, prediction_type: str) -> tuple[jax.Array, jax.Array]:
+  """(z_t, the UNet's target) for latents and noise [B, h, w, C] at √ᾱ_t, √(1−ᾱ_t) [B]:
+  diffusers' ``add_noise`` and the noise or ``get_velocity``."""
+  a, s = sqrt_ac[:, None, None, None], sqrt_1m_ac[:, None, None, None]
+  noisy = a * latents + s * noise
+  return noisy, (noise if prediction_type == "epsilon" else a * noise - s * latents)
+
+
 def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
-                 scaling_factor: float, dropout: float) -> Callable:
-  """loss(params, frozen, micro_batch, key) → scalar float32 loss of one micro-batch."""
+                 scaling_factor: float, dropout: float,
+                 prediction_type: str = "epsilon") -> Callable:
+  """loss(params, frozen, micro_batch, key) → scalar float32 loss of one micro-batch.
+
+  prediction_type: the UNet's target, "epsilon" or "v_prediction" (`schedules.PREDICTION_TYPES`).
+  """
+  if prediction_type not in schedules.PREDICTION_TYPES:
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}; choose one of "
+                      f"{schedules.PREDICTION_TYPES}")
   sqrt_ac = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)
   sqrt_1m_ac = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)
   num_timesteps = len(alphas_cumprod)
@@ -120,11 +139,10 @@ def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
 
     t = jax.random.randint(k_t, (b,), 0, num_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    noisy = (sqrt_ac[t][:, None, None, None] * latents
-             + sqrt_1m_ac[t][:, None, None, None] * noise)
+    noisy, target = noised_and_target(latents, noise, sqrt_ac[t], sqrt_1m_ac[t], prediction_type)
     unet = nnx.merge(unet_def, params)
     pred = unet(jnp.concatenate([noisy, image_latents], axis=-1), t, text)
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - noise))
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
   return loss_fn
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from jip2p.diffusion import samplers, schedules
+from jip2p.errors import ConfigError
 from tests.diffusion.conftest import IP2P_SCHEDULER_CONFIG
 
 SHAPE = (2, 8, 8, 4)  # Elementwise model and steps: the layout does not matter.
@@ -88,3 +89,35 @@ def test_dpmpp_2m_matches_diffusers(n):
   ref = diffusers_loop(diffusers.DPMSolverMultistepScheduler.from_config(IP2P_SCHEDULER_CONFIG), n,
                        noise)
   assert_close(jip2p_loop("dpmpp_2m", schedules.make("diffusers_dpm", n, CONFIG), noise), ref)
+
+
+V_CONFIG = {**IP2P_SCHEDULER_CONFIG, "prediction_type": "v_prediction"}
+
+
+@pytest.mark.parametrize("cls,method,kind", [
+    (diffusers.EulerDiscreteScheduler, "euler", "diffusers_euler"),
+    (diffusers.EulerAncestralDiscreteScheduler, "euler_ancestral", "diffusers_euler"),
+    (diffusers.DDIMScheduler, "ddim", "diffusers_ddim"),
+    (diffusers.DPMSolverMultistepScheduler, "dpmpp_2m", "diffusers_dpm")])
+def test_v_prediction_loops_match_diffusers(cls, method, kind, monkeypatch):
+  """The same fake model read as a v-prediction: its output is converted to ε as diffusers does."""
+  n = 12
+  noise, key, draws = noise_and_draws(n, 4)
+  calls = iter(draws)
+  monkeypatch.setattr(euler_ancestral_module, "randn_tensor",
+                      lambda *args, **kwargs: torch.from_numpy(next(calls)))
+  ref = diffusers_loop(cls.from_config(V_CONFIG), n, noise)
+  config = schedules.SchedulerConfig.from_dict(V_CONFIG)
+  assert config.prediction_type == "v_prediction"
+  ours = jip2p_loop(method, schedules.make(kind, n, config), noise,
+                    key if method == "euler_ancestral" else None, prediction_type="v_prediction")
+  assert_close(ours, ref)
+  eps_reading = jip2p_loop(method, schedules.make(kind, n, config), noise,
+                           key if method == "euler_ancestral" else None)
+  assert np.abs(eps_reading - ref).max() > 0.1  # The reading matters.
+
+
+def test_an_unknown_prediction_type_is_named():
+  with pytest.raises(ConfigError, match="prediction_type 'sample'"):
+    samplers.sample(lambda x, t, i: x, np.zeros(SHAPE, np.float32),
+                    schedules.make("discrete", 3, CONFIG), prediction_type="sample")

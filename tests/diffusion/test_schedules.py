@@ -146,7 +146,6 @@ def test_reads_scheduler_configs_that_diffusers_writes(cls, tmp_path):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("prediction_type", "v_prediction", "prediction_type='v_prediction'"),
     ("prediction_type", "sample", "prediction_type='sample'"),
     ("trained_betas", [0.1] * 1000, "trained_betas"),
     ("beta_schedule", "sigmoid", "beta_schedule='sigmoid'"),

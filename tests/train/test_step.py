@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from jip2p.diffusion import schedules
+from jip2p.errors import ConfigError
 from jip2p.train import config as config_lib
 from jip2p.train import export
 from jip2p.train import sharding
@@ -80,3 +82,28 @@ def test_one_step_is_the_same_on_any_mesh(micro_folder):
       total = sum(x.nbytes for x in jax.tree.leaves(state.params))
       assert max(per_device.values()) < total / fsdp * 1.3
       assert len(per_device) == 8
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_noised_latents_and_target_match_diffusers(prediction_type):
+  import diffusers
+  import torch
+  scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                      beta_end=0.012, prediction_type=prediction_type)
+  ac = schedules.SchedulerConfig().alphas_cumprod()
+  rng = np.random.default_rng(0)
+  latents, noise = (rng.standard_normal((4, 8, 8, 4)).astype(np.float32) for _ in range(2))
+  t = np.array([0, 250, 700, 999])
+  noisy, target = step_lib.noised_and_target(latents, noise, np.sqrt(ac[t]).astype(np.float32),
+                                             np.sqrt(1 - ac[t]).astype(np.float32),
+                                             prediction_type)
+  lat_t, noise_t, t_t = torch.from_numpy(latents), torch.from_numpy(noise), torch.from_numpy(t)
+  np.testing.assert_allclose(noisy, scheduler.add_noise(lat_t, noise_t, t_t).numpy(), atol=1e-5)
+  want = noise_t if prediction_type == "epsilon" else scheduler.get_velocity(lat_t, noise_t, t_t)
+  np.testing.assert_allclose(target, want.numpy(), atol=1e-5)
+
+
+def test_an_unknown_prediction_type_is_named():
+  with pytest.raises(ConfigError, match="prediction_type 'sample'"):
+    step_lib.make_loss_fn(None, None, None, alphas_cumprod=np.ones(10), scaling_factor=1.0,
+                          dropout=0.0, prediction_type="sample")
