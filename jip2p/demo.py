@@ -64,6 +64,7 @@ class Settings:
   seed: int = 0
   batch_size: int = 32  # edits per compiled call
   sweep: bool = False  # also edit with every (s_T, s_I) of SWEEP_TEXT × SWEEP_IMAGE
+  families: tuple[str, ...] = synthetic.FAMILIES  # edit families trained on and evaluated
 
   def validate(self) -> None:
     for key in ("num_train", "num_eval", "eval_points", "eval_steps", "batch_size"):
@@ -73,22 +74,29 @@ class Settings:
       raise ConfigError(f"demo: steps={self.steps} must be at least 1")
     if self.minutes is not None and not self.minutes > 0:
       raise ConfigError(f"demo: minutes={self.minutes} must be positive")
+    unknown = [f for f in self.families if f not in synthetic.FAMILIES]
+    if unknown or not self.families:
+      raise ConfigError(f"demo: families {list(self.families)} must be a non-empty subset of "
+                        f"{list(synthetic.FAMILIES)}")
 
 
 # ------------------------------------------------------------------------------ data
 
 
 def write_world(directory: str, *, n: int, seed: int = TRAIN_SEED, size: int = 64,
+                families: Sequence[str] = synthetic.FAMILIES,
                 examples_per_shard: int = 5000) -> dict:
-  """Writes examples ``0 .. n-1`` of the world ``seed`` (training wording) as the ``train``
-  split of a TFRecord triplet dataset (what ``jip2p-import synthetic`` does); returns its
-  manifest. A rerun into the same folder resumes."""
+  """Writes examples ``0 .. n-1`` of the world ``seed`` (training wording, edits of
+  ``families``) as the ``train`` split of a TFRecord triplet dataset (what ``jip2p-import
+  synthetic`` does); returns its manifest. A rerun into the same folder resumes."""
   from jip2p.data import importers
   from jip2p.data.writer import DatasetWriter
   writer = DatasetWriter(directory, name=DATASET_NAME, examples_per_shard=examples_per_shard,
-                         metadata={"importer": "synthetic", "seed": seed, "size": size})
+                         metadata={"importer": "synthetic", "seed": seed, "size": size,
+                                   "families": list(families)})
   try:
-    importers.import_rows(importers.iter_synthetic(n, seed=seed, size=size), writer,
+    importers.import_rows(importers.iter_synthetic(n, seed=seed, size=size, families=families),
+                          writer,
                           split="train", workers=1)
   except BaseException:
     writer.abandon()
@@ -311,7 +319,7 @@ def plot_metrics(path: str, losses: Sequence[tuple[int, float]],
 
 
 def _table(points: Sequence[dict[str, Any]], base: dict[str, dict]) -> list[str]:
-  columns = [(f"step {p['step']}" if p["step"] >= 0 else "shipped model", p["scores"])
+  columns = [(f"step {p['step']}" if p["step"] >= 0 else "model", p["scores"])
              for p in points]
   columns += [("copy input", base["copy"]), ("noise", base["noise"])]
   lines = ["| family | n | " + " | ".join(name for name, _ in columns) + " |",
@@ -337,7 +345,9 @@ def write_report(path: str, s: Settings, points: Sequence[dict[str, Any]],
       f"Model: {info['model']}. Held-out evaluation: {s.num_eval} scenes of dataset seed "
       f"{EVAL_SEED} with the held-out instruction wording, edited by `jip2p.edit.Editor` "
       f"({s.sampler}, {s.eval_steps} steps, s_T = {s.text_guidance}, s_I = {s.image_guidance}, "
-      f"seed {s.seed}).",
+      f"seed {s.seed})"
+      + ("." if s.families == synthetic.FAMILIES else
+         f"; edit families: {', '.join(s.families)}."),
       "",
       f"**Final: success {final['overall']['success']:.0%}, PSNR "
       f"{final['overall']['psnr']:.1f} dB** (copy-the-input baseline: "
@@ -401,7 +411,8 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
                             "train one")
     editor = Editor.from_pretrained(s.pretrained)
     res = editor.pipeline.vae.config.sample_size
-    examples = list(synthetic.generate(s.num_eval, seed=EVAL_SEED, size=res, split="heldout"))
+    examples = list(synthetic.generate(s.num_eval, seed=EVAL_SEED, size=res, split="heldout",
+                                       families=s.families))
     evaluate(-1, editor)
     shipped = os.path.abspath(s.pretrained) == os.path.abspath(PRETRAINED)
     info = {"model": (f"the shipped model `{os.path.relpath(PRETRAINED, REPO)}`" if shipped else
@@ -410,10 +421,11 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
     from jip2p.train import config as config_lib
     config = config_lib.load(f"{s.config}:{s.config_arg}")
     res = config.data.res
-    examples = list(synthetic.generate(s.num_eval, seed=EVAL_SEED, size=res, split="heldout"))
+    examples = list(synthetic.generate(s.num_eval, seed=EVAL_SEED, size=res, split="heldout",
+                                       families=s.families))
     start = time.time()
     data_dir = os.path.join(s.out, "data")
-    manifest = write_world(data_dir, n=s.num_train, size=res)
+    manifest = write_world(data_dir, n=s.num_train, size=res, families=s.families)
     timings["write dataset"] = time.time() - start
     log(f"wrote {manifest['splits']['train']['num_examples']} training triplets to {data_dir}")
 

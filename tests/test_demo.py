@@ -48,9 +48,12 @@ def test_demo_writes_data_model_report_grid_and_plot(tmp_path):
 
 
 def test_bad_settings_are_named(tmp_path):
-  proc = run_demo(tmp_path / "demo", "--num-eval", "0")
-  assert proc.returncode == 2 and "num_eval=0 must be at least 1" in proc.stderr
-  assert "Traceback" not in proc.stderr
+  for args, message in ((("--num-eval", "0"), "num_eval=0 must be at least 1"),
+                        (("--families", "add,paint"), "families ['add', 'paint'] must be"),
+                        (("--pretrained", str(tmp_path / "none")), "no model folder at")):
+    proc = run_demo(tmp_path / "demo", *args)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
 
 
 def one_step_errors(model_dir, t=500, n=24):

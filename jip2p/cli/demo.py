@@ -49,6 +49,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--text-guidance", type=float, default=d.text_guidance, help="s_T")
   parser.add_argument("--image-guidance", type=float, default=d.image_guidance, help="s_I")
   parser.add_argument("--seed", type=int, default=d.seed, help="edit seed of the first scene")
+  parser.add_argument("--families", default=",".join(d.families),
+                      help="comma-separated edit families to train on and evaluate (default: "
+                           "all)")
   parser.add_argument("--sweep", action="store_true",
                       help="also edit at every s_T ∈ {1, 3, 7.5} × s_I ∈ {1, 1.5, 2}: a table in "
                            "the report and the trade-off plot sweep.png")
@@ -68,7 +71,7 @@ def _main(argv: Sequence[str] | None) -> int:
       minutes=args.minutes, pretrained=args.pretrained, num_train=args.num_train,
       num_eval=args.num_eval, eval_points=args.eval_points, eval_steps=args.eval_steps,
       text_guidance=args.text_guidance, image_guidance=args.image_guidance, seed=args.seed,
-      sweep=args.sweep)
+      sweep=args.sweep, families=tuple(args.families.split(",")))
   demo.run(settings, log=lambda m: print(f"{PROG}: {m}", flush=True))
   return 0
 

@@ -42,6 +42,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       p.add_argument("--size", type=int, default=64, help="image side in pixels (≥ 32)")
       p.add_argument("--wording", choices=("train", "heldout"), default="train",
                      help="instruction templates: the training ones or the held-out ones")
+      p.add_argument("--families", default=None,
+                     help="comma-separated edit families to draw from (default: all of "
+                          "recolour,remove,add,move,background,swap)")
     else:
       p.add_argument("inputs", nargs="+" if metavar == "PARQUET" else 1, metavar=metavar)
     p.add_argument("--out", required=True, help="dataset directory (local or gs://)")
@@ -73,10 +76,13 @@ def _main(argv: Sequence[str] | None) -> int:
   if args.source == "synthetic":
     if args.num < 1:
       raise ConfigError(f"--num={args.num} must be at least 1")
+    from jip2p.data import synthetic
+    families = synthetic.FAMILIES if args.families is None else tuple(args.families.split(","))
+    synthetic.example_at(0, seed=args.seed, size=args.size, families=families)  # Checks them.
     rows = importers.iter_synthetic(args.num, seed=args.seed, size=args.size,
-                                    wording=args.wording)
+                                    wording=args.wording, families=families)
     args.inputs = [f"synthetic:num={args.num},seed={args.seed},size={args.size},"
-                   f"wording={args.wording}"]
+                   f"wording={args.wording},families={'+'.join(families)}"]
   elif args.source == "generator":
     rows = importers.iter_generator(args.inputs[0])
   elif args.source == "magicbrush":

@@ -147,12 +147,14 @@ def iter_magicbrush(files: Sequence[str]) -> Iterator[Row]:
                  source="magicbrush", source_id=key, turn_index=-1 if turn is None else int(turn))
 
 
-def iter_synthetic(num: int, *, seed: int = 0, size: int = 64,
-                   wording: str = "train") -> Iterator[Row]:
+def iter_synthetic(num: int, *, seed: int = 0, size: int = 64, wording: str = "train",
+                   families: Sequence[str] | None = None) -> Iterator[Row]:
   """Rows of the procedural edit world (`jip2p.data.synthetic`): examples ``0 .. num-1`` of world
-  ``seed``, worded with the ``wording`` templates ("train" or "heldout"), as PNGs."""
+  ``seed``, worded with the ``wording`` templates ("train" or "heldout"), as PNGs; ``families``
+  restricts the edits to a subset of `synthetic.FAMILIES` (default: all)."""
   from jip2p.data import synthetic
-  for ex in synthetic.generate(num, seed=seed, size=size, split=wording):
+  families = synthetic.FAMILIES if families is None else tuple(families)
+  for ex in synthetic.generate(num, seed=seed, size=size, split=wording, families=families):
     key = f"{seed}/{ex.index}"
     yield _row(key, key, _png(ex.input_image), _png(ex.edited_image), ex.instruction,
                input_caption=ex.input_caption, edited_caption=ex.edited_caption,

@@ -282,3 +282,20 @@ def test_synthetic_world_import_is_exact_and_resumable(tmp_path, capsys):
   assert len(list(reader.iter_triplets(str(out), "train"))) == 12
   assert import_data.main(["synthetic", "--num", "0", "--out", str(tmp_path / "none")]) == 2
   assert "--num=0 must be at least 1" in capsys.readouterr().err
+
+
+def test_synthetic_import_of_some_families(tmp_path, capsys):
+  from jip2p.data import synthetic
+  out = tmp_path / "world"
+  assert import_data.main(["synthetic", "--num", "10", "--size", "32", "--families",
+                           "background,swap", "--out", str(out)]) == 0
+  truth = list(synthetic.generate(10, seed=0, size=32, families=("background", "swap")))
+  assert {e.family for e in truth} == {"background", "swap"}
+  assert [t.instruction for t in reader.iter_triplets(str(out), "train")] == [
+      e.instruction for e in truth]
+  capsys.readouterr()
+  assert import_data.main(["synthetic", "--num", "3", "--families", "background,paint",
+                           "--out", str(tmp_path / "bad")]) == 2
+  err = capsys.readouterr().err
+  assert "families must be a non-empty subset" in err and "paint" in err
+  assert not (tmp_path / "bad").exists()
