@@ -109,8 +109,7 @@ def read_weights(folder: str, stem: str) -> dict[str, np.ndarray]:
 def build_component(config: dict, *, dtype=jnp.float32, attention_impl: str = "xla",
                     abstract: bool = False, seed: int = 0, where: str = "config"):
   """A jip2p module from a config.json dict: abstract (shapes only, to be loaded) or randomly
-  initialised by `random_init` (embeddings at transformers' CLIP scale, 0.02 × the config's
-  ``initializer_factor``)."""
+  initialised by `random_init`."""
   name = class_name(config, where)
   config_cls, module_cls, _ = COMPONENT_CLASSES[name]
   try:
@@ -120,13 +119,13 @@ def build_component(config: dict, *, dtype=jnp.float32, attention_impl: str = "x
   model = nnx.eval_shape(lambda: module_cls(parsed, dtype=dtype, attention_impl=attention_impl,
                                             rngs=nnx.Rngs(seed)))
   if not abstract:
-    random_init(model, seed, embedding_std=0.02 * config.get("initializer_factor", 1.0))
+    random_init(model, seed)
   return model
 
 
-def random_init(model: nnx.Module, seed: int, *, embedding_std: float = 0.02) -> None:
-  """Fills every parameter on the host: kernels ~ N(0, 1/fan_in), embeddings
-  ~ N(0, embedding_std²), norm scales 1, biases 0.
+def random_init(model: nnx.Module, seed: int) -> None:
+  """Fills every parameter on the host: kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02²),
+  norm scales 1, biases 0.
 
   Flax's eager initialisers compile one XLA kernel per parameter shape (tens of seconds for
   even the tiny preset on a CPU); this is the same kind of random model in milliseconds.
@@ -137,7 +136,7 @@ def random_init(model: nnx.Module, seed: int, *, embedding_std: float = 0.02) ->
     if path[-1] == "kernel":
       value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape)
     elif path[-1] == "embedding":
-      value = rng.normal(0.0, embedding_std, shape)
+      value = rng.normal(0.0, 0.02, shape)
     elif path[-1] == "scale":
       value = np.ones(shape)
     else:

@@ -95,10 +95,6 @@ PRESETS = {
     # place (patch 1: latents are the 32×32×3 pixels) and a small 3-level UNet and text encoder.
     # v-prediction: a small model's ε error at the first sampling steps is amplified by σ ≈ 14.6
     # into its x0 estimate, and samples never recover from that start; v's is not.
-    # The text encoder stays random and frozen (the world has no pretrained one), with unit-normal
-    # embeddings (initializer_factor 50 × transformers' 0.02, PyTorch's nn.Embedding default): at
-    # 0.02 its random layers' outputs swamp the tokens (prompts differing in one colour word had
-    # cosine 0.92 at that word; 0.6–0.7 at 1.0), and the UNet was slow to read the instruction.
     "world": {
         "scheduler": {"prediction_type": "v_prediction"},
         "unet": {
@@ -114,7 +110,7 @@ PRESETS = {
                 "scaling_factor": 1.0, "sample_size": 32},
         "text_encoder": {**_SD15_TEXT, "hidden_size": 64, "intermediate_size": 128,
                          "num_attention_heads": 4, "num_hidden_layers": 2,
-                         "projection_dim": 64, "initializer_factor": 50.0},
+                         "projection_dim": 64},
     },
 }
 
