@@ -78,7 +78,7 @@ def _main(argv: Sequence[str] | None) -> int:
       raise ConfigError(f"--num={args.num} must be at least 1")
     from jip2p.data import synthetic
     families = synthetic.FAMILIES if args.families is None else tuple(args.families.split(","))
-    synthetic.example_at(0, seed=args.seed, size=args.size, families=families)  # Checks them.
+    synthetic.check_families(families)
     rows = importers.iter_synthetic(args.num, seed=args.seed, size=args.size,
                                     wording=args.wording, families=families)
     args.inputs = [f"synthetic:num={args.num},seed={args.seed},size={args.size},"

@@ -461,6 +461,11 @@ def _check(seed: int, size: int, split: str, families: Sequence[str]) -> None:
     raise ConfigError(f"size must be an integer >= {MIN_SIZE} pixels, got {size!r}")
   if split not in SPLITS:
     raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+  check_families(families)
+
+
+def check_families(families: Sequence[str]) -> None:
+  """A named `ConfigError` unless ``families`` is a non-empty subset of `FAMILIES`."""
   unknown = [f for f in families if f not in FAMILIES]
   if unknown or not families:
     raise ConfigError(f"families must be a non-empty subset of {FAMILIES}, got {list(families)}")

@@ -145,10 +145,11 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
   def body(carry, s):
     x, old_denoised, state = carry
     sigma, sigma_next, i = s["sigma"], s["sigma_next"], s["i"]
-    x_in = x * jax.lax.rsqrt(sigma ** 2 + 1)
+    c_in = jax.lax.rsqrt(sigma ** 2 + 1)
+    x_in = x * c_in
     eps = eps_fn(x_in, s["t"], i).astype(jnp.float32)
     if prediction_type == "v_prediction":
-      eps = (eps + sigma * x_in) * jax.lax.rsqrt(sigma ** 2 + 1)
+      eps = (eps + sigma * x_in) * c_in
     if method == "euler":
       x = x + eps * (sigma_next - sigma)
     elif method in ("euler_ancestral", "ddim"):
