@@ -16,6 +16,7 @@ when the manager next opens. Saves run in a background thread; `wait` blocks unt
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -29,7 +30,9 @@ ITEMS = ("params", "ema", "train", "data")
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
-  return epath.Path(workdir) / "checkpoints"
+  """``<workdir>/checkpoints``, absolute (orbax refuses a relative local path)."""
+  local = "://" not in workdir
+  return epath.Path(os.path.abspath(workdir) if local else workdir) / "checkpoints"
 
 
 class Checkpointer:
@@ -54,7 +57,12 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def save(self, state: TrainState, data_position: Any, *, force: bool = False) -> bool:
-    """Starts saving ``state`` at its step (if due, or ``force``); True when a save started."""
+    """Starts saving ``state`` at its step (if due, or ``force``); True when a save started.
+
+    Raises `CheckpointError` when the previous background save failed: a run must not go on
+    believing it can resume from a checkpoint that was never written. (orbax runs one save at a
+    time, so waiting for the previous one here costs nothing when saves are spaced out.)"""
+    self.wait()
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(
         params=ocp.args.StandardSave(state.params),
@@ -99,8 +107,12 @@ class Checkpointer:
     return step
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Blocks until the background save is done; `CheckpointError` if it failed."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # orbax re-raises whatever the background save raised.
+      raise CheckpointError(f"saving a checkpoint under {self.directory} failed: {e}") from e
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()

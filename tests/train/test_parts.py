@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jip2p import checkpoints
+from jip2p.errors import CheckpointError
 from jip2p.models.unet import UNet2DCondition, UNetConfig
 from jip2p.train import checkpointing, events, metrics, sharding
 from jip2p.train import step as step_lib
@@ -156,6 +157,26 @@ def test_unfinished_checkpoints_are_ignored_and_removed(tmp_path):
   ckpt.close()
   assert not partial.exists()
   assert ckpt.all_steps() == [1, 2]
+
+
+def test_relative_workdir_saves_and_failed_saves_are_named(tmp_path, monkeypatch):
+  """orbax refuses relative paths, and its background saves fail in a thread: a run with
+  ``--workdir run`` must still checkpoint, and a failed save must stop the next one, named."""
+  monkeypatch.chdir(tmp_path)
+  state, _ = _small_state(sharding.make_mesh(8, 1))
+  ckpt = checkpointing.Checkpointer("run", every_steps=1)
+  assert ckpt.save(state.replace(step=jnp.int32(1)), 1)
+  ckpt.wait()
+  assert ckpt.all_steps() == [1] and (tmp_path / "run" / "checkpoints" / "1").is_dir()
+
+  def failed():
+    raise ValueError("disk full")
+  monkeypatch.setattr(ckpt.manager, "wait_until_finished", failed)
+  with pytest.raises(CheckpointError, match=r"saving a checkpoint under .*run/checkpoints "
+                     r"failed: disk full"):
+    ckpt.save(state.replace(step=jnp.int32(2)), 2)
+  monkeypatch.undo()
+  ckpt.close()
 
 
 def test_restore_errors_name_the_problem(tmp_path):
