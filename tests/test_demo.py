@@ -18,18 +18,19 @@ pytestmark = pytest.mark.tf
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_demo(out, *args, timeout=1500):
+def run_demo(out, *args, timeout=1500, cwd=REPO):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["PYTHONPATH"] = REPO
   proc = subprocess.run([sys.executable, "-m", "jip2p.cli.demo", "--out", str(out), *args],
-                        env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+                        env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
   return proc
 
 
 def test_demo_writes_data_model_report_grid_and_plot(tmp_path):
+  # As the README runs it: `--out demo`, relative to the working directory.
   out = tmp_path / "demo"
-  proc = run_demo(out, "--steps", "4", "--num-train", "40", "--num-eval", "12",
-                  "--eval-points", "2", "--eval-steps", "3")
+  proc = run_demo("demo", "--steps", "4", "--num-train", "40", "--num-eval", "12",
+                  "--eval-points", "2", "--eval-steps", "3", cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   metrics = json.loads((out / "metrics.json").read_text())
   assert [p["step"] for p in metrics["points"]] == [0, 2, 4]
