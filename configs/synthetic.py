@@ -6,10 +6,12 @@ r"""InstructPix2Pix on the procedural edit world (`jip2p.data.synthetic`), small
 
 (`jip2p-demo` does both and scores the result.) The real pipeline at a small size: the "world"
 preset (jip2p.checkpoints.PRESETS) — a 3-level UNet with cross-attention predicting v (the preset's
-scheduler config says v_prediction), a 2-layer CLIP text encoder (random and frozen, as SD's is
-frozen) and, in the VAE's place, the exact pixel codec (jip2p.models.pixel_codec with patch 1: the
-latents are the 32×32×3 pixels in [-1, 1], and the UNet takes 6 channels). No VAE was pretrained for this world, and a learned one would blur the
-exact edges the world's metrics score; the codec is lossless and costs nothing to train.
+scheduler config says v_prediction), a 2-layer CLIP text encoder (random, with unit-normal token
+embeddings: `jip2p.checkpoints.presets.RANDOM_INIT` says why; frozen, as SD's is) and, in the
+VAE's place, the exact pixel codec (jip2p.models.pixel_codec with patch 1: the latents are the
+32×32×3 pixels in [-1, 1], and the UNet takes 6 channels). No VAE was pretrained for this world,
+and a learned one would blur the exact edges the world's metrics score; the codec is lossless and
+costs nothing to train.
 
 Arguments (``configs/synthetic.py:key=value,…``): path, steps, batch, lr, accum, res.
 """

@@ -107,9 +107,10 @@ def read_weights(folder: str, stem: str) -> dict[str, np.ndarray]:
 
 
 def build_component(config: dict, *, dtype=jnp.float32, attention_impl: str = "xla",
-                    abstract: bool = False, seed: int = 0, where: str = "config"):
+                    abstract: bool = False, seed: int = 0, where: str = "config",
+                    embedding_std: dict[str, float] | None = None):
   """A jip2p module from a config.json dict: abstract (shapes only, to be loaded) or randomly
-  initialised by `random_init`."""
+  initialised by `random_init` (``embedding_std`` passed on)."""
   name = class_name(config, where)
   config_cls, module_cls, _ = COMPONENT_CLASSES[name]
   try:
@@ -119,13 +120,15 @@ def build_component(config: dict, *, dtype=jnp.float32, attention_impl: str = "x
   model = nnx.eval_shape(lambda: module_cls(parsed, dtype=dtype, attention_impl=attention_impl,
                                             rngs=nnx.Rngs(seed)))
   if not abstract:
-    random_init(model, seed)
+    random_init(model, seed, embedding_std=embedding_std)
   return model
 
 
-def random_init(model: nnx.Module, seed: int) -> None:
-  """Fills every parameter on the host: kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02²),
-  norm scales 1, biases 0.
+def random_init(model: nnx.Module, seed: int, *,
+                embedding_std: dict[str, float] | None = None) -> None:
+  """Fills every parameter on the host: kernels ~ N(0, 1/fan_in), embeddings ~ N(0, 0.02²)
+  (transformers' CLIP init; ``embedding_std`` maps an embedding module's name, e.g.
+  ``"token_embedding"``, to another standard deviation), norm scales 1, biases 0.
 
   Flax's eager initialisers compile one XLA kernel per parameter shape (tens of seconds for
   even the tiny preset on a CPU); this is the same kind of random model in milliseconds.
@@ -136,7 +139,7 @@ def random_init(model: nnx.Module, seed: int) -> None:
     if path[-1] == "kernel":
       value = rng.normal(0.0, 1.0 / np.sqrt(np.prod(shape[:-1])), shape)
     elif path[-1] == "embedding":
-      value = rng.normal(0.0, 0.02, shape)
+      value = rng.normal(0.0, (embedding_std or {}).get(str(path[-2]), 0.02), shape)
     elif path[-1] == "scale":
       value = np.ones(shape)
     else:
