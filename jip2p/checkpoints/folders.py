@@ -196,6 +196,20 @@ def save_component(model, folder: str) -> None:
             metadata={"format": "pt"})
 
 
+def _set_default_modes(root: str) -> None:
+  """Gives ``root`` and everything in it the modes a plain ``mkdir``/``open`` would (umask
+  applied): ``mkdtemp`` and safetensors create them owner-only, which would hide an exported
+  model from the rest of a team on a shared file system."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(root, 0o777 & ~umask)
+  for parent, dirs, files in os.walk(root):
+    for name in dirs:
+      os.chmod(os.path.join(parent, name), 0o777 & ~umask)
+    for name in files:
+      os.chmod(os.path.join(parent, name), 0o666 & ~umask)
+
+
 def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False) -> None:
   """Writes a diffusers-format pipeline folder atomically (a temporary sibling, then a rename).
 
@@ -235,6 +249,7 @@ def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False) -
       index["image_encoder"] = [None, None]
     with open(os.path.join(tmp, "model_index.json"), "w") as f:
       json.dump(index, f, indent=2, sort_keys=True)
+    _set_default_modes(tmp)
     if os.path.exists(folder):
       shutil.rmtree(folder)
     os.replace(tmp, folder)

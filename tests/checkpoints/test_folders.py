@@ -166,3 +166,17 @@ def test_save_refuses_to_overwrite(pipeline, tmp_path):
     checkpoints.save_pipeline(pipeline, out)
   checkpoints.save_pipeline(pipeline, out, overwrite=True)
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_saved_folder_has_the_default_modes(pipeline, tmp_path):
+  """Not mkdtemp's owner-only 0700: teammates on a shared file system can read the export."""
+  out = tmp_path / "exported"
+  checkpoints.save_pipeline(pipeline, str(out))
+  plain_dir, plain_file = tmp_path / "plain", tmp_path / "plain.txt"
+  plain_dir.mkdir()
+  plain_file.write_text("")
+  mode = lambda p: p.stat().st_mode & 0o777
+  assert mode(out) == mode(out / "unet") == mode(plain_dir)
+  for path in out.rglob("*"):
+    if path.is_file():
+      assert mode(path) == mode(plain_file), path
