@@ -401,9 +401,10 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
     start = time.time()
     outputs = edit_examples(editor, examples, s)
     points.append({"step": step, "scores": score(outputs, examples)})
-    timings[f"edit {s.num_eval} scenes (step {step})"] = time.time() - start
+    name = f"step {step}" if step >= 0 else "the model"
+    timings[f"edit {s.num_eval} scenes ({name})"] = time.time() - start
     overall = points[-1]["scores"]["overall"]
-    log(f"step {step}: held-out success {overall['success']:.0%}, PSNR {overall['psnr']:.1f} dB")
+    log(f"{name}: held-out success {overall['success']:.0%}, PSNR {overall['psnr']:.1f} dB")
 
   if s.pretrained is not None:
     if not os.path.isdir(s.pretrained):
