@@ -185,29 +185,22 @@ def component_config(model) -> dict:
   return {"architectures": [name], "model_type": "clip_text_model", **config}
 
 
+def _umask() -> int:
+  """The process umask: the modes a plain mkdir/open give on this machine."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 def save_component(model, folder: str) -> None:
   """Writes ``config.json`` + safetensors for one module (float32, torch layout)."""
   os.makedirs(folder, exist_ok=True)
   name = class_name(component_config(model), folder)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(component_config(model), f, indent=2, sort_keys=True)
-  save_file(to_torch_state_dict(model),
-            os.path.join(folder, COMPONENT_CLASSES[name][2] + ".safetensors"),
-            metadata={"format": "pt"})
-
-
-def _set_default_modes(root: str) -> None:
-  """Gives ``root`` and everything in it the modes a plain ``mkdir``/``open`` would (umask
-  applied): ``mkdtemp`` and safetensors create them owner-only, which would hide an exported
-  model from the rest of a team on a shared file system."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(root, 0o777 & ~umask)
-  for parent, dirs, files in os.walk(root):
-    for name in dirs:
-      os.chmod(os.path.join(parent, name), 0o777 & ~umask)
-    for name in files:
-      os.chmod(os.path.join(parent, name), 0o666 & ~umask)
+  weights = os.path.join(folder, COMPONENT_CLASSES[name][2] + ".safetensors")
+  save_file(to_torch_state_dict(model), weights, metadata={"format": "pt"})
+  os.chmod(weights, 0o666 & ~_umask())  # safetensors creates it owner-only (0600)
 
 
 def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False) -> None:
@@ -222,6 +215,7 @@ def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False) -
   parent = os.path.dirname(folder)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
+  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from a team
   try:
     save_component(pipeline.unet, os.path.join(tmp, "unet"))
     save_component(pipeline.vae, os.path.join(tmp, "vae"))
@@ -249,7 +243,6 @@ def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False) -
       index["image_encoder"] = [None, None]
     with open(os.path.join(tmp, "model_index.json"), "w") as f:
       json.dump(index, f, indent=2, sort_keys=True)
-    _set_default_modes(tmp)
     if os.path.exists(folder):
       shutil.rmtree(folder)
     os.replace(tmp, folder)
