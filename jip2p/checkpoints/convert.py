@@ -20,7 +20,7 @@ import sys
 import types
 
 from jip2p.checkpoints.conv_in import expand_conv_in
-from jip2p.checkpoints.folders import Pipeline, build_component, save_pipeline
+from jip2p.checkpoints.folders import SAVE_DTYPES, Pipeline, build_component, save_pipeline
 from jip2p.checkpoints.mapping import load_torch_state_dict
 from jip2p.checkpoints.presets import PRESETS, preset_configs
 from jip2p.cli import run
@@ -34,8 +34,10 @@ _CLIP_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.
 
 
 def convert_single_file(src: str, dst: str, *, preset: str | None = None, extract_ema: bool = True,
-                        expand_conv_in: int | None = None, overwrite: bool = False) -> str:
-  """Converts ``src`` to a diffusers pipeline folder ``dst`` in a child process; returns ``dst``.
+                        expand_conv_in: int | None = None, overwrite: bool = False,
+                        dtype: str = "float32") -> str:
+  """Converts ``src`` to a diffusers pipeline folder ``dst`` (weights as ``dtype``, one of
+  `SAVE_DTYPES`) in a child process; returns ``dst``.
 
   Raises `CheckpointError` with the child's message when the conversion fails.
   """
@@ -44,6 +46,7 @@ def convert_single_file(src: str, dst: str, *, preset: str | None = None, extrac
   cmd += [] if extract_ema else ["--no-ema"]
   cmd += ["--expand-conv-in", str(expand_conv_in)] if expand_conv_in else []
   cmd += ["--overwrite"] if overwrite else []
+  cmd += ["--dtype", dtype]
   result = subprocess.run(cmd, capture_output=True, text=True)
   if result.returncode != 0:
     lines = [l for l in result.stderr.strip().splitlines() if l.strip()]
@@ -135,6 +138,9 @@ def _main(argv) -> int:
   parser.add_argument("--expand-conv-in", type=int, default=None, metavar="N",
                       help="grow the UNet's input conv to N channels (8 for InstructPix2Pix "
                            "training from a text-to-image model); new channels start at zero")
+  parser.add_argument("--dtype", choices=SAVE_DTYPES, default="float32",
+                      help="the stored weights' type; float16 halves the folder and loads back "
+                           "as float32 (default: float32)")
   parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
   args = parser.parse_args(argv)
   if os.path.exists(args.dst) and not args.overwrite:
@@ -143,8 +149,9 @@ def _main(argv) -> int:
                            extract_ema=not args.no_ema)
   if args.expand_conv_in and args.expand_conv_in != pipeline.unet.config.in_channels:
     pipeline.unet = expand_conv_in(pipeline.unet, args.expand_conv_in)
-  save_pipeline(pipeline, args.dst, overwrite=args.overwrite)
-  print(f"wrote {args.dst} (UNet with {pipeline.unet.config.in_channels} input channels)")
+  save_pipeline(pipeline, args.dst, overwrite=args.overwrite, dtype=args.dtype)
+  print(f"wrote {args.dst} (UNet with {pipeline.unet.config.in_channels} input channels, "
+        f"{args.dtype} weights)")
   return 0
 
 

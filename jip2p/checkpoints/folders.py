@@ -192,19 +192,44 @@ def _umask() -> int:
   return mask
 
 
-def save_component(model, folder: str) -> None:
-  """Writes ``config.json`` + safetensors for one module (float32, torch layout)."""
+# Weight dtypes a saved folder may hold. float16 halves the folder (diffusers' ``fp16`` weights);
+# numpy has no bfloat16 to write.
+SAVE_DTYPES = ("float32", "float16")
+
+
+def _cast_weights(weights: dict[str, np.ndarray], dtype: str,
+                  where: str) -> dict[str, np.ndarray]:
+  """``weights`` (float32) as ``dtype``; a finite value that overflows it is a named error."""
+  if dtype not in SAVE_DTYPES:
+    raise ConfigError(f"dtype={dtype!r}; choose one of {SAVE_DTYPES}")
+  cast = {}
+  for key, value in weights.items():
+    with np.errstate(over="ignore"):  # overflow is reported below, by name
+      cast[key] = value.astype(dtype)
+    overflow = np.isinf(cast[key]) & np.isfinite(value)
+    if overflow.any():
+      raise CheckpointError(
+          f"{where}: {key} has values up to {np.abs(value[overflow]).max():.4g}, beyond "
+          f"{dtype}'s range (±{np.finfo(dtype).max:.4g}); save it as float32")
+  return cast
+
+
+def save_component(model, folder: str, *, dtype: str = "float32") -> None:
+  """Writes ``config.json`` + safetensors for one module (torch layout, weights as ``dtype``)."""
   os.makedirs(folder, exist_ok=True)
   name = class_name(component_config(model), folder)
+  tensors = _cast_weights(to_torch_state_dict(model), dtype, folder)
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(component_config(model), f, indent=2, sort_keys=True)
   weights = os.path.join(folder, COMPONENT_CLASSES[name][2] + ".safetensors")
-  save_file(to_torch_state_dict(model), weights, metadata={"format": "pt"})
+  save_file(tensors, weights, metadata={"format": "pt"})
   os.chmod(weights, 0o666 & ~_umask())  # safetensors creates it owner-only (0600)
 
 
-def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False) -> None:
-  """Writes a diffusers-format pipeline folder atomically (a temporary sibling, then a rename).
+def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False,
+                  dtype: str = "float32") -> None:
+  """Writes a diffusers-format pipeline folder atomically (a temporary sibling, then a rename),
+  its weights as ``dtype`` (one of `SAVE_DTYPES`; loading widens them to float32 again).
 
   An 8-channel UNet is declared a `StableDiffusionInstructPix2PixPipeline`, a 4-channel one a
   `StableDiffusionPipeline`.
@@ -217,9 +242,9 @@ def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False) -
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
   os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from a team
   try:
-    save_component(pipeline.unet, os.path.join(tmp, "unet"))
-    save_component(pipeline.vae, os.path.join(tmp, "vae"))
-    save_component(pipeline.text_encoder, os.path.join(tmp, "text_encoder"))
+    save_component(pipeline.unet, os.path.join(tmp, "unet"), dtype=dtype)
+    save_component(pipeline.vae, os.path.join(tmp, "vae"), dtype=dtype)
+    save_component(pipeline.text_encoder, os.path.join(tmp, "text_encoder"), dtype=dtype)
     pipeline.tokenizer.write_folder(os.path.join(tmp, "tokenizer"))
     os.makedirs(os.path.join(tmp, "scheduler"))
     with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:

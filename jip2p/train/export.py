@@ -56,10 +56,12 @@ def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
 
 
 def save_trained(pipeline: checkpoints.Pipeline, unet_def, params, out: str, *,
-                 overwrite: bool = False) -> None:
-  """Writes ``pipeline`` with its UNet rebuilt from ``unet_def`` and ``params`` (host arrays)."""
+                 overwrite: bool = False, dtype: str = "float32") -> None:
+  """Writes ``pipeline`` with its UNet rebuilt from ``unet_def`` and ``params`` (host arrays),
+  the weights stored as ``dtype`` (`checkpoints.SAVE_DTYPES`)."""
   unet = nnx.merge(unet_def, params)
-  checkpoints.save_pipeline(dataclasses.replace(pipeline, unet=unet), out, overwrite=overwrite)
+  checkpoints.save_pipeline(dataclasses.replace(pipeline, unet=unet), out, overwrite=overwrite,
+                            dtype=dtype)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -82,11 +84,14 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def export_from_workdir(workdir: str, out: str, *, weights: str = "ema", step: int | None = None,
-                        overwrite: bool = False) -> int:
+                        overwrite: bool = False, dtype: str = "float32") -> int:
   """Writes the ``weights`` ("ema" or "raw") of checkpoint ``step`` (default: latest) to ``out``
-  as a diffusers-format folder; returns the step exported."""
+  as a diffusers-format folder with ``dtype`` weights (float32 or float16, half the size);
+  returns the step exported."""
   if weights not in config_lib.EXPORT_WEIGHTS:
     raise ConfigError(f"weights={weights!r}; choose one of {config_lib.EXPORT_WEIGHTS}")
+  if dtype not in checkpoints.SAVE_DTYPES:
+    raise ConfigError(f"dtype={dtype!r}; choose one of {checkpoints.SAVE_DTYPES}")
   config = read_config(workdir)
   pipeline = build_pipeline(config)
   checkpointer = Checkpointer(workdir, read_only=True)
@@ -96,5 +101,6 @@ def export_from_workdir(workdir: str, out: str, *, weights: str = "ema", step: i
                           nnx.state(pipeline.unet, nnx.Param))
   params = checkpointer.restore_weights("params" if weights == "raw" else "ema", abstract, step)
   checkpointer.close()
-  save_trained(pipeline, nnx.graphdef(pipeline.unet), params, out, overwrite=overwrite)
+  save_trained(pipeline, nnx.graphdef(pipeline.unet), params, out, overwrite=overwrite,
+               dtype=dtype)
   return step

@@ -142,10 +142,14 @@ def test_safetensors_single_file_and_expand_conv_in(tmp_path):
   state, ref = ldm_state(unet_in_channels=4)
   path = tmp_path / "sd.safetensors"
   save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-  out = checkpoints.convert_single_file(str(path), str(tmp_path / "out"), preset="tiny", expand_conv_in=8)
+  out = checkpoints.convert_single_file(str(path), str(tmp_path / "out"), preset="tiny",
+                                       expand_conv_in=8, dtype="float16")
+  stored = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+  assert {v.dtype for v in stored.values()} == {np.dtype(np.float16)}
   unet = checkpoints.load_component(os.path.join(out, "unet"))
   weights = checkpoints.to_torch_state_dict(unet)
-  np.testing.assert_array_equal(weights["conv_in.weight"][:, :4], ref["unet"]["conv_in.weight"])
+  np.testing.assert_array_equal(weights["conv_in.weight"][:, :4],
+                                ref["unet"]["conv_in.weight"].half().float())
   assert not weights["conv_in.weight"][:, 4:].any()
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import jax.numpy as jnp
@@ -166,6 +167,49 @@ def test_save_refuses_to_overwrite(pipeline, tmp_path):
     checkpoints.save_pipeline(pipeline, out)
   checkpoints.save_pipeline(pipeline, out, overwrite=True)
   assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+
+
+def test_float16_folder_is_half_the_size_and_loads_back(pipeline, tmp_path):
+  full, half = str(tmp_path / "fp32"), str(tmp_path / "fp16")
+  checkpoints.save_pipeline(pipeline, full)
+  checkpoints.save_pipeline(pipeline, half, dtype="float16")
+  for name, stem in COMPONENTS.items():
+    a = load_file(os.path.join(full, name, f"{stem}.safetensors"))
+    b = load_file(os.path.join(half, name, f"{stem}.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+      assert b[key].dtype == np.float16, (name, key)
+      np.testing.assert_array_equal(b[key], a[key].astype(np.float16), err_msg=f"{name}:{key}")
+    size = lambda folder: os.path.getsize(os.path.join(folder, name, f"{stem}.safetensors"))
+    assert size(half) < 0.55 * size(full), name
+  loaded = checkpoints.load_pipeline(half)
+  weights = checkpoints.to_torch_state_dict(loaded.unet)
+  for key, value in checkpoints.to_torch_state_dict(pipeline.unet).items():
+    assert weights[key].dtype == np.float32
+    np.testing.assert_array_equal(weights[key], value.astype(np.float16).astype(np.float32))
+  import diffusers
+  from PIL import Image
+  # Without torch_dtype, transformers 5 keeps the text encoder in float16 while diffusers widens
+  # the UNet and VAE to float32, and the pipeline fails on a CPU: users name the dtype they run.
+  pipe = diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained(
+      half, torch_dtype=torch.float32)
+  image = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+  result = pipe("make it red", image=image, num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+  assert result.shape == (1, 32, 32, 3) and np.isfinite(result).all()
+
+
+def test_float16_overflow_and_unknown_dtype_are_named(pipeline, tmp_path):
+  with pytest.raises(ConfigError, match="dtype='bfloat16'"):
+    checkpoints.save_pipeline(pipeline, str(tmp_path / "bf16"), dtype="bfloat16")
+  checkpoints.save_pipeline(pipeline, str(tmp_path / "a"))
+  big = checkpoints.load_pipeline(str(tmp_path / "a"))  # a copy: the fixture stays as it is
+  kernel = big.unet.conv_in.kernel
+  kernel.set_value(kernel.get_value().at[0, 0, 0, 0].set(1e5))
+  with pytest.raises(CheckpointError, match=re.escape(
+      "conv_in.weight has values up to 1e+05, beyond float16's range")):
+    checkpoints.save_pipeline(big, str(tmp_path / "b"), dtype="float16")
+  assert sorted(os.listdir(tmp_path)) == ["a"]  # nothing half-written
 
 
 def test_saved_folder_has_the_default_modes(pipeline, tmp_path):

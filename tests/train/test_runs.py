@@ -183,6 +183,14 @@ def test_export_runs_in_diffusers_instruct_pix2pix(reference, tmp_path):
     np.testing.assert_array_equal(ours[key], at_end[key])
   raw = load_file(f"{reference}/export/raw/{name}")
   assert any(not np.array_equal(raw[k], ours[k]) for k in ours)  # EMA ≠ raw weights
+  result = subprocess.run([sys.executable, "-m", "jip2p.cli.export", f"--workdir={reference}",
+                           f"--out={out}-fp16", "--dtype=float16"], env=env, capture_output=True,
+                          text=True, timeout=600)
+  _check(result)
+  assert "exported ema weights of step 8" in result.stdout and "(float16)" in result.stdout
+  half = load_file(f"{out}-fp16/{name}")
+  for key in ours:
+    np.testing.assert_array_equal(half[key], ours[key].astype(np.float16))
   # diffusers and torch only in their own process.
   script = f"""
 import numpy as np, torch, diffusers
