@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "configs/synthetic.py)")
   parser.add_argument("--steps", type=int, default=d.steps,
                       help=f"training steps (default {d.steps}: a few minutes on 2 CPU cores; 0: "
-                           "the config's total_steps, 8000; the shipped model stopped at 4500)")
+                           "the config's total_steps, 8000; the shipped model trained for 8500)")
   parser.add_argument("--minutes", type=float, default=None,
                       help="stop training after this many minutes")
   parser.add_argument("--pretrained", nargs="?", const=PRETRAINED, default=None, metavar="DIR",
