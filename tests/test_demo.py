@@ -113,13 +113,19 @@ def test_training_follows_instructions_in_the_world(tmp_path):
 
 
 def test_shipped_model_edits_and_sweeps(tmp_path):
-  """The model in data/ loads in the demo (with the guidance sweep) and in jip2p-edit."""
+  """The model in data/ loads in the demo (with the guidance sweep) and in jip2p-edit, and edits:
+  at its best setting it follows held-out instructions far above copying the input (0%)."""
   out = tmp_path / "pretrained"
   proc = run_demo(out, "--pretrained", "--sweep", "--num-eval", "12", "--eval-steps", "4")
   assert proc.returncode == 0, proc.stderr[-3000:]
   metrics = json.loads((out / "metrics.json").read_text())
   assert [(r["text_guidance"], r["image_guidance"]) for r in metrics["sweep"]] == [
       (t, i) for t in (1.0, 3.0, 7.5) for i in (1.0, 1.5, 2.0)]
+  best = next(r["scores"]["overall"] for r in metrics["sweep"]
+              if (r["text_guidance"], r["image_guidance"]) == (3.0, 1.0))
+  copy = metrics["baselines"]["copy"]["overall"]
+  assert best["edit_ok"] >= 0.4 and best["success"] >= 0.2, best
+  assert best["psnr"] >= copy["psnr"] + 3.0, (best, copy)
   assert "## Guidance sweep" in (out / "report.md").read_text()
   assert (out / "sweep.png").is_file() and (out / "grid.png").is_file()
 
