@@ -9,7 +9,7 @@ _HOME = {
     "expand_conv_in": "conv_in", "convert_single_file": "convert",
     "Pipeline": "folders", "build_component": "folders", "load_component": "folders",
     "load_pipeline": "folders", "random_init": "folders", "save_component": "folders",
-    "save_pipeline": "folders", "SAVE_DTYPES": "folders",
+    "save_pipeline": "folders", "SAVE_DTYPES": "folders", "check_save_dtype": "folders",
     "load_torch_state_dict": "mapping", "to_torch_state_dict": "mapping",
     "PRESETS": "presets", "create_random_pipeline": "presets", "preset_configs": "presets",
     "random_pipeline": "presets",

@@ -197,11 +197,18 @@ def _umask() -> int:
 SAVE_DTYPES = ("float32", "float16")
 
 
+def check_save_dtype(dtype: str) -> None:
+  """A named `ConfigError` for a weight dtype a saved folder cannot hold."""
+  if dtype not in SAVE_DTYPES:
+    raise ConfigError(f"dtype={dtype!r}; choose one of {SAVE_DTYPES}")
+
+
 def _cast_weights(weights: dict[str, np.ndarray], dtype: str,
                   where: str) -> dict[str, np.ndarray]:
   """``weights`` (float32) as ``dtype``; a finite value that overflows it is a named error."""
-  if dtype not in SAVE_DTYPES:
-    raise ConfigError(f"dtype={dtype!r}; choose one of {SAVE_DTYPES}")
+  check_save_dtype(dtype)
+  if dtype == "float32":  # already so: no copy, no scan (an SD UNet is 3.4 GB)
+    return weights
   cast = {}
   for key, value in weights.items():
     with np.errstate(over="ignore"):  # overflow is reported below, by name
@@ -217,10 +224,11 @@ def _cast_weights(weights: dict[str, np.ndarray], dtype: str,
 def save_component(model, folder: str, *, dtype: str = "float32") -> None:
   """Writes ``config.json`` + safetensors for one module (torch layout, weights as ``dtype``)."""
   os.makedirs(folder, exist_ok=True)
-  name = class_name(component_config(model), folder)
+  config = component_config(model)
+  name = class_name(config, folder)
   tensors = _cast_weights(to_torch_state_dict(model), dtype, folder)
   with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(component_config(model), f, indent=2, sort_keys=True)
+    json.dump(config, f, indent=2, sort_keys=True)
   weights = os.path.join(folder, COMPONENT_CLASSES[name][2] + ".safetensors")
   save_file(tensors, weights, metadata={"format": "pt"})
   os.chmod(weights, 0o666 & ~_umask())  # safetensors creates it owner-only (0600)

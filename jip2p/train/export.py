@@ -90,8 +90,7 @@ def export_from_workdir(workdir: str, out: str, *, weights: str = "ema", step: i
   returns the step exported."""
   if weights not in config_lib.EXPORT_WEIGHTS:
     raise ConfigError(f"weights={weights!r}; choose one of {config_lib.EXPORT_WEIGHTS}")
-  if dtype not in checkpoints.SAVE_DTYPES:
-    raise ConfigError(f"dtype={dtype!r}; choose one of {checkpoints.SAVE_DTYPES}")
+  checkpoints.check_save_dtype(dtype)  # before the checkpoint is read, not after
   config = read_config(workdir)
   pipeline = build_pipeline(config)
   checkpointer = Checkpointer(workdir, read_only=True)
