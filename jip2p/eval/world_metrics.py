@@ -14,6 +14,9 @@ Interiors are masks eroded by a margin of ``size // 64`` pixels (at least 1), an
 part excludes the same margin around the edited region and every object boundary, so that soft
 edges from a learned model are not counted. With the defaults the exact ground truth scores 100%,
 the unedited input 0% and uniform noise 0% on every family.
+
+Besides, ``input_psnr`` measures how close the output stays to the input image as a whole: the
+exact counterpart of the paper's CLIP image similarity, the axis along which s_I trades off.
 """
 
 from __future__ import annotations
@@ -105,8 +108,9 @@ def score(output: np.ndarray, example: synthetic.Example,
   """Scores one output (uint8 [H, W, 3], the example's size) against ``example``'s truth.
 
   Returns {family, template_id, success, edit_ok, rest_ok, psnr (vs the edited image),
-  edit_error (worst colour distance among the edit's regions; inf when a region shows another
-  named colour), rest_moved (fraction of moved pixels away from the edit)}.
+  input_psnr (vs the input image), edit_error (worst colour distance among the edit's regions;
+  inf when a region shows another named colour), rest_moved (fraction of moved pixels away from
+  the edit)}.
   """
   _check_pair(output, example.edited_image)
   size = example.size
@@ -134,13 +138,14 @@ def score(output: np.ndarray, example: synthetic.Example,
 
   return {"family": example.family, "template_id": example.template_id,
           "success": bool(edit_ok and rest_ok), "edit_ok": bool(edit_ok), "rest_ok": bool(rest_ok),
-          "psnr": psnr(output, example.edited_image), "edit_error": edit_error,
+          "psnr": psnr(output, example.edited_image),
+          "input_psnr": psnr(output, example.input_image), "edit_error": edit_error,
           "rest_moved": rest_moved}
 
 
 def _summary(results: list[dict[str, Any]]) -> dict[str, float]:
   summary = {"n": len(results)}
-  for key in ("success", "edit_ok", "rest_ok", "psnr"):
+  for key in ("success", "edit_ok", "rest_ok", "psnr", "input_psnr"):
     summary[key] = float(np.mean([r[key] for r in results]))
   return summary
 
@@ -148,8 +153,8 @@ def _summary(results: list[dict[str, Any]]) -> dict[str, float]:
 def aggregate(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
   """{'overall': summary, 'families': {family: summary}} over `score` results.
 
-  A summary is {n, success, edit_ok, rest_ok (rates in [0, 1]), psnr (mean dB)}; families appear
-  in `synthetic.FAMILIES` order, only those present.
+  A summary is {n, success, edit_ok, rest_ok (rates in [0, 1]), psnr, input_psnr (mean dB)};
+  families appear in `synthetic.FAMILIES` order, only those present.
   """
   results = list(results)
   if not results:

@@ -113,6 +113,11 @@ def test_psnr():
   assert 0 < value < wm.PSNR_CAP
   off_by_one = np.minimum(ex.edited_image.astype(np.int16) + 1, 255).astype(np.uint8)
   assert wm.psnr(off_by_one, ex.edited_image) >= 20 * np.log10(255)  # MSE <= 1
+  # input_psnr: how close an output stays to the input (copying it is the closest).
+  assert wm.score(ex.input_image, ex)["input_psnr"] == wm.PSNR_CAP
+  assert wm.score(ex.edited_image, ex)["input_psnr"] == value
+  agg = wm.aggregate([wm.score(ex.input_image, ex), wm.score(ex.edited_image, ex)])
+  assert agg["overall"]["input_psnr"] == pytest.approx((wm.PSNR_CAP + value) / 2)
   with pytest.raises(InputError, match="uint8"):
     wm.psnr(ex.edited_image[:32], ex.edited_image)
   with pytest.raises(InputError, match="uint8"):
