@@ -41,10 +41,12 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every_steps: int = 1000, keep: int = 3,
                keep_every: int = 0, async_save: bool = True, read_only: bool = False):
+    saving = not read_only  # orbax warns of (and drops) saving options on a read-only manager
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=every_steps, max_to_keep=keep, keep_period=keep_every or None,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only,
-        create=not read_only, read_only=read_only)
+        save_interval_steps=every_steps if saving else 0, max_to_keep=keep if saving else None,
+        keep_period=(keep_every or None) if saving else None,
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=saving, create=saving,
+        read_only=read_only)
     self.directory = checkpoint_dir(workdir)
     if read_only and not self.directory.exists():
       raise CheckpointError(f"no checkpoints in {workdir}: {self.directory} does not exist")
