@@ -95,10 +95,12 @@ def test_training_follows_instructions_in_the_world(tmp_path):
   denoising must use both conditionings: it fails when the text pathway, the image latents,
   conditioning dropout, guidance or the optimiser break. (Measured 2026-11-24 at 300 steps, 16
   scenes: requested colour 0% → 50% (62% on 32 scenes), PSNR 5.5 → 14.8 dB, loss 0.49 → 0.12;
-  x0 errors at t = 900: 0.102 conditioned, 0.151 without the text, 0.131 without the image.)"""
+  x0 errors at t = 900: 0.102 conditioned, 0.151 without the text, 0.131 without the image; all
+  at the paper's guidance, s_T 7.5, s_I 1.5.)"""
   out = tmp_path / "learn"
   proc = run_demo(out, "--steps", "400", "--num-train", "3200", "--num-eval", "24",
-                  "--eval-points", "1", "--families", "background")
+                  "--eval-points", "1", "--families", "background",
+                  "--text-guidance", "7.5", "--image-guidance", "1.5")  # as measured
   assert proc.returncode == 0, proc.stderr[-3000:]
   metrics = json.loads((out / "metrics.json").read_text())
   untrained, trained = (p["scores"]["overall"] for p in metrics["points"])
@@ -114,7 +116,8 @@ def test_training_follows_instructions_in_the_world(tmp_path):
 
 def test_shipped_model_edits_and_sweeps(tmp_path):
   """The model in data/ loads in the demo (with the guidance sweep) and in jip2p-edit, and edits:
-  at its best setting it follows held-out instructions far above copying the input (0%)."""
+  at its best setting it follows held-out instructions far above copying the input (0%), and s_T
+  moves it away from the input."""
   out = tmp_path / "pretrained"
   proc = run_demo(out, "--pretrained", "--sweep", "--num-eval", "12", "--eval-steps", "4")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,6 +129,10 @@ def test_shipped_model_edits_and_sweeps(tmp_path):
   copy = metrics["baselines"]["copy"]["overall"]
   assert best["edit_ok"] >= 0.4 and best["success"] >= 0.2, best
   assert best["psnr"] >= copy["psnr"] + 3.0, (best, copy)
+  # The s_T axis of the paper's trade-off plot: a larger s_T takes the output further from the input.
+  closeness = {t: np.mean([r["scores"]["overall"]["input_psnr"] for r in metrics["sweep"]
+                           if r["text_guidance"] == t]) for t in (1.0, 7.5)}
+  assert closeness[1.0] >= closeness[7.5] + 2.0, closeness
   assert "## Guidance sweep" in (out / "report.md").read_text()
   assert (out / "sweep.png").is_file() and (out / "grid.png").is_file()
 
