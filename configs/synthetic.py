@@ -20,7 +20,7 @@ from jip2p.train import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, path="", steps=8000, batch=16, lr=1e-3, accum=1, res=32)
+  a = config_lib.parse_arg(arg, path="", steps=11000, batch=16, lr=1e-3, accum=1, res=32)
   c = config_lib.base_config()
   c.total_steps = a["steps"]
   c.batch_size = a["batch"]

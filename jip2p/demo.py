@@ -51,7 +51,7 @@ class Settings:
   out: str = "demo"
   config: str = CONFIG
   config_arg: str = ""
-  steps: int | None = 300  # None: the config's total_steps (8,000)
+  steps: int | None = 300  # None: the config's total_steps (11,000, as the shipped model)
   minutes: float | None = None  # stop training after this long (a checkpoint is saved)
   pretrained: str | None = None  # a model folder to edit with instead of training one
   num_train: int = 20_000  # training examples written

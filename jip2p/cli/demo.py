@@ -1,7 +1,7 @@
 """``jip2p-demo``: the README's main command — the procedural edit world end to end on a CPU.
 
   jip2p-demo                          # write the data, train a few minutes, edit, report → demo/
-  jip2p-demo --out DIR --steps 3000   # train longer (--steps 0: the config's, 8000)
+  jip2p-demo --out DIR --steps 3000   # train longer (--steps 0: the config's, 11000)
   jip2p-demo --minutes 5              # stop training after 5 minutes (a checkpoint is saved)
   jip2p-demo --pretrained             # edit with the model shipped in data/ instead of training
   jip2p-demo --pretrained --sweep     # … and sweep the two guidance scales (table + plot)
@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "configs/synthetic.py)")
   parser.add_argument("--steps", type=int, default=d.steps,
                       help=f"training steps (default {d.steps}: a few minutes on 2 CPU cores; 0: "
-                           "the config's total_steps, 8000; the shipped model trained for 8500)")
+                           "the config's total_steps, 11000, as the shipped model)")
   parser.add_argument("--minutes", type=float, default=None,
                       help="stop training after this many minutes")
   parser.add_argument("--pretrained", nargs="?", const=PRETRAINED, default=None, metavar="DIR",
