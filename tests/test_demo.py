@@ -116,8 +116,10 @@ def test_training_follows_instructions_in_the_world(tmp_path):
 
 def test_shipped_model_edits_and_sweeps(tmp_path):
   """The model in data/ loads in the demo (with the guidance sweep) and in jip2p-edit, and edits:
-  at its best setting it follows held-out instructions far above copying the input (0%), and s_T
-  moves it away from the input."""
+  at its best setting it follows held-out instructions far above copying the input (0%), and the
+  two scales move it as the paper's do. (Measured 2026-12-06, the 11,000-step model: 75% followed,
+  50% success, copy + 8.8 dB, closeness to the input 18.4 / 16.4 / 14.4 dB at s_T 1 / 3 / 7.5
+  and 17.9 → 18.8 dB from s_I 1 to 2 at s_T 1.)"""
   out = tmp_path / "pretrained"
   proc = run_demo(out, "--pretrained", "--sweep", "--num-eval", "12", "--eval-steps", "4")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -127,12 +129,15 @@ def test_shipped_model_edits_and_sweeps(tmp_path):
   best = next(r["scores"]["overall"] for r in metrics["sweep"]
               if (r["text_guidance"], r["image_guidance"]) == (3.0, 1.0))
   copy = metrics["baselines"]["copy"]["overall"]
-  assert best["edit_ok"] >= 0.4 and best["success"] >= 0.2, best
-  assert best["psnr"] >= copy["psnr"] + 3.0, (best, copy)
-  # The s_T axis of the paper's trade-off plot: a larger s_T takes the output further from the input.
-  closeness = {t: np.mean([r["scores"]["overall"]["input_psnr"] for r in metrics["sweep"]
-                           if r["text_guidance"] == t]) for t in (1.0, 7.5)}
-  assert closeness[1.0] >= closeness[7.5] + 2.0, closeness
+  assert best["edit_ok"] >= 0.6 and best["success"] >= 0.3, best
+  assert best["psnr"] >= copy["psnr"] + 6.0, (best, copy)
+  # The paper's trade-off, as closeness to the input: a larger s_T takes the output further from
+  # it, a larger s_I (at s_T 1) keeps it nearer.
+  closeness = {(r["text_guidance"], r["image_guidance"]): r["scores"]["overall"]["input_psnr"]
+               for r in metrics["sweep"]}
+  by_text = {t: np.mean([v for (tt, _), v in closeness.items() if tt == t]) for t in (1.0, 7.5)}
+  assert by_text[1.0] >= by_text[7.5] + 2.0, closeness
+  assert closeness[(1.0, 2.0)] >= closeness[(1.0, 1.0)] + 0.5, closeness
   assert "## Guidance sweep" in (out / "report.md").read_text()
   assert (out / "sweep.png").is_file() and (out / "grid.png").is_file()
 
