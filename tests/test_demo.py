@@ -126,15 +126,15 @@ def test_shipped_model_edits_and_sweeps(tmp_path):
   metrics = json.loads((out / "metrics.json").read_text())
   assert [(r["text_guidance"], r["image_guidance"]) for r in metrics["sweep"]] == [
       (t, i) for t in (1.0, 3.0, 7.5) for i in (1.0, 1.5, 2.0)]
-  best = next(r["scores"]["overall"] for r in metrics["sweep"]
-              if (r["text_guidance"], r["image_guidance"]) == (3.0, 1.0))
+  overall = {(r["text_guidance"], r["image_guidance"]): r["scores"]["overall"]
+             for r in metrics["sweep"]}
+  best = overall[(3.0, 1.0)]
   copy = metrics["baselines"]["copy"]["overall"]
   assert best["edit_ok"] >= 0.6 and best["success"] >= 0.3, best
   assert best["psnr"] >= copy["psnr"] + 6.0, (best, copy)
   # The paper's trade-off, as closeness to the input: a larger s_T takes the output further from
   # it, a larger s_I (at s_T 1) keeps it nearer.
-  closeness = {(r["text_guidance"], r["image_guidance"]): r["scores"]["overall"]["input_psnr"]
-               for r in metrics["sweep"]}
+  closeness = {setting: o["input_psnr"] for setting, o in overall.items()}
   by_text = {t: np.mean([v for (tt, _), v in closeness.items() if tt == t]) for t in (1.0, 7.5)}
   assert by_text[1.0] >= by_text[7.5] + 2.0, closeness
   assert closeness[(1.0, 2.0)] >= closeness[(1.0, 1.0)] + 0.5, closeness
