@@ -1,6 +1,8 @@
 """`jip2p-bench` end to end on CPU at the tiny preset: both sides run in their own processes and the
-run ends in a well-formed table and JSON with the figures of every case."""
+run ends in a well-formed table and JSON with the figures of every case; `bench/torch_baseline.py`
+runs the PyTorch side's cases."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -113,3 +115,28 @@ def test_failed_process_becomes_a_failed_row():
   assert "failed: out of memory" in md
   rows = [l for l in md.splitlines() if l.startswith("|")]
   assert len({l.count("|") for l in rows}) == 1
+
+
+def test_the_baseline_script_runs_the_torch_side_without_ema(monkeypatch, capfd):
+  """`bench/torch_baseline.py`: every figure is a case `jip2p-bench` knows, run by the PyTorch
+  side in its own process with EMA off (here at the tiny preset's size, on the CPU)."""
+  spec = importlib.util.spec_from_file_location("torch_baseline", REPO / "bench/torch_baseline.py")
+  baseline = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(baseline)
+  named = [f[1] for group in baseline.GROUPS.values() for f in group if f[0] == "--case"]
+  assert {cases.parse(name).kind for name in named} == {"train", "edit"}
+  monkeypatch.setenv("PYTHONPATH", str(REPO))
+  monkeypatch.setitem(baseline.GROUPS, "flops", [["--flops", "32"]])
+  monkeypatch.setitem(baseline.GROUPS, "train", [["--case", "train_full_32_b2"]])
+  assert baseline.main(["--preset", "tiny", "--warmup", "0", "--iters", "1", "flops",
+                        "train"]) == 0
+  records = [json.loads(line[len("BENCH "):]) for line in capfd.readouterr().out.splitlines()
+             if line.startswith("BENCH ")]
+  flops, train = records
+  assert flops["what"] == "unet_train_flops_per_image" and flops["flops_per_image"] > 0
+  assert (train["case"], train["ema"], train["iters"]) == ("train_full_32_b2", False, 1)
+  assert baseline.main(["--preset", "nonsense", "flops"]) == 2
+  with pytest.raises(SystemExit) as exit_:
+    baseline.main(["nonsense"])
+  assert exit_.value.code == 2
+  assert "unknown group(s) nonsense" in capfd.readouterr().err
