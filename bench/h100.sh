@@ -26,7 +26,7 @@ bench --sides jax --cases "$targets" --attention xla \
 bench --sides jax --cases train_full_256_b64,train_full_256_b128,train_full_512_b32 --remat \
   --json "$out/remat.json" --markdown "$out/remat.md"
 
-# 3. DESIGN.md §3's baseline definition (no EMA in PyTorch's step), to check this machine
+# 3. docs/design.md §3's baseline definition (no EMA in PyTorch's step), to check this machine
 #    against the recorded baseline figures.
 bench --sides torch --cases train_full_256_b64,train_unet_256_b64 --no-torch-ema \
   --torch-compile none --json "$out/torch_no_ema.json" --markdown "$out/torch_no_ema.md"

@@ -1,4 +1,4 @@
-"""The InstructPix2Pix editor: images + instructions → edited images (DESIGN.md §1, "Editing").
+"""The InstructPix2Pix editor: images + instructions → edited images (docs/design.md §1, "Editing").
 
     editor = Editor.from_pretrained("path/to/instruct-pix2pix")
     [out] = editor(["cat.jpg"], ["make it a tiger"], seed=0)

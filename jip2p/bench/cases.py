@@ -1,4 +1,4 @@
-"""What `jip2p-bench` measures, with the definitions of ``bench/torch_baseline.py`` (DESIGN.md §3).
+"""What `jip2p-bench` measures, with the PyTorch baseline's definitions (docs/design.md §3).
 
 Cases are named by their shapes, so a run at other sizes is just other names:
 

@@ -4,13 +4,14 @@
       [--variant eager|compile] [--no-ema]
   python -m jip2p.bench.torch_side --flops 256 --configs CONFIGS.json
 
-What a user would otherwise run, with the definitions of ``bench/torch_baseline.py``: the step of
-diffusers' ``examples/instruct_pix2pix/train_instruct_pix2pix.py`` (VAE and text encoder frozen in
-bf16, UNet float32 under bf16 autocast, SDPA attention, fused AdamW, conditioning dropout, and the
-script's ``--use_ema`` EMAModel step, foreach) eager or with the UNet under ``torch.compile``;
+What a user would otherwise run, as docs/design.md §3 defines the baseline: the step of diffusers'
+``examples/instruct_pix2pix/train_instruct_pix2pix.py`` (VAE and text encoder frozen in bf16, UNet
+float32 under bf16 autocast, SDPA attention, fused AdamW, conditioning dropout, and the script's
+``--use_ema`` EMAModel step, foreach) eager or with the UNet under ``torch.compile``;
 ``StableDiffusionInstructPix2PixPipeline`` in float16 (float32 on CPU, which lacks fast float16
 kernels) with precomputed prompt embeddings. Random weights at the given configs' shapes. This
-module never imports JAX or TensorFlow.
+module never imports JAX or TensorFlow. ``bench/torch_baseline.py`` produces the baseline's
+figures with it (EMA off); `jip2p-bench` runs it beside the JAX side.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--variant", choices=("eager", "compile"), default="eager",
                  help="train cases: the UNet eager or under torch.compile")
   p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                 help="the script's --use_ema step in the train step (DESIGN.md's baseline: off)")
+                 help="the script's --use_ema step in the train step (the baseline: off)")
   return p.parse_args(argv)
 
 

@@ -1,4 +1,4 @@
-"""Growing the UNet's input convolution for image conditioning (InstructPix2Pix, DESIGN.md §1).
+"""Growing the UNet's input convolution for image conditioning (InstructPix2Pix, docs/design.md §1).
 
 The original keeps the first 4 input channels' weights, zeroes the new ones and keeps the bias, so
 the expanded model starts out computing exactly what the text-to-image model did.

@@ -15,7 +15,7 @@ from jip2p.checkpoints.folders import Pipeline, build_component, save_pipeline
 from jip2p.errors import ConfigError
 from jip2p.tokenizer import CLIPTokenizer
 
-# The scheduler InstructPix2Pix edits with (DESIGN.md §1: Euler ancestral, scaled_linear betas).
+# The scheduler InstructPix2Pix edits with: Euler ancestral, scaled_linear (docs/design.md §1).
 SCHEDULER = {
     "_class_name": "EulerAncestralDiscreteScheduler",
     "beta_start": 0.00085,

@@ -43,7 +43,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="train cases also run with the UNet under torch.compile: "
                       f"targets = {', '.join(cases_lib.COMPILE_CASES)}")
   p.add_argument("--torch-ema", action=argparse.BooleanOptionalAction, default=True,
-                 help="EMA in PyTorch's train step, as in JAX's (DESIGN.md §3's baseline: off)")
+                 help="EMA in PyTorch's train step, as in JAX's (docs/design.md §3 baseline: off)")
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                  help="JAX compute dtype (parameters stay float32)")
   p.add_argument("--attention", choices=("auto", "xla", "cudnn", "pallas"), default="auto",

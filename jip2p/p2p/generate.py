@@ -1,6 +1,6 @@
 """Paired sampling: two images per candidate, image 1 an attention-controlled edit of image 0.
 
-The reference is InstructPix2Pix's ``generate_img_dataset.py`` (DESIGN.md §1, stage 2):
+The reference is InstructPix2Pix's ``generate_img_dataset.py`` (docs/design.md §1, stage 2):
 
   * per candidate a seed; from it the initial noise, p ~ U(min_p, max_p) (0.1, 0.9), the guidance
     scale ~ U(min_cfg, max_cfg) (7.5, 15) and the noise of every ancestral step;

@@ -1,4 +1,4 @@
-"""The resumable dataset-generation driver behind ``jip2p-generate`` (DESIGN.md §1, stages 2–3).
+"""The resumable generation driver behind ``jip2p-generate`` (docs/design.md §1, stages 2–3).
 
 prompts JSONL → candidates (N per prompt, many prompts per device batch) → CLIP sidecar scores →
 filter → `DatasetWriter` triplets, plus one JSON line of every candidate's scores per prompt in

@@ -1,6 +1,6 @@
 """The training config schema, and the checks that turn a bad config into one clear error at start.
 
-Every file in ``configs/`` starts from `base_config()` (the paper's recipe, DESIGN.md §1) and
+Every file in ``configs/`` starts from `base_config()` (the paper's recipe, docs/design.md §1) and
 changes values; `validate` rejects keys the schema does not know (a typo must not be silently
 ignored), values of the wrong type or outside their range, and combinations that cannot run on the
 devices at hand (a batch that does not split over them, a mesh that does not cover them).

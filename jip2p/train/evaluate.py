@@ -1,6 +1,6 @@
 """The validation image grid: fixed pairs edited with the current EMA weights during training.
 
-The edit is the reference one (DESIGN.md §1): Euler ancestral on k-diffusion's discrete grid,
+The edit is the reference one (docs/design.md §1): Euler ancestral on k-diffusion's discrete grid,
 two-scale guidance, starting from noise fixed by a key, so grids of successive evaluations differ
 only by the weights.
 """

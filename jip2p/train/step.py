@@ -1,6 +1,6 @@
 """The InstructPix2Pix train step: one pure function of (state, frozen models, batch).
 
-Per example (DESIGN.md §1): target latents ``z = scaling · VAE.encode(edited).sample()``, image
+Per example (docs/design.md §1): target latents ``z = scaling · VAE.encode(edited).sample()``, image
 conditioning ``VAE.encode(input).mode()`` (unscaled), text ``CLIP(instruction)``; conditioning
 dropout; ``t ~ U{0..T−1}``, ``z_t = √ᾱ_t·z + √(1−ᾱ_t)·ε``; the UNet predicts ε from
 ``concat([z_t, image latent])`` — or the velocity ``v = √ᾱ_t·ε − √(1−ᾱ_t)·z`` for a v-prediction
