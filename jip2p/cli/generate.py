@@ -50,14 +50,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def generation_config(c):
   from jip2p.p2p import filter as filter_lib
-  from jip2p.p2p import generate
-  from jip2p.p2p import run as run_lib
+  from jip2p.p2p import dataset, sampling
   group = c.get("p2p")
   try:
-    p2p = generate.p2p_options(group.to_dict() if group is not None else {})
+    p2p = sampling.p2p_options(group.to_dict() if group is not None else {})
   except ConfigError as e:
     raise ConfigError(f"config.p2p: {e}") from e
-  return run_lib.GenerationConfig(
+  return dataset.GenerationConfig(
       candidates=c.candidates, batch_size=c.batch_size, seed=c.seed, mode=c.mode, p2p=p2p,
       min_p=c.min_p, max_p=c.max_p, min_cfg=c.min_cfg, max_cfg=c.max_cfg,
       filter=filter_lib.FilterConfig(**c.filter.to_dict()), split=c.output.split,
@@ -79,8 +78,8 @@ def _main(argv: Sequence[str] | None) -> int:
   from jip2p.train import config as config_lib
   c = config_lib.load(args.config)
   if args.show_attention is not None:
-    from jip2p.p2p import generate
-    paths = generate.show_attention(_load_pipeline(c), args.show_attention,
+    from jip2p.p2p import sampling
+    paths = sampling.show_attention(_load_pipeline(c), args.show_attention,
                                     os.path.join(args.out, "attention"), seed=c.seed,
                                     steps=c.show_attention_steps, height=c.height, width=c.width)
     print(f"wrote {len(paths)} images to {os.path.dirname(paths[0])}")
@@ -90,8 +89,7 @@ def _main(argv: Sequence[str] | None) -> int:
   from tqdm import tqdm
 
   from jip2p.data.writer import DatasetWriter
-  from jip2p.p2p import generate
-  from jip2p.p2p import run as run_lib
+  from jip2p.p2p import dataset, sampling
   from jip2p.sidecar import ClipScorer
   from jip2p.tokenizer import load_tokenizer
 
@@ -107,10 +105,10 @@ def _main(argv: Sequence[str] | None) -> int:
                       "configs/generate_sd15.py:model=/models/sd15)")
   tokenizer = load_tokenizer(c.model)
   with open(args.prompts, encoding="utf-8") as f:
-    prompts, prompt_report = run_lib.read_prompts(
+    prompts, prompt_report = dataset.read_prompts(
         f, tokenizer, p2p=options.p2p if options.mode == "p2p" else None)
   print(f"{PROG}: prompts: {prompt_report.summary()}", file=sys.stderr, flush=True)
-  prompts = run_lib.partition(prompts, index, total)
+  prompts = dataset.partition(prompts, index, total)
   devices = jax.local_device_count()
   if options.batch_size % devices:
     print(f"{PROG}: batch_size {options.batch_size} is not a multiple of the {devices} devices: "
@@ -126,22 +124,22 @@ def _main(argv: Sequence[str] | None) -> int:
                       batch_size=c.clip.batch_size, timeout=c.clip.timeout,
                       start_timeout=c.clip.start_timeout)
   with scorer:
-    generator = generate.PairGenerator(_load_pipeline(c), steps=c.steps, height=c.height,
+    generator = sampling.PairGenerator(_load_pipeline(c), steps=c.steps, height=c.height,
                                        width=c.width)
     out = args.out if total == 1 else os.path.join(args.out, f"part-{index:05d}-of-{total:05d}")
     metadata = {"generator": PROG, "config": c.to_dict(), "prompts": os.path.abspath(args.prompts),
                 "partition": index, "num_partitions": total}
     writer = DatasetWriter(out, name=c.output.name,
                            examples_per_shard=c.output.examples_per_shard, metadata=metadata)
-    throughput = run_lib.Throughput()
+    throughput = dataset.Throughput()
     with writer, tqdm(total=len(prompts), desc=PROG, unit="prompt", file=sys.stderr) as bar:
       def progress(report):
         bar.update(1)
         bar.set_postfix(throughput.postfix(report), refresh=False)
 
-      first, _ = run_lib.resume_point(writer.cursor(options.split))
+      first, _ = dataset.resume_point(writer.cursor(options.split))
       bar.update(sum(p.index < first for p in prompts))
-      report = run_lib.generate_dataset(generator, scorer, prompts, writer, options,
+      report = dataset.generate_dataset(generator, scorer, prompts, writer, options,
                                         progress=progress)
   rate = report.passed / report.candidates if report.candidates else 0.0
   resumed = (f", resumed at prompt line {report.resumed_after + 1}"
