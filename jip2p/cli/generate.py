@@ -48,35 +48,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def generation_config(c):
-  from jip2p.p2p import filter as filter_lib
-  from jip2p.p2p import dataset, sampling
-  group = c.get("p2p")
-  try:
-    p2p = sampling.p2p_options(group.to_dict() if group is not None else {})
-  except ConfigError as e:
-    raise ConfigError(f"config.p2p: {e}") from e
-  return dataset.GenerationConfig(
-      candidates=c.candidates, batch_size=c.batch_size, seed=c.seed, mode=c.mode, p2p=p2p,
-      min_p=c.min_p, max_p=c.max_p, min_cfg=c.min_cfg, max_cfg=c.max_cfg,
-      filter=filter_lib.FilterConfig(**c.filter.to_dict()), split=c.output.split,
-      image_format=c.output.image_format, jpeg_quality=c.output.jpeg_quality)
-
-
 def _load_pipeline(c):
   import jax.numpy as jnp
 
   from jip2p.checkpoints import load_pipeline
-  if not c.model or not os.path.isdir(c.model):
-    raise ConfigError(f"model folder not found: {c.model!r} (set config.model, e.g. "
-                      "configs/generate_sd15.py:model=/models/sd15)")
   return load_pipeline(c.model, dtype=getattr(jnp, c.compute_dtype))
 
 
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
+  from jip2p.p2p import generation_config
   from jip2p.train import config as config_lib
   c = config_lib.load(args.config)
+  generation_config.validate(c, scoring=args.show_attention is None)
   if args.show_attention is not None:
     from jip2p.p2p import sampling
     paths = sampling.show_attention(_load_pipeline(c), args.show_attention,
@@ -93,20 +77,16 @@ def _main(argv: Sequence[str] | None) -> int:
   from jip2p.sidecar import ClipScorer
   from jip2p.tokenizer import load_tokenizer
 
-  options = generation_config(c)
+  options = generation_config.from_config(c)
   total = args.num_partitions * jax.process_count()
   index = args.partition * jax.process_count() + jax.process_index()
   if not 0 <= args.partition < args.num_partitions:
     raise ConfigError(f"--partition {args.partition} must be in [0, {args.num_partitions})")
   if not os.path.isfile(args.prompts):
     raise InputError(f"prompts file not found: {args.prompts}")
-  if not c.model or not os.path.isdir(c.model):
-    raise ConfigError(f"model folder not found: {c.model!r} (set config.model, e.g. "
-                      "configs/generate_sd15.py:model=/models/sd15)")
-  tokenizer = load_tokenizer(c.model)
   with open(args.prompts, encoding="utf-8") as f:
     prompts, prompt_report = dataset.read_prompts(
-        f, tokenizer, p2p=options.p2p if options.mode == "p2p" else None)
+        f, load_tokenizer(c.model), p2p=options.p2p if options.mode == "p2p" else None)
   print(f"{PROG}: prompts: {prompt_report.summary()}", file=sys.stderr, flush=True)
   prompts = dataset.partition(prompts, index, total)
   devices = jax.local_device_count()
@@ -115,10 +95,8 @@ def _main(argv: Sequence[str] | None) -> int:
           f"each batch runs on {math.gcd(options.batch_size, devices)} of them",
           file=sys.stderr, flush=True)
 
-  # The sidecar first: missing CLIP weights or a sidecar that cannot start fail before any work.
-  if not c.clip.weights:
-    raise ConfigError("no CLIP weights: set config.clip.weights to a local file (e.g. OpenAI's "
-                      "ViT-L-14.pt)")
+  # The sidecar first: CLIP weights that do not load or a sidecar that cannot start fail before
+  # any work.
   scorer = ClipScorer(c.clip.weights, model=c.clip.model, config=c.clip.config or None,
                       device=c.clip.device, precision=c.clip.precision,
                       batch_size=c.clip.batch_size, timeout=c.clip.timeout,

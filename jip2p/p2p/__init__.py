@@ -7,4 +7,5 @@
                `show_attention`: per-token cross-attention heat maps of a prompt
   filter.py    the CLIP filter: thresholds, then the best pairs by direction
   dataset.py   the resumable driver behind ``jip2p-generate``: prompts → filtered triplets
+  generation_config.py  the generation config schema (`base_config`, `validate`), as training's
 """

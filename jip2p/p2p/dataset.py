@@ -29,6 +29,7 @@ from jip2p.data import schema
 from jip2p.errors import ConfigError, InputError
 from jip2p.p2p import filter as filter_lib
 from jip2p.p2p import sampling
+from jip2p.p2p.generation_config import GenerationConfig
 from jip2p.sidecar.protocol import SCORE_KEYS
 
 SCORES_FILE = "candidates.jsonl"
@@ -151,34 +152,6 @@ def partition(prompts: Sequence[Prompt], index: int, count: int) -> list[Prompt]
 def prompt_seeds(base_seed: int, prompt_index: int, n: int) -> np.ndarray:
   """uint32 [n]: the candidate seeds of one prompt, a function of (base seed, line number)."""
   return np.random.SeedSequence([base_seed, prompt_index]).generate_state(n, np.uint32)
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-  """The per-run choices of `generate_dataset` (see configs/generate_sd15.py)."""
-
-  candidates: int = 100
-  batch_size: int = 8
-  seed: int = 0
-  mode: str = "ip2p"
-  p2p: sampling.P2POptions = sampling.P2POptions()  # a prompt's own options take precedence
-  min_p: float = 0.1
-  max_p: float = 0.9
-  min_cfg: float = 7.5
-  max_cfg: float = 15.0
-  filter: filter_lib.FilterConfig = filter_lib.FilterConfig()
-  split: str = "train"
-  image_format: str = "jpeg"
-  jpeg_quality: int = 95
-
-  def __post_init__(self):
-    if self.candidates < 1 or self.batch_size < 1:
-      raise ConfigError(f"candidates={self.candidates} and batch_size={self.batch_size} must be "
-                        "positive")
-    if self.mode not in sampling.MODES:
-      raise ConfigError(f"mode={self.mode!r}: choose one of {sampling.MODES}")
-    if self.image_format not in ("jpeg", "png"):
-      raise ConfigError(f"image_format={self.image_format!r}: choose 'jpeg' or 'png'")
 
 
 @dataclasses.dataclass

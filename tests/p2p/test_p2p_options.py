@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from jip2p.errors import ConfigError
-from jip2p.p2p import dataset, sampling
+from jip2p.p2p import dataset, generation_config, sampling
 
 C0, C1 = "a photo of a cat", "a photo of a dog"
 OVERRIDE = {"cross_replace_steps": [0.0, 0.3], "reweight": {"dog": 3.0}}
@@ -20,9 +20,7 @@ def _line(**extra) -> str:
 
 
 def test_options_from_config_and_json():
-  base = sampling.p2p_options({"edit": "auto", "cross_replace_steps": 0.8, "reweight": {},
-                               "blend_words": None, "self_replace_steps": 0.4,
-                               "blend_threshold": 0.3})
+  base = sampling.p2p_options(generation_config.base_config().p2p.to_dict())
   assert base == sampling.P2POptions(edit="auto", cross_replace_steps=(0.0, 0.8),
                                      self_replace_steps=(0.0, 0.4))
   options = sampling.p2p_options({**OVERRIDE, "blend_words": [["cat"], "dog"]}, base)
@@ -76,7 +74,7 @@ class _Scorer:
 
 
 def _run_images(generator, tokenizer, line, config_p2p):
-  config = dataset.GenerationConfig(candidates=2, batch_size=2, mode="p2p", p2p=config_p2p)
+  config = generation_config.GenerationConfig(candidates=2, batch_size=2, mode="p2p", p2p=config_p2p)
   [prompt], _ = dataset.read_prompts([line], tokenizer, p2p=config_p2p)
   scorer = _Scorer()
   loop = dataset._Run(generator, scorer, None, None, config, dataset.RunReport(), None)
