@@ -16,9 +16,9 @@ on which settings run (the paper's sweep compares settings on the same noise).
 What is scored: the input is the image the model saw (the set's image resized by the editor's
 rule; in a multi-turn session the previous output), the output is compared with it, with the
 captions, with the target where the set has one (`jip2p.eval.paper_metrics` defines each
-metric), and on the procedural world with its exact truth (`jip2p.eval.world_metrics`). CLIP and DINO features
-come from ``scorer`` (`jip2p.sidecar.ClipScorer`, any of CLIP / DINO loaded); the features of a
-set's images and captions are computed once for all settings.
+metric), and on the procedural world with its exact truth (`jip2p.eval.world_metrics`). CLIP and
+DINO features come from ``scorer`` (`jip2p.sidecar.ClipScorer`, any of CLIP / DINO loaded); the
+features of a set's images and captions are computed once for all settings.
 """
 
 from __future__ import annotations

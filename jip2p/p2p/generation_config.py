@@ -1,4 +1,4 @@
-"""The generation config schema, and the checks that turn a bad config into one clear error at start.
+"""The generation config schema, and the checks that turn a bad config into one clear error.
 
 Every ``configs/generate_*.py`` starts from `base_config()` (the paper's settings) and changes
 values, as training configs start from `jip2p.train.config.base_config`. `validate` rejects keys

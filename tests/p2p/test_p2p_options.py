@@ -74,7 +74,8 @@ class _Scorer:
 
 
 def _run_images(generator, tokenizer, line, config_p2p):
-  config = generation_config.GenerationConfig(candidates=2, batch_size=2, mode="p2p", p2p=config_p2p)
+  config = generation_config.GenerationConfig(candidates=2, batch_size=2, mode="p2p",
+                                              p2p=config_p2p)
   [prompt], _ = dataset.read_prompts([line], tokenizer, p2p=config_p2p)
   scorer = _Scorer()
   loop = dataset._Run(generator, scorer, None, None, config, dataset.RunReport(), None)
