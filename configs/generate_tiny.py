@@ -9,26 +9,20 @@ the best 2 by CLIP direction kept: 2 records per prompt.
 Arguments: model, clip, clip_config, candidates, steps, batch, res, top_k, shard, mode.
 """
 
-import importlib.util
-import os
-
+from jip2p.p2p import generation_config
 from jip2p.train import config as config_lib
-
-
-def _sd15():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "generate_sd15.py")
-  spec = importlib.util.spec_from_file_location("generate_sd15", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, model="", clip="", clip_config="", candidates=4, steps=3,
                            batch=3, res=32, top_k=2, shard=1000, mode="ip2p")
-  c = _sd15().get_config(f"candidates={a['candidates']},steps={a['steps']},"
-                         f"batch={a['batch']},res={a['res']},mode={a['mode']}")
+  c = generation_config.base_config()
   c.model = a["model"]
+  c.steps = c.show_attention_steps = a["steps"]
+  c.height = c.width = a["res"]
+  c.candidates = a["candidates"]
+  c.batch_size = a["batch"]
+  c.mode = a["mode"]
   c.clip.weights = a["clip"]
   c.clip.config = a["clip_config"]
   c.clip.device = "cpu"
@@ -38,5 +32,4 @@ def get_config(arg=None):
   c.filter.top_k = a["top_k"]
   c.output.examples_per_shard = a["shard"]
   c.output.image_format = "png"
-  c.show_attention_steps = a["steps"]
   return c

@@ -8,7 +8,7 @@ Each stage runs the code a real run uses:
               tf.data reader (checkpoints, EMA, conditioning dropout, AdamW);
   3. edit   — held-out scenes (dataset seed 1, held-out wording) edited by `jip2p.edit.Editor`
               with two-scale guidance, from the untrained model and from checkpoints along the run
-              (each exported by `jip2p.train.export`);
+              (each exported by `jip2p.train.exporting`);
   4. report — exact scores (`jip2p.eval.world_metrics`: PSNR, per-family success) in
               ``report.md``, with ``grid.png`` (input | instruction | output | ground truth) and
               ``metrics.png`` (loss and held-out success over the training steps).
@@ -396,7 +396,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
   s.validate()
   from jip2p import checkpoints
   from jip2p.edit import Editor
-  from jip2p.train import export
+  from jip2p.train import exporting
   os.makedirs(s.out, exist_ok=True)
   timings: dict[str, float] = {}
   points: list[dict[str, Any]] = []
@@ -446,7 +446,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
       config.checkpoint.keep = max(config.checkpoint.keep, s.eval_points + 1)
       config.export.at_end = ""
     workdir = os.path.join(s.out, "run")
-    evaluate(0, Editor(export.build_pipeline(config)))
+    evaluate(0, Editor(exporting.build_pipeline(config)))
     start = time.time()
     result = train(config, workdir, minutes=s.minutes)
     timings["train"] = time.time() - start
@@ -459,7 +459,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
     saved.close()
     model_dir = os.path.join(s.out, "model")
     for step in steps:
-      export.export_from_workdir(workdir, model_dir, step=step, overwrite=True)
+      exporting.export_from_workdir(workdir, model_dir, step=step, overwrite=True)
       editor = Editor(checkpoints.load_pipeline(model_dir))
       evaluate(step, editor)
     info = {"model": f"`configs/synthetic.py` trained {result['step']} steps (EMA weights, "

@@ -4,7 +4,7 @@
 
 Run by `jip2p-bench` (jip2p/cli/bench.py), which passes both sides the same model configs. What
 runs is jip2p's own code: the trainer's jitted step (`jip2p.train.step`, FSDP mesh of one device,
-donated state), `jip2p.edit.Editor` and `jip2p.p2p.generate.PairGenerator`; weights are random
+donated state), `jip2p.edit.Editor` and `jip2p.p2p.sampling.PairGenerator`; weights are random
 at the configs' shapes (written straight into abstract models: no per-parameter compilation).
 """
 
@@ -227,7 +227,7 @@ def _edit(case: cases.Case, configs: dict, *, dtype, attention: str, remat: bool
 
 def _p2p(case: cases.Case, configs: dict, *, dtype, attention: str, remat: bool,
          first_only: bool) -> dict:
-  from jip2p.p2p.generate import PairGenerator
+  from jip2p.p2p.sampling import PairGenerator
   pipe = _pipeline(configs, unet_in_channels=configs["vae"]["latent_channels"], dtype=dtype,
                    attention=attention)
   generator = PairGenerator(pipe, steps=case.steps, height=case.res, width=case.res)

@@ -1,24 +1,18 @@
-"""Checkpoint formats: diffusers folders (read/write, no torch), single files, orbax state.
+"""Checkpoint formats: diffusers folders (read/write, no torch), single-file conversion (in a torch
+child process), IP2P's conv_in expansion, and random pipelines of the presets."""
 
-Names are imported on first use, so that `load_torch_state_dict` needs none of the model modules.
-"""
+from jip2p.checkpoints.conv_in import expand_conv_in
+from jip2p.checkpoints.convert import convert_single_file
+from jip2p.checkpoints.folders import (SAVE_DTYPES, Pipeline, build_component, check_save_dtype,
+                                       load_component, load_pipeline, random_init,
+                                       save_component, save_pipeline)
+from jip2p.checkpoints.mapping import load_torch_state_dict, to_torch_state_dict
+from jip2p.checkpoints.presets import (PRESETS, create_random_pipeline, preset_configs,
+                                       random_pipeline)
 
-import importlib
-
-_HOME = {
-    "expand_conv_in": "conv_in", "convert_single_file": "convert",
-    "Pipeline": "folders", "build_component": "folders", "load_component": "folders",
-    "load_pipeline": "folders", "random_init": "folders", "save_component": "folders",
-    "save_pipeline": "folders", "SAVE_DTYPES": "folders", "check_save_dtype": "folders",
-    "load_torch_state_dict": "mapping", "to_torch_state_dict": "mapping",
-    "PRESETS": "presets", "create_random_pipeline": "presets", "preset_configs": "presets",
-    "random_pipeline": "presets",
-    "restore_state": "state", "save_state": "state",
-}
-__all__ = sorted(_HOME)
-
-
-def __getattr__(name):
-  if name not in _HOME:
-    raise AttributeError(f"module 'jip2p.checkpoints' has no attribute {name!r}")
-  return getattr(importlib.import_module(f"jip2p.checkpoints.{_HOME[name]}"), name)
+__all__ = [
+    "PRESETS", "SAVE_DTYPES", "Pipeline", "build_component", "check_save_dtype",
+    "convert_single_file", "create_random_pipeline", "expand_conv_in", "load_component",
+    "load_pipeline", "load_torch_state_dict", "preset_configs", "random_init", "random_pipeline",
+    "save_component", "save_pipeline", "to_torch_state_dict",
+]

@@ -4,8 +4,8 @@ Covers ``v1-5-pruned-emaonly.ckpt``-style SD 1.x files, SD 2.x (OpenCLIP text en
 the released ``instruct-pix2pix-00-22000.ckpt`` (8 input channels, EMA and raw weights).
 The key renaming is diffusers' own (``diffusers.loaders.single_file_utils``); the configurations
 come from jip2p's presets with the input channels read off the weights, so nothing is fetched
-from a hub. This needs torch, so `convert_single_file` runs it in a separate process; the
-``jip2p-convert`` console script is that process.
+from a hub. This needs torch, so `convert_single_file` runs `convert_file` in a separate process,
+the ``jip2p-convert`` console script (`jip2p.cli.convert`).
 
 Pickle files (``.ckpt``/``.pt``/``.bin``) are opened with ``torch.load(weights_only=True)``: a file
 that holds anything but tensors and plain containers is refused, never executed.
@@ -13,17 +13,15 @@ that holds anything but tensors and plain containers is refused, never executed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
 import types
 
-from jip2p.checkpoints.conv_in import expand_conv_in
-from jip2p.checkpoints.folders import SAVE_DTYPES, Pipeline, build_component, save_pipeline
+from jip2p.checkpoints import conv_in
+from jip2p.checkpoints.folders import Pipeline, build_component, save_pipeline
 from jip2p.checkpoints.mapping import load_torch_state_dict
-from jip2p.checkpoints.presets import PRESETS, preset_configs
-from jip2p.cli import run
+from jip2p.checkpoints.presets import preset_configs
 from jip2p.errors import CheckpointError
 from jip2p.models import clip_text
 from jip2p.tokenizer import CLIPTokenizer
@@ -41,7 +39,7 @@ def convert_single_file(src: str, dst: str, *, preset: str | None = None, extrac
 
   Raises `CheckpointError` with the child's message when the conversion fails.
   """
-  cmd = [sys.executable, "-m", "jip2p.checkpoints.convert", src, dst]
+  cmd = [sys.executable, "-m", "jip2p.cli.convert", src, dst]
   cmd += ["--preset", preset] if preset else []
   cmd += [] if extract_ema else ["--no-ema"]
   cmd += ["--expand-conv-in", str(expand_conv_in)] if expand_conv_in else []
@@ -123,41 +121,15 @@ def convert_state(state: dict, *, preset: str | None = None, extract_ema: bool =
                   tokenizer=tokenizer, scheduler_config=configs["scheduler"])
 
 
-def _main(argv) -> int:
-  parser = argparse.ArgumentParser(
-      prog="jip2p-convert",
-      description="Convert a single-file Stable Diffusion / InstructPix2Pix checkpoint (original "
-                  "CompVis layout, .ckpt or .safetensors) into a diffusers-format folder that "
-                  "jip2p and diffusers load.")
-  parser.add_argument("src", help="the .ckpt / .safetensors file")
-  parser.add_argument("dst", help="output folder (diffusers format)")
-  parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                      help="architecture of the file (default: detected, sd15 or sd21)")
-  parser.add_argument("--no-ema", action="store_true",
-                      help="take the raw weights where the file also has EMA ones (default: EMA)")
-  parser.add_argument("--expand-conv-in", type=int, default=None, metavar="N",
-                      help="grow the UNet's input conv to N channels (8 for InstructPix2Pix "
-                           "training from a text-to-image model); new channels start at zero")
-  parser.add_argument("--dtype", choices=SAVE_DTYPES, default="float32",
-                      help="the stored weights' type; float16 halves the folder and loads back "
-                           "as float32 (default: float32)")
-  parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
-  args = parser.parse_args(argv)
-  if os.path.exists(args.dst) and not args.overwrite:
-    raise CheckpointError(f"{args.dst} exists; pass --overwrite to replace it")
-  pipeline = convert_state(read_single_file(args.src), preset=args.preset,
-                           extract_ema=not args.no_ema)
-  if args.expand_conv_in and args.expand_conv_in != pipeline.unet.config.in_channels:
-    pipeline.unet = expand_conv_in(pipeline.unet, args.expand_conv_in)
-  save_pipeline(pipeline, args.dst, overwrite=args.overwrite, dtype=args.dtype)
-  print(f"wrote {args.dst} (UNet with {pipeline.unet.config.in_channels} input channels, "
-        f"{args.dtype} weights)")
-  return 0
-
-
-def main(argv=None) -> int:
-  return run(_main, argv, "jip2p-convert")
-
-
-if __name__ == "__main__":
-  sys.exit(main())
+def convert_file(src: str, dst: str, *, preset: str | None = None, extract_ema: bool = True,
+                 expand_conv_in: int | None = None, overwrite: bool = False,
+                 dtype: str = "float32") -> Pipeline:
+  """`convert_single_file`'s work, in this process (which needs torch); returns the pipeline
+  written to ``dst``."""
+  if os.path.exists(dst) and not overwrite:
+    raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+  pipeline = convert_state(read_single_file(src), preset=preset, extract_ema=extract_ema)
+  if expand_conv_in and expand_conv_in != pipeline.unet.config.in_channels:
+    pipeline.unet = conv_in.expand_conv_in(pipeline.unet, expand_conv_in)
+  save_pipeline(pipeline, dst, overwrite=overwrite, dtype=dtype)
+  return pipeline

@@ -94,7 +94,7 @@ def _main(argv: Sequence[str] | None) -> int:
   from jip2p.data.tf_setup import import_tf
   from jip2p.data.writer import DatasetWriter
   from jip2p.p2p import filter as filter_lib
-  from jip2p.p2p.run import resume_point
+  from jip2p.p2p.dataset import resume_point
   from jip2p.sidecar import SCORE_KEYS, ClipScorer
 
   config = filter_lib.FilterConfig(

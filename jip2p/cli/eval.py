@@ -31,7 +31,7 @@ from jip2p import edit
 from jip2p.cli import run
 from jip2p.errors import ConfigError
 from jip2p.eval import sets, sweep
-from jip2p.eval.run import RunConfig, check_run_info, evaluate
+from jip2p.eval.runner import RunConfig, check_run_info, evaluate
 from jip2p.models.attention import IMPLEMENTATIONS
 from jip2p.sidecar.server import DEFAULT_MODEL, PRECISIONS
 

@@ -29,9 +29,9 @@ def _main(argv: Sequence[str] | None) -> int:
                            "back as float32 (default: float32)")
   parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   args = parser.parse_args(argv)
-  from jip2p.train import export  # JAX is imported once the arguments are known to be good.
-  step = export.export_from_workdir(args.workdir, args.out, weights=args.weights, step=args.step,
-                                    overwrite=args.overwrite, dtype=args.dtype)
+  from jip2p.train import exporting  # JAX is imported once the arguments are known to be good.
+  step = exporting.export_from_workdir(args.workdir, args.out, weights=args.weights,
+                                       step=args.step, overwrite=args.overwrite, dtype=args.dtype)
   print(f"exported {args.weights} weights of step {step} to {args.out} ({args.dtype})")
   return 0
 

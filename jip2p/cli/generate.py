@@ -48,39 +48,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
-def generation_config(c):
-  from jip2p.p2p import filter as filter_lib
-  from jip2p.p2p import generate
-  from jip2p.p2p import run as run_lib
-  group = c.get("p2p")
-  try:
-    p2p = generate.p2p_options(group.to_dict() if group is not None else {})
-  except ConfigError as e:
-    raise ConfigError(f"config.p2p: {e}") from e
-  return run_lib.GenerationConfig(
-      candidates=c.candidates, batch_size=c.batch_size, seed=c.seed, mode=c.mode, p2p=p2p,
-      min_p=c.min_p, max_p=c.max_p, min_cfg=c.min_cfg, max_cfg=c.max_cfg,
-      filter=filter_lib.FilterConfig(**c.filter.to_dict()), split=c.output.split,
-      image_format=c.output.image_format, jpeg_quality=c.output.jpeg_quality)
-
-
 def _load_pipeline(c):
   import jax.numpy as jnp
 
   from jip2p.checkpoints import load_pipeline
-  if not c.model or not os.path.isdir(c.model):
-    raise ConfigError(f"model folder not found: {c.model!r} (set config.model, e.g. "
-                      "configs/generate_sd15.py:model=/models/sd15)")
   return load_pipeline(c.model, dtype=getattr(jnp, c.compute_dtype))
 
 
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
+  from jip2p.p2p import generation_config
   from jip2p.train import config as config_lib
   c = config_lib.load(args.config)
+  generation_config.validate(c, scoring=args.show_attention is None)
   if args.show_attention is not None:
-    from jip2p.p2p import generate
-    paths = generate.show_attention(_load_pipeline(c), args.show_attention,
+    from jip2p.p2p import sampling
+    paths = sampling.show_attention(_load_pipeline(c), args.show_attention,
                                     os.path.join(args.out, "attention"), seed=c.seed,
                                     steps=c.show_attention_steps, height=c.height, width=c.width)
     print(f"wrote {len(paths)} images to {os.path.dirname(paths[0])}")
@@ -90,58 +73,51 @@ def _main(argv: Sequence[str] | None) -> int:
   from tqdm import tqdm
 
   from jip2p.data.writer import DatasetWriter
-  from jip2p.p2p import generate
-  from jip2p.p2p import run as run_lib
+  from jip2p.p2p import dataset, sampling
   from jip2p.sidecar import ClipScorer
   from jip2p.tokenizer import load_tokenizer
 
-  options = generation_config(c)
+  options = generation_config.from_config(c)
   total = args.num_partitions * jax.process_count()
   index = args.partition * jax.process_count() + jax.process_index()
   if not 0 <= args.partition < args.num_partitions:
     raise ConfigError(f"--partition {args.partition} must be in [0, {args.num_partitions})")
   if not os.path.isfile(args.prompts):
     raise InputError(f"prompts file not found: {args.prompts}")
-  if not c.model or not os.path.isdir(c.model):
-    raise ConfigError(f"model folder not found: {c.model!r} (set config.model, e.g. "
-                      "configs/generate_sd15.py:model=/models/sd15)")
-  tokenizer = load_tokenizer(c.model)
   with open(args.prompts, encoding="utf-8") as f:
-    prompts, prompt_report = run_lib.read_prompts(
-        f, tokenizer, p2p=options.p2p if options.mode == "p2p" else None)
+    prompts, prompt_report = dataset.read_prompts(
+        f, load_tokenizer(c.model), p2p=options.p2p if options.mode == "p2p" else None)
   print(f"{PROG}: prompts: {prompt_report.summary()}", file=sys.stderr, flush=True)
-  prompts = run_lib.partition(prompts, index, total)
+  prompts = dataset.partition(prompts, index, total)
   devices = jax.local_device_count()
   if options.batch_size % devices:
     print(f"{PROG}: batch_size {options.batch_size} is not a multiple of the {devices} devices: "
           f"each batch runs on {math.gcd(options.batch_size, devices)} of them",
           file=sys.stderr, flush=True)
 
-  # The sidecar first: missing CLIP weights or a sidecar that cannot start fail before any work.
-  if not c.clip.weights:
-    raise ConfigError("no CLIP weights: set config.clip.weights to a local file (e.g. OpenAI's "
-                      "ViT-L-14.pt)")
+  # The sidecar first: CLIP weights that do not load or a sidecar that cannot start fail before
+  # any work.
   scorer = ClipScorer(c.clip.weights, model=c.clip.model, config=c.clip.config or None,
                       device=c.clip.device, precision=c.clip.precision,
                       batch_size=c.clip.batch_size, timeout=c.clip.timeout,
                       start_timeout=c.clip.start_timeout)
   with scorer:
-    generator = generate.PairGenerator(_load_pipeline(c), steps=c.steps, height=c.height,
+    generator = sampling.PairGenerator(_load_pipeline(c), steps=c.steps, height=c.height,
                                        width=c.width)
     out = args.out if total == 1 else os.path.join(args.out, f"part-{index:05d}-of-{total:05d}")
     metadata = {"generator": PROG, "config": c.to_dict(), "prompts": os.path.abspath(args.prompts),
                 "partition": index, "num_partitions": total}
     writer = DatasetWriter(out, name=c.output.name,
                            examples_per_shard=c.output.examples_per_shard, metadata=metadata)
-    throughput = run_lib.Throughput()
+    throughput = dataset.Throughput()
     with writer, tqdm(total=len(prompts), desc=PROG, unit="prompt", file=sys.stderr) as bar:
       def progress(report):
         bar.update(1)
         bar.set_postfix(throughput.postfix(report), refresh=False)
 
-      first, _ = run_lib.resume_point(writer.cursor(options.split))
+      first, _ = dataset.resume_point(writer.cursor(options.split))
       bar.update(sum(p.index < first for p in prompts))
-      report = run_lib.generate_dataset(generator, scorer, prompts, writer, options,
+      report = dataset.generate_dataset(generator, scorer, prompts, writer, options,
                                         progress=progress)
   rate = report.passed / report.candidates if report.candidates else 0.0
   resumed = (f", resumed at prompt line {report.resumed_after + 1}"

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from jip2p.errors import ConfigError
-from jip2p.eval import metrics
-from jip2p.eval.run import METRICS, Setting
+from jip2p.eval import paper_metrics
+from jip2p.eval.runner import METRICS, Setting
 
 SWEEPS = ("none", "image", "text", "both")
 IMAGE_VALUES = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2)
@@ -59,7 +59,7 @@ def summary_table(rows: Sequence[dict], setting_list: Sequence[Setting], *,
     mine = [r for r in rows if r["setting"] == setting.key]
     if not mine:
       continue
-    groups = metrics.summarize(mine, present, group_key=group_key, confidence=confidence)
+    groups = paper_metrics.summarize(mine, present, group_key=group_key, confidence=confidence)
     for group, means in groups.items():
       size = len(mine) if group == "all" else sum(
           1 for r in mine if str(r.get(group_key) or "") == group)

@@ -15,7 +15,7 @@ and `LocalBlend`, which confines the edit to where chosen words attend, blending
 every step from cross-attention maps that an `AttentionStore` collects during the UNet call.
 
 Controllers are frozen dataclasses registered as pytrees: per-candidate arrays are data, sizes
-are static. They are built on the host (`jip2p.p2p.generate` builds them from captions), passed
+are static. They are built on the host (`jip2p.p2p.sampling` builds them from captions), passed
 into the jitted sampler, and `at_step(i)` gives the controller of (traced) step i, so one compiled
 program serves every p, caption and edit of the same shapes.
 

@@ -3,6 +3,6 @@
 One concern per file: `config` (the schema every config file starts from, and its checks),
 `distributed` (joining a multi-host run), `sharding` (mesh and path → PartitionSpec rules), `step`
 (the pure train step), `input` (batches per host), `checkpointing` (orbax), `metrics` and `events`
-(TensorBoard, FLOPs, MFU), `evaluate` (the validation image grid), `export` (the models a run
+(TensorBoard, FLOPs, MFU), `evaluate` (the validation image grid), `exporting` (the models a run
 starts from and the diffusers folders it writes) and `loop` (which wires them, top to bottom).
 """

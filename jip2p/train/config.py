@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from jip2p.config_schema import check_keys
 from jip2p.errors import ConfigError
 from jip2p.models.attention import IMPLEMENTATIONS
 
@@ -88,7 +89,10 @@ def load(spec: str) -> ml_collections.ConfigDict:
   module_spec.loader.exec_module(module)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"{path} has no get_config()")
-  return module.get_config(arg or None)
+  try:
+    return module.get_config(arg or None)
+  except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. a value of another type
+    raise ConfigError(f"{path}: {e}") from None
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -111,30 +115,6 @@ def parse_arg(arg: str | None, **defaults):
   return out
 
 
-def _check_keys(config, schema, prefix: str = "") -> None:
-  unknown = sorted(set(config.keys()) - set(schema.keys()))
-  if unknown:
-    names = ", ".join(prefix + k for k in unknown)
-    raise ConfigError(f"unknown config key(s): {names}")
-  for key in schema.keys():
-    if key not in config:
-      raise ConfigError(f"config is missing key {prefix + key}")
-    value, expected = config[key], schema[key]
-    if isinstance(expected, ml_collections.ConfigDict):
-      if not isinstance(value, ml_collections.ConfigDict):
-        raise ConfigError(f"config.{prefix + key} must be a group of settings, got {value!r}")
-      _check_keys(value, expected, prefix + key + ".")
-      continue
-    if isinstance(expected, bool) or not isinstance(expected, (int, float)):
-      ok = isinstance(value, type(expected))
-    else:  # An int is fine where a float is expected; a bool is never a number here.
-      numeric = (int, float) if isinstance(expected, float) else (int,)
-      ok = isinstance(value, numeric) and not isinstance(value, bool)
-    if not ok:
-      raise ConfigError(f"config.{prefix + key}={value!r} must be of type "
-                        f"{type(expected).__name__}")
-
-
 def _require(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)
@@ -142,7 +122,7 @@ def _require(ok: bool, message: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Device-independent checks: keys, types, ranges and choices. Raises `ConfigError`."""
-  _check_keys(config, base_config())
+  check_keys(config, base_config())
   m, d, o = config.model, config.data, config.optimizer
   _require(bool(m.init), "config.model.init is empty: set it to a diffusers-format Stable "
            "Diffusion folder (--config.model.init=/path/to/sd15) or to 'random:tiny'")

@@ -99,7 +99,7 @@ def ldm_state(preset="tiny", *, unet_in_channels=8, seed=0):
 
 
 def run_convert(*args):
-  return subprocess.run([sys.executable, "-m", "jip2p.checkpoints.convert", *map(str, args)],
+  return subprocess.run([sys.executable, "-m", "jip2p.cli.convert", *map(str, args)],
                         capture_output=True, text=True)
 
 

@@ -83,18 +83,6 @@ def test_expand_conv_in_rule(tmp_path):
     checkpoints.expand_conv_in(unet8, 4)
 
 
-def test_orbax_round_trip(pipeline, tmp_path):
-  checkpoints.save_state(str(tmp_path / "vae"), pipeline.vae)
-  fresh = checkpoints.build_component(checkpoints.preset_configs("tiny")["vae"], abstract=True)
-  checkpoints.restore_state(str(tmp_path / "vae"), fresh)
-  a = checkpoints.to_torch_state_dict(pipeline.vae)
-  b = checkpoints.to_torch_state_dict(fresh)
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key])
-  with pytest.raises(CheckpointError, match="missing orbax checkpoint"):
-    checkpoints.restore_state(str(tmp_path / "nothing"), fresh)
-
-
 def _copy(torch_folder, tmp_path):
   folder = str(tmp_path / "copy")
   shutil.copytree(torch_folder, folder)

@@ -16,7 +16,7 @@ from PIL import Image
 from jip2p import checkpoints
 from jip2p.cli import eval as eval_cli
 from jip2p.errors import Jip2pError
-from jip2p.eval import metrics, sets
+from jip2p.eval import paper_metrics, sets
 from jip2p.sidecar import ClipScorer, server
 from tests.eval import tiny_dino
 from tests.sidecar import tiny_clip
@@ -53,7 +53,7 @@ def test_sidecar_dino_and_clip_metrics_equal_in_process_references(models):
     np.testing.assert_allclose(scorer.encode_dino(square),
                                tiny_dino.reference_features(models["dino_state"], square),
                                atol=2e-5)
-    np.testing.assert_allclose(metrics.dino_similarity(dino[:2], dino[1:]),
+    np.testing.assert_allclose(paper_metrics.dino_similarity(dino[:2], dino[1:]),
                                [cos(want[0], want[1]), cos(want[1], want[2])], atol=2e-5)
 
     # The CLIP metric functions on sidecar features = the reference's scores in-process.
@@ -61,10 +61,11 @@ def test_sidecar_dino_and_clip_metrics_equal_in_process_references(models):
     ref = tiny_clip.reference_scores(models["clip"], im0, im1, c0, c1)
     f0, f1 = scorer.encode_images(im0), scorer.encode_images(im1)
     t0, t1 = scorer.encode_texts(c0), scorer.encode_texts(c1)
-  np.testing.assert_allclose(metrics.clip_image_similarity(f0, f1), ref["sim_image"], atol=1e-5)
-  np.testing.assert_allclose(metrics.clip_directional_similarity(f0, f1, t0, t1),
+  np.testing.assert_allclose(paper_metrics.clip_image_similarity(f0, f1), ref["sim_image"],
+                             atol=1e-5)
+  np.testing.assert_allclose(paper_metrics.clip_directional_similarity(f0, f1, t0, t1),
                              ref["sim_direction"], atol=1e-5)
-  np.testing.assert_allclose(metrics.clip_text_similarity(f1, t1), ref["sim_1"], atol=1e-5)
+  np.testing.assert_allclose(paper_metrics.clip_text_similarity(f1, t1), ref["sim_1"], atol=1e-5)
 
 
 def test_dino_only_server_and_its_errors(models, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from jip2p.data import writer
 from jip2p.errors import InputError
 from jip2p.eval import sets
-from jip2p.eval.run import RunConfig, Setting, evaluate
+from jip2p.eval.runner import RunConfig, Setting, evaluate
 from tests.data import triplet_fixtures as fx
 
 pytestmark = pytest.mark.tf

@@ -71,5 +71,5 @@ STEPS = 6
 @pytest.fixture(scope="session")
 def generator(pipeline):
   """One PairGenerator (6 steps, 32 px) for all modules, so that equal batch shapes compile once."""
-  from jip2p.p2p import generate
-  return generate.PairGenerator(pipeline, steps=STEPS, height=32, width=32)
+  from jip2p.p2p import sampling
+  return sampling.PairGenerator(pipeline, steps=STEPS, height=32, width=32)

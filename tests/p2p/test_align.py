@@ -9,7 +9,7 @@ import pytest
 
 from jip2p.errors import ConfigError, InputError
 from jip2p.p2p import align
-from jip2p.p2p.generate import cross_replace_alpha, self_replace_window
+from jip2p.p2p.sampling import cross_replace_alpha, self_replace_window
 from jip2p.tokenizer import CLIPTokenizer
 
 TOK = CLIPTokenizer.default()

@@ -161,21 +161,21 @@ def test_clip_filter_rescores_and_keeps_the_subset(assets, uninterrupted, tmp_pa
 
 
 def test_prompts_partitions_and_seeds():
-  from jip2p.p2p import run
+  from jip2p.p2p import dataset
   from jip2p.tokenizer import CLIPTokenizer
-  prompts, report = run.read_prompts(PROMPTS + ["", "[1, 2]"], CLIPTokenizer.default())
+  prompts, report = dataset.read_prompts(PROMPTS + ["", "[1, 2]"], CLIPTokenizer.default())
   assert [p.index for p in prompts] == GOOD_LINES and prompts[1].input == "a red house"
   assert report.skipped["not a JSON object"] == [8] and report.truncated == [6]
-  parts = [run.partition(prompts, k, 2) for k in range(2)]
+  parts = [dataset.partition(prompts, k, 2) for k in range(2)]
   assert [p.index for p in parts[0]] == [0, 2] and [p.index for p in parts[1]] == [5]
-  seeds = run.prompt_seeds(0, 5, 4)
+  seeds = dataset.prompt_seeds(0, 5, 4)
   assert seeds.dtype == np.uint32 and len(set(seeds.tolist())) == 4
-  np.testing.assert_array_equal(seeds, run.prompt_seeds(0, 5, 4))
-  assert not np.array_equal(seeds, run.prompt_seeds(0, 2, 4))
-  assert not np.array_equal(seeds, run.prompt_seeds(1, 5, 4))
-  assert run.resume_point(None) == (-1, 0)
-  assert run.resume_point({"prompt": 5, "written": 1, "of": 2}) == (5, 1)
-  assert run.resume_point({"prompt": 5, "written": 2, "of": 2}) == (6, 0)
+  np.testing.assert_array_equal(seeds, dataset.prompt_seeds(0, 5, 4))
+  assert not np.array_equal(seeds, dataset.prompt_seeds(0, 2, 4))
+  assert not np.array_equal(seeds, dataset.prompt_seeds(1, 5, 4))
+  assert dataset.resume_point(None) == (-1, 0)
+  assert dataset.resume_point({"prompt": 5, "written": 1, "of": 2}) == (5, 1)
+  assert dataset.resume_point({"prompt": 5, "written": 2, "of": 2}) == (6, 0)
 
 
 def test_p2p_mode_checks_options_before_generating(assets, tmp_path, capsys):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jip2p.diffusion import schedules
-from jip2p.p2p import align, generate
+from jip2p.p2p import align, sampling
 from tests.p2p import torch_reference
 from tests.p2p.conftest import STEPS
 
@@ -22,8 +22,8 @@ def reference_inputs(pipeline, generator, pairs, seeds):
   schedule = generator.schedule
   return dict(
       tokens=tok([c for pair in pairs for c in pair]), null_tokens=tok([""]),
-      noise=to_nchw(generate.initial_noise(seeds_u32, shape)),
-      step_noises=np.stack([to_nchw(generate.step_noise(seeds_u32, i, shape))
+      noise=to_nchw(sampling.initial_noise(seeds_u32, shape)),
+      step_noises=np.stack([to_nchw(sampling.step_noise(seeds_u32, i, shape))
                             for i in range(STEPS)]),
       sigmas=np.asarray(schedule.sigmas), timesteps=np.asarray(schedule.timesteps))
 
@@ -51,7 +51,7 @@ def test_ip2p_matches_the_reference(sd_folder, pipeline, generator):
            ("a house by a lake", "a house by a lake at night")] * 2
   seeds = [2, 4, 8, 15, 16, 22]  # p from 0.60 to 0.90: sharing for 3 to 5 of the 6 steps.
   result = generator(pairs, seeds)
-  p, cfg = generate.candidate_draws(seeds)
+  p, cfg = sampling.candidate_draws(seeds)
   np.testing.assert_array_equal(result.p, p)
   np.testing.assert_array_equal(result.cfg_scale, cfg)
   inputs = reference_inputs(pipeline, generator, pairs, seeds)
@@ -70,11 +70,11 @@ def test_p2p_replace_and_local_blend_match_the_reference(sd_folder, pipeline, ge
   with a threshold of 0.9: random weights attend almost evenly, so 0.3 would keep everything."""
   pair = ("a cat on a mat", "a hippopotamus on a mat")
   seeds = [5, 5]
-  options = [generate.P2POptions(cross_replace_steps=0.8, self_replace_steps=0.4),
-             generate.P2POptions(cross_replace_steps=0.8, self_replace_steps=0.4,
+  options = [sampling.P2POptions(cross_replace_steps=0.8, self_replace_steps=0.4),
+             sampling.P2POptions(cross_replace_steps=0.8, self_replace_steps=0.4,
                                  blend_words=(["cat"], ["hippopotamus"]), blend_threshold=0.9)]
   result = generator([pair, pair], seeds, mode="p2p", p2p=options)
-  _, cfg = generate.candidate_draws(seeds)
+  _, cfg = sampling.candidate_draws(seeds)
 
   tok, length = pipeline.tokenizer, pipeline.tokenizer.max_length
   mapper = align.replacement_mapper(tok, *pair)
@@ -94,7 +94,7 @@ def test_p2p_replace_and_local_blend_match_the_reference(sd_folder, pipeline, ge
   # The edits matter: LocalBlend changes image 1 only; without any edit image 1 differs.
   np.testing.assert_array_equal(ref[0, 0], ref[1, 0])
   assert np.abs(ref[0, 1].astype(int) - ref[1, 1]).max() > 10 * TOLERANCE
-  no_edit = generate.P2POptions(edit="none", cross_replace_steps=0.0, self_replace_steps=0.0,
+  no_edit = sampling.P2POptions(edit="none", cross_replace_steps=0.0, self_replace_steps=0.0,
                                 blend_words=(["cat"], ["hippopotamus"]), blend_threshold=-1.0)
   plain = generator([pair, pair], seeds, mode="p2p", p2p=no_edit).images
   assert np.abs(plain[0, 1].astype(int) - ref[0, 1]).max() > 10 * TOLERANCE

@@ -13,7 +13,7 @@ from PIL import Image
 
 from jip2p.errors import ConfigError, InputError
 from jip2p.models.unet import UNetConfig
-from jip2p.p2p import control, generate
+from jip2p.p2p import control, sampling
 from tests.p2p.conftest import STEPS
 
 C0, C1 = "a photo of a cat", "a watercolor painting of a dog"
@@ -56,15 +56,15 @@ def test_sharing_changes_image1_only(ip2p_batch):
 
 
 def test_draws_come_from_the_seed():
-  p, cfg = generate.candidate_draws([7, 8, 7], min_p=0.2, max_p=0.3, min_cfg=5, max_cfg=6)
+  p, cfg = sampling.candidate_draws([7, 8, 7], min_p=0.2, max_p=0.3, min_cfg=5, max_cfg=6)
   assert p[0] == p[2] and p[0] != p[1] and cfg[0] == cfg[2]
   assert ((0.2 <= p) & (p <= 0.3)).all() and ((5 <= cfg) & (cfg <= 6)).all()
-  default_p, default_cfg = generate.candidate_draws(np.arange(200))
+  default_p, default_cfg = sampling.candidate_draws(np.arange(200))
   assert 0.1 <= default_p.min() and default_p.max() <= 0.9 and default_p.std() > 0.15
   assert 7.5 <= default_cfg.min() and default_cfg.max() <= 15 and default_cfg.std() > 1.5
-  noise = generate.initial_noise(jnp.array([7, 8, 7], jnp.uint32), (4, 4, 4))
+  noise = sampling.initial_noise(jnp.array([7, 8, 7], jnp.uint32), (4, 4, 4))
   np.testing.assert_array_equal(noise[0], noise[2])
-  steps = generate.step_noise(jnp.array([7, 7], jnp.uint32), 3, (4, 4, 4))
+  steps = sampling.step_noise(jnp.array([7, 7], jnp.uint32), 3, (4, 4, 4))
   assert not np.array_equal(steps[0], noise[0])
 
 
@@ -89,7 +89,7 @@ def instrumented(pipeline):
 
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(control.SelfAttentionSharing, "edit_logits", recording)
-    generator = generate.PairGenerator(pipeline, steps=STEPS, height=32, width=32)
+    generator = sampling.PairGenerator(pipeline, steps=STEPS, height=32, width=32)
     p = np.array([0.0, 0.45, 0.61, 1.0], np.float32)
     result = generator([(C0, C1)] * 4, [7] * 4, p=p, cfg_scale=9.0)
   return calls, p, result
@@ -132,7 +132,7 @@ def test_a_candidate_does_not_depend_on_its_batch(instrumented, ip2p_batch):
 def test_p2p_local_blend_and_attention_maps(generator):
   """Threshold 1 keeps nothing of image 1 (the mask is empty: image 1 = image 0 exactly); −1
   blends nothing away; the returned maps are distributions over the 77 tokens."""
-  options = [generate.P2POptions(blend_words=(["cat"], ["dog"]), blend_threshold=t)
+  options = [sampling.P2POptions(blend_words=(["cat"], ["dog"]), blend_threshold=t)
              for t in (1.0, -1.0)]
   pair = ("a photo of a cat", "a photo of a dog")
   result = generator([pair, pair], [3, 3], mode="p2p", p2p=options, cfg_scale=9.0,
@@ -145,7 +145,7 @@ def test_p2p_local_blend_and_attention_maps(generator):
 
 
 def test_show_attention_writes_heat_maps(pipeline, tmp_path):
-  paths = generate.show_attention(pipeline, "a red car", tmp_path, seed=1, steps=3)
+  paths = sampling.show_attention(pipeline, "a red car", tmp_path, seed=1, steps=3)
   names = [os.path.basename(p) for p in paths]
   assert names == ["image.png", "00_startoftext.png", "01_a.png", "02_red.png", "03_car.png",
                    "04_endoftext.png", "attention.png"]
@@ -165,19 +165,19 @@ def test_bad_inputs_are_named(pipeline, generator):
   with pytest.raises(ConfigError, match="mode"):
     generator([(C0, C1)], [1], mode="sdedit")
   with pytest.raises(ConfigError, match="mode='p2p'"):
-    generator([(C0, C1)], [1], p2p=generate.P2POptions())
+    generator([(C0, C1)], [1], p2p=sampling.P2POptions())
   with pytest.raises(InputError, match="same number of words"):
     generator([(C0, C1)], [1], mode="p2p")
   with pytest.raises(InputError, match="blend word 'dog'"):
     generator([(C0, C0)], [1], mode="p2p",
-              p2p=generate.P2POptions(blend_words=(["cat"], ["dog"])))
+              p2p=sampling.P2POptions(blend_words=(["cat"], ["dog"])))
   with pytest.raises(ConfigError, match="Prompt-to-Prompt edit 'swap'"):
-    generator([(C0, C0)], [1], mode="p2p", p2p=generate.P2POptions(edit="swap"))
+    generator([(C0, C0)], [1], mode="p2p", p2p=sampling.P2POptions(edit="swap"))
   with pytest.raises(InputError, match="one per candidate"):
     generator([(C0, C1)], [1], p=[0.1, 0.2])
   with pytest.raises(InputError, match="multiples of 8"):
-    generate.PairGenerator(pipeline, steps=2, height=36, width=32)
+    sampling.PairGenerator(pipeline, steps=2, height=36, width=32)
   ip2p_model = types.SimpleNamespace(unet=types.SimpleNamespace(config=UNetConfig(in_channels=8)),
                                      vae=pipeline.vae)
   with pytest.raises(ConfigError, match="text-to-image UNet"):
-    generate.PairGenerator(ip2p_model, steps=2)
+    sampling.PairGenerator(ip2p_model, steps=2)

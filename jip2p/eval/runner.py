@@ -15,10 +15,10 @@ on which settings run (the paper's sweep compares settings on the same noise).
 
 What is scored: the input is the image the model saw (the set's image resized by the editor's
 rule; in a multi-turn session the previous output), the output is compared with it, with the
-captions, with the target where the set has one (`jip2p.eval.metrics` defines each metric), and on
-the procedural world with its exact truth (`jip2p.eval.world_metrics`). CLIP and DINO features
-come from ``scorer`` (`jip2p.sidecar.ClipScorer`, any of CLIP / DINO loaded); the features of a
-set's images and captions are computed once for all settings.
+captions, with the target where the set has one (`jip2p.eval.paper_metrics` defines each
+metric), and on the procedural world with its exact truth (`jip2p.eval.world_metrics`). CLIP and
+DINO features come from ``scorer`` (`jip2p.sidecar.ClipScorer`, any of CLIP / DINO loaded); the
+features of a set's images and captions are computed once for all settings.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from jip2p import edit
 from jip2p.errors import ConfigError, InputError
-from jip2p.eval import metrics, multiturn, sets, world_metrics
+from jip2p.eval import multiturn, paper_metrics, sets, world_metrics
 
 RESULTS = "results.jsonl"
 RUN_INFO = "run.json"
@@ -257,14 +257,14 @@ def _score(turns: list[sets.Turn], inputs: list[np.ndarray], outputs: list[np.nd
   """Every applicable metric of each edit (see `METRICS`)."""
   n = len(turns)
   targets = [t.load_target() for t in turns]
-  scores = [{"l1": metrics.l1_distance(o, i)} for o, i in zip(outputs, inputs)]
+  scores = [{"l1": paper_metrics.l1_distance(o, i)} for o, i in zip(outputs, inputs)]
   with_target = [j for j in range(n) if targets[j] is not None]
   for j in with_target:
-    scores[j]["l1_gt"] = metrics.l1_distance(outputs[j], targets[j])
-    scores[j]["l2_gt"] = metrics.l2_distance(outputs[j], targets[j])
+    scores[j]["l1_gt"] = paper_metrics.l1_distance(outputs[j], targets[j])
+    scores[j]["l2_gt"] = paper_metrics.l2_distance(outputs[j], targets[j])
   for j, turn in enumerate(turns):
     if turn.example is not None:
-      output = metrics.resize_like(outputs[j], turn.example.input_image)
+      output = paper_metrics.resize_like(outputs[j], turn.example.input_image)
       world = world_metrics.score(output, turn.example)
       scores[j]["world_success"] = float(world["success"])
       scores[j]["world_psnr"] = world["psnr"]
@@ -276,11 +276,11 @@ def _score(turns: list[sets.Turn], inputs: list[np.ndarray], outputs: list[np.nd
     f_in = features.images(kind, inputs, input_keys)
     f_out = features.images(kind, outputs)
     name_in, name_gt = ("clip_img", "clip_i") if kind == "clip" else ("dino", "dino_gt")
-    for j, value in enumerate(metrics.cosine(f_in, f_out)):
+    for j, value in enumerate(paper_metrics.cosine(f_in, f_out)):
       scores[j][name_in] = float(value)
     if with_target:
       f_gt = features.images(kind, [targets[j] for j in with_target], target_keys)
-      similarity = metrics.cosine(f_gt, f_out[with_target])
+      similarity = paper_metrics.cosine(f_gt, f_out[with_target])
       for j, value in zip(with_target, similarity):
         scores[j][name_gt] = float(value)
     if kind == "clip":
@@ -293,7 +293,7 @@ def _score_captions(turns, f_in, f_out, with_target, scores, features: _Features
   if not has_out:
     return
   t_out = features.texts([turns[j].output_caption for j in has_out])
-  for j, value in zip(has_out, metrics.clip_text_similarity(f_out[has_out], t_out)):
+  for j, value in zip(has_out, paper_metrics.clip_text_similarity(f_out[has_out], t_out)):
     scores[j]["clip_out"] = float(value)
     if j in with_target:
       scores[j]["clip_t"] = float(value)
@@ -301,7 +301,8 @@ def _score_captions(turns, f_in, f_out, with_target, scores, features: _Features
   if both:
     rows = [has_out[k] for k in both]
     t_in = features.texts([turns[j].input_caption for j in rows])
-    direction = metrics.clip_directional_similarity(f_in[rows], f_out[rows], t_in, t_out[both])
+    direction = paper_metrics.clip_directional_similarity(f_in[rows], f_out[rows], t_in,
+                                                          t_out[both])
     for j, value in zip(rows, direction):
       scores[j]["clip_dir"] = float(value)
 

@@ -6,7 +6,7 @@ filter → `DatasetWriter` triplets, plus one JSON line of every candidate's sco
 so thresholds can be changed later without generating.
 
 Determinism and resuming: a prompt's candidate seeds depend only on (config seed, prompt line
-number); a candidate's images only on its seed (`generate.PairGenerator`). Prompts are written in
+number); a candidate's images only on its seed (`sampling.PairGenerator`). Prompts are written in
 file order, and each record carries the cursor ``{"prompt": line, "written": j, "of": kept}``.
 After a crash the writer keeps complete shards only; the run restarts at the prompt of the last
 committed cursor (skipping the records of it already stored, or the whole prompt when all were),
@@ -28,7 +28,8 @@ import numpy as np
 from jip2p.data import schema
 from jip2p.errors import ConfigError, InputError
 from jip2p.p2p import filter as filter_lib
-from jip2p.p2p import generate
+from jip2p.p2p import sampling
+from jip2p.p2p.generation_config import GenerationConfig
 from jip2p.sidecar.protocol import SCORE_KEYS
 
 SCORES_FILE = "candidates.jsonl"
@@ -45,7 +46,7 @@ class Prompt:
   input: str
   edit: str
   output: str
-  p2p: generate.P2POptions | None = None
+  p2p: sampling.P2POptions | None = None
 
 
 @dataclasses.dataclass
@@ -79,7 +80,7 @@ def _few(lines: Sequence[int], n: int = 10) -> str:
   return ", ".join(map(str, lines[:n])) + (", …" if len(lines) > n else "")
 
 
-def read_prompts(lines: Iterable[str], tokenizer=None, p2p: generate.P2POptions | None = None
+def read_prompts(lines: Iterable[str], tokenizer=None, p2p: sampling.P2POptions | None = None
                  ) -> tuple[list[Prompt], PromptReport]:
   """Parses prompts JSONL (keys ``input`` or ``caption``, ``edit``, ``output``, optional ``p2p``).
 
@@ -88,7 +89,7 @@ def read_prompts(lines: Iterable[str], tokenizer=None, p2p: generate.P2POptions 
   sees their first 77 tokens). Blank lines are ignored.
 
   p2p: the config's Prompt-to-Prompt options in p2p mode (None in ip2p mode). A line's ``"p2p"``
-  object (keys of `generate.P2POptions`; lists for pairs) replaces some of them for that prompt.
+  object (keys of `sampling.P2POptions`; lists for pairs) replaces some of them for that prompt.
   Skipped and counted: a bad ``"p2p"`` object (unknown key, bad value), one in ip2p mode, and,
   given a tokenizer, options that do not fit the captions (a word swap of captions with different
   word counts, reweighted or blend words that do not occur).
@@ -123,13 +124,13 @@ def read_prompts(lines: Iterable[str], tokenizer=None, p2p: generate.P2POptions 
         report.skip("p2p options outside p2p mode", index + 1)
         continue
       try:
-        prompt = dataclasses.replace(prompt, p2p=generate.p2p_options(row["p2p"], p2p))
+        prompt = dataclasses.replace(prompt, p2p=sampling.p2p_options(row["p2p"], p2p))
       except ConfigError as e:
         report.skip("bad p2p object", index + 1, e)
         continue
     if prompt.p2p is not None and tokenizer is not None:
       try:
-        generate.check_p2p(tokenizer, (prompt.input, prompt.output), prompt.p2p)
+        sampling.check_p2p(tokenizer, (prompt.input, prompt.output), prompt.p2p)
       except (ConfigError, InputError) as e:
         report.skip("p2p options do not fit the captions", index + 1, e)
         continue
@@ -151,34 +152,6 @@ def partition(prompts: Sequence[Prompt], index: int, count: int) -> list[Prompt]
 def prompt_seeds(base_seed: int, prompt_index: int, n: int) -> np.ndarray:
   """uint32 [n]: the candidate seeds of one prompt, a function of (base seed, line number)."""
   return np.random.SeedSequence([base_seed, prompt_index]).generate_state(n, np.uint32)
-
-
-@dataclasses.dataclass(frozen=True)
-class GenerationConfig:
-  """The per-run choices of `generate_dataset` (see configs/generate_sd15.py)."""
-
-  candidates: int = 100
-  batch_size: int = 8
-  seed: int = 0
-  mode: str = "ip2p"
-  p2p: generate.P2POptions = generate.P2POptions()  # a prompt's own options take precedence
-  min_p: float = 0.1
-  max_p: float = 0.9
-  min_cfg: float = 7.5
-  max_cfg: float = 15.0
-  filter: filter_lib.FilterConfig = filter_lib.FilterConfig()
-  split: str = "train"
-  image_format: str = "jpeg"
-  jpeg_quality: int = 95
-
-  def __post_init__(self):
-    if self.candidates < 1 or self.batch_size < 1:
-      raise ConfigError(f"candidates={self.candidates} and batch_size={self.batch_size} must be "
-                        "positive")
-    if self.mode not in generate.MODES:
-      raise ConfigError(f"mode={self.mode!r}: choose one of {generate.MODES}")
-    if self.image_format not in ("jpeg", "png"):
-      raise ConfigError(f"image_format={self.image_format!r}: choose 'jpeg' or 'png'")
 
 
 @dataclasses.dataclass
@@ -206,7 +179,7 @@ def generate_dataset(generator, scorer, prompts: Sequence[Prompt], writer,
                      progress: Callable[[RunReport], None] | None = None) -> RunReport:
   """Generates, scores, filters and writes `prompts`, resuming what `writer` already holds.
 
-  generator: a `generate.PairGenerator`; scorer: a started `jip2p.sidecar.ClipScorer`;
+  generator: a `sampling.PairGenerator`; scorer: a started `jip2p.sidecar.ClipScorer`;
   writer: an open `DatasetWriter` (its directory also gets ``candidates.jsonl``).
   """
   tf = _tf()

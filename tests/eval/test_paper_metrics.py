@@ -8,26 +8,26 @@ import pytest
 from PIL import Image
 
 from jip2p.errors import ConfigError, InputError
-from jip2p.eval import metrics, multiturn
+from jip2p.eval import multiturn, paper_metrics
 
 
 def test_cosine_and_clip_metrics_by_hand():
   a = np.array([[3.0, 4.0], [1.0, 0.0], [0.0, 0.0]])
   b = np.array([[4.0, 3.0], [-2.0, 0.0], [1.0, 1.0]])
-  np.testing.assert_allclose(metrics.cosine(a, b), [24 / 25, -1.0, 0.0])  # zero vector → 0
+  np.testing.assert_allclose(paper_metrics.cosine(a, b), [24 / 25, -1.0, 0.0])  # zero vector → 0
   # Directional: image change (1, -1) against text change (2, -2) → 1; against (0, 3) → -1/√2.
   img_in, img_out = np.array([[1.0, 1.0]] * 2), np.array([[2.0, 0.0]] * 2)
   txt_in, txt_out = np.array([[0.0, 0.0], [1.0, 1.0]]), np.array([[2.0, -2.0], [1.0, 4.0]])
   np.testing.assert_allclose(
-      metrics.clip_directional_similarity(img_in, img_out, txt_in, txt_out),
+      paper_metrics.clip_directional_similarity(img_in, img_out, txt_in, txt_out),
       [1.0, -1 / math.sqrt(2)])
-  np.testing.assert_allclose(metrics.clip_image_similarity(img_in, img_out),
+  np.testing.assert_allclose(paper_metrics.clip_image_similarity(img_in, img_out),
                              [1 / math.sqrt(2)] * 2)
-  np.testing.assert_allclose(metrics.clip_text_similarity(img_out, txt_out),
+  np.testing.assert_allclose(paper_metrics.clip_text_similarity(img_out, txt_out),
                              [1 / math.sqrt(2), 1 / math.sqrt(17)])
-  np.testing.assert_allclose(metrics.dino_similarity(a[:2], a[:2]), [1.0, 1.0])
+  np.testing.assert_allclose(paper_metrics.dino_similarity(a[:2], a[:2]), [1.0, 1.0])
   with pytest.raises(InputError, match=r"shapes \(3, 2\) and \(2, 2\)"):
-    metrics.cosine(a, b[:2])
+    paper_metrics.cosine(a, b[:2])
 
 
 def test_pixel_distances_by_hand():
@@ -35,9 +35,9 @@ def test_pixel_distances_by_hand():
   out = np.zeros((4, 6, 3), np.uint8)
   out[:2] = 255  # half the pixels differ by 1.0 in [0, 1] units
   out[2:, :, 0] = 51  # a quarter of the rest's values differ by 0.2
-  assert metrics.l1_distance(out, ref) == pytest.approx(0.5 + 0.5 * 0.2 / 3)
-  assert metrics.l2_distance(out, ref) == pytest.approx(0.5 + 0.5 * 0.04 / 3)
-  assert metrics.l1_distance(ref, ref) == 0.0
+  assert paper_metrics.l1_distance(out, ref) == pytest.approx(0.5 + 0.5 * 0.2 / 3)
+  assert paper_metrics.l2_distance(out, ref) == pytest.approx(0.5 + 0.5 * 0.04 / 3)
+  assert paper_metrics.l1_distance(ref, ref) == 0.0
 
 
 def test_outputs_are_resized_to_the_reference_bicubic():
@@ -46,30 +46,30 @@ def test_outputs_are_resized_to_the_reference_bicubic():
   ref = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
   resized = np.asarray(Image.fromarray(out).resize((24, 16), Image.Resampling.BICUBIC))
   want = np.abs(resized / 255.0 - ref / 255.0).mean()
-  assert metrics.l1_distance(out, ref) == pytest.approx(want)
+  assert paper_metrics.l1_distance(out, ref) == pytest.approx(want)
   with pytest.raises(InputError, match="uint8 \\[H, W, 3\\]"):
-    metrics.l1_distance(out.astype(np.float32), ref)
+    paper_metrics.l1_distance(out.astype(np.float32), ref)
 
 
 def test_mean_ci_is_students_t_interval():
   x = [0.1, 0.4, 0.35, 0.8, float("nan")]  # NaN: not applicable, left out
-  m = metrics.mean_ci(x, 0.95)
+  m = paper_metrics.mean_ci(x, 0.95)
   values = np.array(x[:4])
   half = 3.182446305284263 * values.std(ddof=1) / 2  # t_{0.975, 3}
   assert m.n == 4
   assert m.mean == pytest.approx(values.mean())
   assert (m.low, m.high) == pytest.approx((values.mean() - half, values.mean() + half))
-  one = metrics.mean_ci([0.5])
+  one = paper_metrics.mean_ci([0.5])
   assert one.n == 1 and one.mean == 0.5 and math.isnan(one.low)
-  assert metrics.mean_ci([]).n == 0
+  assert paper_metrics.mean_ci([]).n == 0
   with pytest.raises(InputError, match="confidence"):
-    metrics.mean_ci([1.0, 2.0], 1.5)
+    paper_metrics.mean_ci([1.0, 2.0], 1.5)
 
 
 def test_summarize_groups_and_missing_metrics():
   rows = [{"group": "add", "l1": 0.1, "clip_t": None}, {"group": "add", "l1": 0.3},
           {"group": "remove", "l1": 0.5, "clip_t": 0.2}]
-  out = metrics.summarize(rows, ["l1", "clip_t"], group_key="group")
+  out = paper_metrics.summarize(rows, ["l1", "clip_t"], group_key="group")
   assert list(out) == ["all", "add", "remove"]
   assert out["all"]["l1"].mean == pytest.approx(0.3) and out["all"]["l1"].n == 3
   assert out["add"]["l1"].mean == pytest.approx(0.2)

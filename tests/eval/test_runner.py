@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from jip2p.errors import ConfigError
-from jip2p.eval import metrics, sets, sweep
-from jip2p.eval.run import RESULTS, RunConfig, Setting, evaluate
+from jip2p.eval import paper_metrics, sets, sweep
+from jip2p.eval.runner import RESULTS, RunConfig, Setting, evaluate
 from tests.eval import parquet_fixtures as fx
 
 
@@ -136,11 +136,11 @@ def test_ground_truth_metrics_on_magicbrush(tmp_path):
   target = np.full((32, 32, 3), 37, np.uint8)
   assert row["key"] == "magicbrush-7-2"
   assert row["l1_gt"] == pytest.approx(2 / 255) and row["l2_gt"] == pytest.approx((2 / 255) ** 2)
-  assert row["clip_i"] == pytest.approx(float(metrics.cosine(clip_features([target]),
+  assert row["clip_i"] == pytest.approx(float(paper_metrics.cosine(clip_features([target]),
                                                              clip_features([output]))[0]))
-  assert row["clip_t"] == row["clip_out"] == pytest.approx(float(metrics.cosine(
+  assert row["clip_t"] == row["clip_out"] == pytest.approx(float(paper_metrics.cosine(
       clip_features([output]), text_features(["seven after two"]))[0]))
-  assert row["dino_gt"] == pytest.approx(float(metrics.cosine(dino_features([target]),
+  assert row["dino_gt"] == pytest.approx(float(paper_metrics.cosine(dino_features([target]),
                                                               dino_features([output]))[0]))
 
 
@@ -223,7 +223,7 @@ def test_summary_csv_and_tradeoff_plot(emu, tmp_path):
       ("sT7.5_sI1", "all"), ("sT7.5_sI1", "add"), ("sT7.5_sI1", "background"),
       ("sT7.5_sI1", "remove")]
   first = [r for r in rows if r["setting"] == "sT7.5_sI1"]
-  want = metrics.mean_ci([r["clip_dir"] for r in first])
+  want = paper_metrics.mean_ci([r["clip_dir"] for r in first])
   assert (table[0]["clip_dir"], table[0]["clip_dir_low"], table[0]["n"]) == (
       pytest.approx(want.mean), pytest.approx(want.low), 7)
   assert table[1]["n"] == 3  # tasks of rows 0, 3, 6

@@ -1,0 +1,56 @@
+"""``jip2p-convert``: a single-file checkpoint (original CompVis layout) → diffusers-format folder.
+
+  jip2p-convert instruct-pix2pix-00-22000.ckpt /models/ip2p
+  jip2p-convert v1-5-pruned-emaonly.safetensors /models/sd15-ip2p --expand-conv-in 8
+
+This process imports torch (`jip2p.checkpoints.convert_single_file` runs it as a child process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from jip2p.checkpoints import convert
+from jip2p.checkpoints.folders import SAVE_DTYPES
+from jip2p.checkpoints.presets import PRESETS
+from jip2p.cli import run
+
+PROG = "jip2p-convert"
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  parser = argparse.ArgumentParser(
+      prog=PROG,
+      description="Convert a single-file Stable Diffusion / InstructPix2Pix checkpoint (original "
+                  "CompVis layout, .ckpt or .safetensors) into a diffusers-format folder that "
+                  "jip2p and diffusers load.")
+  parser.add_argument("src", help="the .ckpt / .safetensors file")
+  parser.add_argument("dst", help="output folder (diffusers format)")
+  parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                      help="architecture of the file (default: detected, sd15 or sd21)")
+  parser.add_argument("--no-ema", action="store_true",
+                      help="take the raw weights where the file also has EMA ones (default: EMA)")
+  parser.add_argument("--expand-conv-in", type=int, default=None, metavar="N",
+                      help="grow the UNet's input conv to N channels (8 for InstructPix2Pix "
+                           "training from a text-to-image model); new channels start at zero")
+  parser.add_argument("--dtype", choices=SAVE_DTYPES, default="float32",
+                      help="the stored weights' type; float16 halves the folder and loads back "
+                           "as float32 (default: float32)")
+  parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+  args = parser.parse_args(argv)
+  pipeline = convert.convert_file(args.src, args.dst, preset=args.preset,
+                                  extract_ema=not args.no_ema, expand_conv_in=args.expand_conv_in,
+                                  overwrite=args.overwrite, dtype=args.dtype)
+  print(f"wrote {args.dst} (UNet with {pipeline.unet.config.in_channels} input channels, "
+        f"{args.dtype} weights)")
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  return run(_main, argv, PROG)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
