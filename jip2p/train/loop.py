@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -25,33 +23,10 @@ from PIL import Image
 
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError, Jip2pError
-from jip2p.train import checkpointing, evaluate, export, metrics, sharding
+from jip2p.train import checkpointing, distributed, evaluate, export, metrics, sharding
 from jip2p.train import config as config_lib
 from jip2p.train import input as input_lib
 from jip2p.train import step as step_lib
-
-
-class Preemption:
-  """Whether to save and stop now: on SIGTERM (one process) or at JAX's preemption sync point.
-
-  With several processes the signal is JAX's to handle: its preemption service agrees on one step
-  at which every process saves, so that no process waits alone in a collective.
-  """
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
-
-  def reached(self, step: int) -> bool:
-    if self._event.is_set():
-      return True
-    return jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _abstract(tree, shardings):
@@ -253,7 +228,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ loop
   flops_per_step = 0.0
   peak = metrics.peak_flops(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
-  preemption = Preemption()
+  preemption = distributed.Preemption()
   unchecked: list[tuple[int, dict[str, jax.Array]]] = []  # Steps whose loss is not yet read.
   to_log: list[dict[str, jax.Array]] = []
   skipped = 0
