@@ -26,6 +26,7 @@ from jip2p.errors import ConfigError, Jip2pError
 from jip2p.train import checkpointing, distributed, evaluate, export, metrics, sharding
 from jip2p.train import config as config_lib
 from jip2p.train import input as input_lib
+from jip2p.train import profiler as profiler_lib
 from jip2p.train import step as step_lib
 
 
@@ -103,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   jsonl = workdir_path / "metrics.jsonl" if primary and "://" not in workdir else None
 
   # ------------------------------------------------------------------ mesh
-  mesh = sharding.make_mesh(data_size, fsdp_size)
+  mesh = sharding.make_mesh(data_size, fsdp_size, dcn_data=config.mesh.dcn_data)
   writer.text(f"{process_count} process(es), {num_devices} device(s) "
               f"({jax.devices()[0].device_kind}); mesh data={data_size} fsdp={fsdp_size}")
 
@@ -236,6 +237,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stopwatch = metrics.Stopwatch()
   start = int(state.step)
   writer.text(f"training steps {start + 1}..{config.total_steps} of {config.batch_size} examples")
+  profiler = profiler_lib.StepProfiler(str(workdir_path / "profile"), first_step=start + 1,
+                                       steps=config.profile.steps, skip=config.profile.skip)
 
   def check_until(step: int) -> None:
     """Reads the finite flag of every step ≤ ``step``: stops (or counts a skip) on a bad one."""
@@ -287,7 +290,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   step = start
   try:
     for step in range(start + 1, config.total_steps + 1):
+      profiler.before_step(step)
       state, step_metrics = train_step(state, step_frozen, global_batch(next(source)))
+      profiler.after_step(step, step_metrics)
       unchecked.append((step, step_metrics))
       to_log.append(step_metrics)
       stopwatch.tick()
@@ -314,6 +319,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           export.save_trained(pipeline, unet_def, params, out, overwrite=True)
           writer.text(f"exported {which} weights to {out}")
   finally:
+    profiler.close()
     preemption.close()
     checkpointer.close()
     writer.close()
