@@ -98,7 +98,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir_path = epath.Path(workdir)
   if primary:
     export.write_config(config, workdir)
-  writer = metrics.MetricWriter(str(workdir_path / "tensorboard"), enabled=primary)
+  writer = metrics.MetricWriter(str(workdir_path / "tensorboard"), enabled=primary,
+                                log_file=str(workdir_path / "train.log"))
   # A JSON line per log step, for scripts and tests (local work directories only: gs:// objects
   # cannot be appended to; TensorBoard has the same numbers).
   jsonl = workdir_path / "metrics.jsonl" if primary and "://" not in workdir else None

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from jip2p.train import checkpointing
-from tests.train.helpers import REPO, trainer_env, wait_for_step
+from tests.train.helpers import REPO, free_port, trainer_env, wait_for_step
 
 SCRIPT = REPO / "launch" / "slurm_gpu.sbatch"
 
@@ -62,14 +62,7 @@ def _job(tmp_path: pathlib.Path, trainer: str, env: dict[str, str]) -> dict[str,
   return dict(env, PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", VENV=str(tmp_path / "venv"),
               CALLS=str(tmp_path / "calls"), SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="node1",
               SLURM_NNODES="1", SLURM_CPUS_PER_TASK="2", SLURM_GPUS_ON_NODE="1",
-              COORDINATOR_PORT=str(_free_port()))
-
-
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+              COORDINATOR_PORT=str(free_port()))
 
 
 def _calls(tmp_path: pathlib.Path) -> list[str]:
