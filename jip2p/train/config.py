@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.nonfinite = "stop"
 
   # Saves are asynchronous, so frequent ones cost little; a preemption without time to save (a
-  # spot VM has ~30 s) loses the steps since the last one: 100 SD steps are minutes.
+  # spot VM has ~30 s) loses the steps since the last one: 100 steps of seconds are minutes.
   c.checkpoint = ml_collections.ConfigDict(dict(
       every_steps=100, keep=3, keep_every=0, async_save=True))
   c.log_every_steps = 50
