@@ -7,7 +7,11 @@ once, when its backend starts. Both settings are opt-out:
     on every backend and only the GPU compiler reads them.
   * The persistent compilation cache stores compiled programs (and, on GPU, autotuning results)
     on disk, so a second start of the same program loads instead of compiling. Default folder:
-    ``$JIP2P_COMPILATION_CACHE`` or ``~/.cache/jip2p/jax``; a gs:// path works too.
+    ``$JIP2P_COMPILATION_CACHE``, else JAX's own ``$JAX_COMPILATION_CACHE_DIR`` (the launch
+    scripts set it), else ``~/.cache/jip2p/jax``. A gs:// path works too (JAX reads it through
+    etils.epath): on a TPU VM, whose disk dies with it, that keeps the cache across preemptions.
+    JAX's ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` and ``…_MIN_ENTRY_SIZE_BYTES``, when set,
+    win over the defaults here.
 """
 
 from __future__ import annotations
@@ -28,8 +32,16 @@ CACHE_ENV = "JIP2P_COMPILATION_CACHE"
 
 
 def default_cache_dir() -> str:
-  return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jip2p",
-                                                   "jax")
+  return (os.environ.get(CACHE_ENV) or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+          or os.path.join(os.path.expanduser("~"), ".cache", "jip2p", "jax"))
+
+
+def _unless_set(name: str, value) -> None:
+  """``jax.config.update(name, value)`` unless the user set ``$NAME`` (JAX read it already)."""
+  import jax
+
+  if name.upper() not in os.environ:
+    jax.config.update(name, value)
 
 
 def with_flags(xla_flags: str, flags: tuple[str, ...]) -> str:
@@ -56,6 +68,6 @@ def configure(*, gpu_flags: bool = True, cache_dir: str | None = "",
     if "://" not in cache_dir:
       os.makedirs(cache_dir, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _unless_set("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    _unless_set("jax_persistent_cache_min_entry_size_bytes", 0)
   return {"xla_flags": os.environ.get("XLA_FLAGS", ""), "compilation_cache": cache_dir}

@@ -17,14 +17,18 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from jip2p import storage
 from jip2p.checkpoints.mapping import load_torch_state_dict, to_torch_state_dict
 from jip2p.errors import CheckpointError, ConfigError
 from jip2p.models import clip_text, pixel_codec, unet, vae
 from jip2p.tokenizer import CLIPTokenizer, load_tokenizer
+
+INDEX = "model_index.json"  # written last: a folder without it is not (yet) a model
 
 # diffusers / transformers class name → (config class, jip2p module class, weights file stem).
 COMPONENT_CLASSES = {
@@ -163,16 +167,25 @@ def load_component(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla
 
 
 def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla") -> Pipeline:
-  """A diffusers-format pipeline folder → `Pipeline` of jip2p modules (float32 parameters)."""
-  if not os.path.isdir(folder):
+  """A diffusers-format pipeline folder → `Pipeline` of jip2p modules (float32 parameters).
+
+  A ``gs://`` folder is read from a local copy, made once per host (`storage.local_copy`)."""
+  if storage.is_remote(folder):
+    if not epath.Path(folder, INDEX).exists():
+      raise CheckpointError(f"missing file: {folder}/{INDEX} (not a model folder, or one still "
+                            "being written)")
+    local = storage.local_copy(folder)
+  else:
+    local = folder
+  if not os.path.isdir(local):
     raise CheckpointError(f"missing model folder: {folder}")
-  read_json(os.path.join(folder, "model_index.json"))
-  load = lambda name: load_component(os.path.join(folder, name), dtype=dtype,
+  read_json(os.path.join(local, INDEX))
+  load = lambda name: load_component(os.path.join(local, name), dtype=dtype,
                                      attention_impl=attention_impl)
   return Pipeline(
       unet=load("unet"), vae=load("vae"), text_encoder=load("text_encoder"),
-      tokenizer=load_tokenizer(folder),
-      scheduler_config=read_json(os.path.join(folder, "scheduler", "scheduler_config.json")),
+      tokenizer=load_tokenizer(local),
+      scheduler_config=read_json(os.path.join(local, "scheduler", "scheduler_config.json")),
       folder=folder)
 
 
@@ -183,13 +196,6 @@ def component_config(model) -> dict:
   if _LIBRARY[name] == "diffusers":
     return {"_class_name": name, **config}
   return {"architectures": [name], "model_type": "clip_text_model", **config}
-
-
-def _umask() -> int:
-  """The process umask: the modes a plain mkdir/open give on this machine."""
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
 
 
 # Weight dtypes a saved folder may hold. float16 halves the folder (diffusers' ``fp16`` weights);
@@ -231,54 +237,65 @@ def save_component(model, folder: str, *, dtype: str = "float32") -> None:
     json.dump(config, f, indent=2, sort_keys=True)
   weights = os.path.join(folder, COMPONENT_CLASSES[name][2] + ".safetensors")
   save_file(tensors, weights, metadata={"format": "pt"})
-  os.chmod(weights, 0o666 & ~_umask())  # safetensors creates it owner-only (0600)
+  os.chmod(weights, 0o666 & ~storage.umask())  # safetensors creates it owner-only (0600)
 
 
 def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False,
                   dtype: str = "float32") -> None:
-  """Writes a diffusers-format pipeline folder atomically (a temporary sibling, then a rename),
-  its weights as ``dtype`` (one of `SAVE_DTYPES`; loading widens them to float32 again).
+  """Writes a diffusers-format pipeline folder, its weights as ``dtype`` (one of `SAVE_DTYPES`;
+  loading widens them to float32 again), never half-written: a local folder appears by a rename
+  of a temporary sibling; a ``gs://`` one is written locally first and uploaded with
+  ``model_index.json`` last (`load_pipeline` reads nothing without it).
 
   An 8-channel UNet is declared a `StableDiffusionInstructPix2PixPipeline`, a 4-channel one a
   `StableDiffusionPipeline`.
   """
-  folder = os.path.abspath(folder)
-  if os.path.exists(folder) and not overwrite:
+  remote = storage.is_remote(folder)
+  folder = folder if remote else os.path.abspath(folder)
+  if (epath.Path(folder).exists() if remote else os.path.exists(folder)) and not overwrite:
     raise CheckpointError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
-  parent = os.path.dirname(folder)
+  parent = tempfile.gettempdir() if remote else os.path.dirname(folder)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
-  os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from a team
+  os.chmod(tmp, 0o777 & ~storage.umask())  # mkdtemp's 0700 would hide the export from a team
   try:
-    save_component(pipeline.unet, os.path.join(tmp, "unet"), dtype=dtype)
-    save_component(pipeline.vae, os.path.join(tmp, "vae"), dtype=dtype)
-    save_component(pipeline.text_encoder, os.path.join(tmp, "text_encoder"), dtype=dtype)
-    pipeline.tokenizer.write_folder(os.path.join(tmp, "tokenizer"))
-    os.makedirs(os.path.join(tmp, "scheduler"))
-    with open(os.path.join(tmp, "scheduler", "scheduler_config.json"), "w") as f:
-      json.dump(pipeline.scheduler_config, f, indent=2, sort_keys=True)
-    ip2p = pipeline.unet.config.in_channels == 8
-    index = {
-        "_class_name": ("StableDiffusionInstructPix2PixPipeline" if ip2p
-                        else "StableDiffusionPipeline"),
-        "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", pipeline.scheduler_config.get("_class_name",
-                                                                 "EulerAncestralDiscreteScheduler")],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    if not ip2p:
-      index["image_encoder"] = [None, None]
-    with open(os.path.join(tmp, "model_index.json"), "w") as f:
-      json.dump(index, f, indent=2, sort_keys=True)
-    if os.path.exists(folder):
-      shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    _write_folder(pipeline, tmp, dtype)
+    if remote:
+      storage.upload_folder(tmp, folder, last=INDEX)
+    else:
+      if os.path.exists(folder):
+        shutil.rmtree(folder)
+      os.replace(tmp, folder)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
+
+
+def _write_folder(pipeline: Pipeline, folder: str, dtype: str) -> None:
+  """The files of `save_pipeline` into the existing, empty local ``folder``."""
+  save_component(pipeline.unet, os.path.join(folder, "unet"), dtype=dtype)
+  save_component(pipeline.vae, os.path.join(folder, "vae"), dtype=dtype)
+  save_component(pipeline.text_encoder, os.path.join(folder, "text_encoder"), dtype=dtype)
+  pipeline.tokenizer.write_folder(os.path.join(folder, "tokenizer"))
+  os.makedirs(os.path.join(folder, "scheduler"))
+  with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(pipeline.scheduler_config, f, indent=2, sort_keys=True)
+  ip2p = pipeline.unet.config.in_channels == 8
+  index = {
+      "_class_name": ("StableDiffusionInstructPix2PixPipeline" if ip2p
+                      else "StableDiffusionPipeline"),
+      "_diffusers_version": "0.42.1",
+      "unet": ["diffusers", "UNet2DConditionModel"],
+      "vae": ["diffusers", "AutoencoderKL"],
+      "text_encoder": ["transformers", "CLIPTextModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"],
+      "scheduler": ["diffusers", pipeline.scheduler_config.get("_class_name",
+                                                               "EulerAncestralDiscreteScheduler")],
+      "safety_checker": [None, None],
+      "feature_extractor": [None, None],
+      "requires_safety_checker": False,
+  }
+  if not ip2p:
+    index["image_encoder"] = [None, None]
+  with open(os.path.join(folder, INDEX), "w") as f:
+    json.dump(index, f, indent=2, sort_keys=True)

@@ -57,8 +57,11 @@ def base_config() -> ml_collections.ConfigDict:
       lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=0.0))
   c.ema = ml_collections.ConfigDict(dict(decay=0.9999, warmup=True))
 
-  # data=-1: all devices not used by fsdp. Pure data parallelism is fsdp=1.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+  # data=-1: all devices not used by fsdp. Pure data parallelism is fsdp=1. dcn_data > 1: a
+  # multi-slice TPU run (v5e/v5p slices joined over the data-center network) with the data axis
+  # split into dcn_data slices, so that only gradient reductions cross slices and every fsdp
+  # group stays inside one slice.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, dcn_data=1))
   # Tensors with fewer elements than this stay replicated under FSDP.
   c.sharding = ml_collections.ConfigDict(dict(min_fsdp_size=2 ** 14))
 
@@ -66,14 +69,19 @@ def base_config() -> ml_collections.ConfigDict:
   # "skip" leaves the state unchanged for that step and goes on.
   c.nonfinite = "stop"
 
+  # Saves are asynchronous, so frequent ones cost little; a preemption without time to save (a
+  # spot VM has ~30 s) loses the steps since the last one: 100 steps of seconds are minutes.
   c.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=1000, keep=3, keep_every=0, async_save=True))
+      every_steps=100, keep=3, keep_every=0, async_save=True))
   c.log_every_steps = 50
   # Every `every_steps` (0: never), edit `num_images` fixed validation pairs with the EMA weights.
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=1000, num_images=4, num_steps=20, text_scale=7.5, image_scale=1.5))
   # 0: look the peak up by device kind (jip2p.train.metrics.PEAK_FLOPS).
   c.metrics = ml_collections.ConfigDict(dict(peak_flops_per_device=0.0))
+  # steps > 0: a jax.profiler trace of that many steps into <workdir>/profile/, after `skip`
+  # steps of this start (compilation and warm-up).
+  c.profile = ml_collections.ConfigDict(dict(steps=0, skip=10))
   # Weights written as diffusers folders under <workdir>/export/ when training ends.
   c.export = ml_collections.ConfigDict(dict(at_end="ema"))
   return c
@@ -159,9 +167,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(o.eps > 0 and o.weight_decay >= 0 and o.grad_clip_norm >= 0,
            "config.optimizer needs eps > 0, weight_decay ≥ 0 and grad_clip_norm ≥ 0 (0: off)")
   _require(0 <= config.ema.decay < 1, f"config.ema.decay={config.ema.decay} must be in [0, 1)")
-  _require(config.mesh.fsdp >= 1 and (config.mesh.data >= 1 or config.mesh.data == -1),
-           f"config.mesh data={config.mesh.data}, fsdp={config.mesh.fsdp}: sizes must be ≥ 1 "
-           "(data may be -1: all devices left)")
+  _require(config.mesh.fsdp >= 1 and config.mesh.dcn_data >= 1
+           and (config.mesh.data >= 1 or config.mesh.data == -1),
+           f"config.mesh data={config.mesh.data}, fsdp={config.mesh.fsdp}, dcn_data="
+           f"{config.mesh.dcn_data}: sizes must be ≥ 1 (data may be -1: all devices left)")
+  _require(config.profile.steps >= 0 and config.profile.skip >= 0,
+           "config.profile needs steps ≥ 0 (0: off) and skip ≥ 0")
   _require(config.nonfinite in NONFINITE_POLICIES,
            f"config.nonfinite={config.nonfinite!r}; choose one of {NONFINITE_POLICIES}")
   c = config.checkpoint
@@ -187,6 +198,8 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
     data = num_devices // fsdp
   _require(data * fsdp == num_devices, f"config.mesh data={data} × fsdp={fsdp} = {data * fsdp} "
            f"devices, but there are {num_devices}")
+  _require(data % config.mesh.dcn_data == 0, f"config.mesh.dcn_data={config.mesh.dcn_data} "
+           f"slices do not divide the data axis of {data}")
   micro = config.batch_size // config.grad_accum
   _require(micro % num_devices == 0,
            f"config.batch_size={config.batch_size} / grad_accum={config.grad_accum} = {micro} "

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
-import threading
 from typing import Any
 
 import jax
@@ -25,33 +23,11 @@ from PIL import Image
 
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError, Jip2pError
-from jip2p.train import checkpointing, evaluate, exporting, metrics, sharding
+from jip2p.train import checkpointing, distributed, evaluate, exporting, metrics, sharding
 from jip2p.train import config as config_lib
 from jip2p.train import input as input_lib
+from jip2p.train import profiler as profiler_lib
 from jip2p.train import step as step_lib
-
-
-class Preemption:
-  """Whether to save and stop now: on SIGTERM (one process) or at JAX's preemption sync point.
-
-  With several processes the signal is JAX's to handle: its preemption service agrees on one step
-  at which every process saves, so that no process waits alone in a collective.
-  """
-
-  def __init__(self):
-    self._event = threading.Event()
-    self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
-
-  def reached(self, step: int) -> bool:
-    if self._event.is_set():
-      return True
-    return jax.process_count() > 1 and multihost_utils.reached_preemption_sync_point(step)
-
-  def close(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
 
 
 def _abstract(tree, shardings):
@@ -122,13 +98,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   workdir_path = epath.Path(workdir)
   if primary:
     exporting.write_config(config, workdir)
-  writer = metrics.MetricWriter(str(workdir_path / "tensorboard"), enabled=primary)
+  writer = metrics.MetricWriter(str(workdir_path / "tensorboard"), enabled=primary,
+                                log_file=str(workdir_path / "train.log"))
   # A JSON line per log step, for scripts and tests (local work directories only: gs:// objects
   # cannot be appended to; TensorBoard has the same numbers).
   jsonl = workdir_path / "metrics.jsonl" if primary and "://" not in workdir else None
 
   # ------------------------------------------------------------------ mesh
-  mesh = sharding.make_mesh(data_size, fsdp_size)
+  mesh = sharding.make_mesh(data_size, fsdp_size, dcn_data=config.mesh.dcn_data)
   writer.text(f"{process_count} process(es), {num_devices} device(s) "
               f"({jax.devices()[0].device_kind}); mesh data={data_size} fsdp={fsdp_size}")
 
@@ -253,7 +230,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   # ------------------------------------------------------------------ loop
   flops_per_step = 0.0
   peak = metrics.peak_flops(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
-  preemption = Preemption()
+  preemption = distributed.Preemption()
   unchecked: list[tuple[int, dict[str, jax.Array]]] = []  # Steps whose loss is not yet read.
   to_log: list[dict[str, jax.Array]] = []
   skipped = 0
@@ -261,6 +238,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   stopwatch = metrics.Stopwatch()
   start = int(state.step)
   writer.text(f"training steps {start + 1}..{config.total_steps} of {config.batch_size} examples")
+  profiler = profiler_lib.StepProfiler(str(workdir_path / "profile"), first_step=start + 1,
+                                       steps=config.profile.steps, skip=config.profile.skip)
 
   def check_until(step: int) -> None:
     """Reads the finite flag of every step ≤ ``step``: stops (or counts a skip) on a bad one."""
@@ -312,7 +291,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   step = start
   try:
     for step in range(start + 1, config.total_steps + 1):
+      profiler.before_step(step)
       state, step_metrics = train_step(state, step_frozen, global_batch(next(source)))
+      profiler.after_step(step, step_metrics)
       unchecked.append((step, step_metrics))
       to_log.append(step_metrics)
       stopwatch.tick()
@@ -339,6 +320,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           exporting.save_trained(pipeline, unet_def, params, out, overwrite=True)
           writer.text(f"exported {which} weights to {out}")
   finally:
+    profiler.close()
     preemption.close()
     checkpointer.close()
     writer.close()

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from jip2p import storage
 from jip2p.train import events
 
 # Peak dense bfloat16 FLOP/s per device (one chip, or one GPU), matched as substrings of
@@ -62,24 +63,43 @@ def throughput(*, examples: int, steps: int, seconds: float, flops_per_step: flo
   return out
 
 
+class _FileHandler(logging.Handler):
+  """Log lines into a `storage.AppendedText` (local or gs://). Stored by `MetricWriter`, not by
+  logging's own flush: that one also runs at interpreter exit, when gs:// clients are gone."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.file = storage.AppendedText(path)
+    self.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+
+  def emit(self, record: logging.LogRecord) -> None:
+    self.file.write(self.format(record) + "\n")
+
+
 class MetricWriter:
   """Scalars and images to TensorBoard event files under ``logdir`` (see `events`) and a line
-  per write to the console; events reach storage at least every ``flush_secs``.
+  per write to the console and to ``log_file`` (appended to at each start, so a resumed run keeps
+  its history; on gs:// it is stored at each flush); events reach storage at least every
+  ``flush_secs``.
 
   On processes other than 0 every method does nothing, so the loop calls them unconditionally.
   """
 
-  def __init__(self, logdir: str, *, enabled: bool = True, flush_secs: float = 30.0):
+  def __init__(self, logdir: str, *, enabled: bool = True, flush_secs: float = 30.0,
+               log_file: str | None = None):
     self.enabled = enabled
     self._events = events.EventWriter(logdir) if enabled else None
     self._flush_secs = flush_secs
     self._flushed = time.monotonic()
+    self._log_handler = _FileHandler(log_file) if enabled and log_file else None
     if enabled and not log.handlers:
       handler = logging.StreamHandler(sys.stdout)
       handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
       log.addHandler(handler)
       log.setLevel(logging.INFO)
       log.propagate = False
+    if self._log_handler is not None:
+      log.addHandler(self._log_handler)
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -106,11 +126,16 @@ class MetricWriter:
   def flush(self) -> None:
     if self.enabled:
       self._events.flush()
+      if self._log_handler is not None:
+        self._log_handler.file.flush()
       self._flushed = time.monotonic()
 
   def close(self) -> None:
     if self.enabled:
       self._events.close()
+    if self._log_handler is not None:
+      self._log_handler.file.flush()
+      log.removeHandler(self._log_handler)
 
 
 def _fmt(value: float) -> str:

@@ -24,6 +24,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jip2p.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
@@ -34,11 +36,23 @@ DEFAULT_RULES = (
 )
 
 
-def make_mesh(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A ``(data, fsdp)`` mesh; the devices of one process stay contiguous along the batch."""
+def make_mesh(data: int, fsdp: int, devices: Sequence[jax.Device] | None = None, *,
+              dcn_data: int = 1) -> Mesh:
+  """A ``(data, fsdp)`` mesh; the devices of one process stay contiguous along the batch.
+
+  ``dcn_data`` > 1: the devices are ``dcn_data`` TPU slices (``device.slice_index``) and the data
+  axis is split across them, each slice holding a ``(data / dcn_data, fsdp)`` block."""
   devices = list(jax.devices() if devices is None else devices)
   if len(devices) != data * fsdp:
     raise ValueError(f"a {data}×{fsdp} mesh needs {data * fsdp} devices, got {len(devices)}")
+  if dcn_data > 1:
+    try:
+      grid = mesh_utils.create_hybrid_device_mesh((data // dcn_data, fsdp), (dcn_data, 1),
+                                                  devices, allow_split_physical_axes=True)
+    except (ValueError, AttributeError) as e:
+      raise ConfigError(f"config.mesh.dcn_data={dcn_data}: these {len(devices)} devices are "
+                        f"not {dcn_data} slices ({e})") from None
+    return Mesh(grid, MESH_AXES)
   try:
     grid = mesh_utils.create_device_mesh((data, fsdp), devices, allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError):

@@ -257,3 +257,19 @@ def test_missing_shard_counts_as_unreadable(tmp_path):
   strict = reader.ReaderConfig(**{**config.__dict__, "max_bad_fraction": 0.4})
   with pytest.raises(InputError, match="unreadable=5.*missing, truncated or corrupt shard"):
     list(reader.make_iterator(str(tmp_path), strict, process_index=0, process_count=1))
+
+
+
+def test_a_dataset_on_a_non_local_filesystem_is_read(dataset):
+  """TensorFlow's in-memory ram:// filesystem stands in for gs:// (the reader lists and reads
+  through tf.io.gfile and tf.data, as on gs://): the same examples as from the local copy."""
+  tf = import_tf()
+  remote = "ram://jip2p-reader-test/ds"
+  tf.io.gfile.makedirs(remote)
+  for name in tf.io.gfile.listdir(dataset):
+    tf.io.gfile.copy(os.path.join(dataset, name), f"{remote}/{name}", overwrite=True)
+  config = reader.ReaderConfig(batch_size=40, num_epochs=1, shuffle=False, augment=False,
+                               cycle_length=1, include_text=True, **SMALL)
+  [batch] = list(reader.make_iterator(remote, config, process_index=0, process_count=1))
+  assert sorted(fx.example_ids(batch["instruction"])) == list(range(40))
+  assert read_ids(remote, config) == read_ids(dataset, config)

@@ -12,6 +12,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -62,6 +63,13 @@ def write_micro_folder(folder: str, seed: int = 0) -> str:
                          text_encoder=models["text_encoder"], tokenizer=CLIPTokenizer.default(),
                          scheduler_config=configs["scheduler"]), folder, overwrite=True)
   return folder
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (for a coordinator or a local server)."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def trainer_env(devices: int, cache_dir: str) -> dict[str, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ from PIL import Image
 from safetensors.numpy import load_file, save_file
 
 from jip2p.train import checkpointing
-from tests.train.helpers import (losses, run_trainer, train_command, trainer_env,
+from tests.train.helpers import (free_port, losses, run_trainer, train_command, trainer_env,
                                  wait_for_step)
 
 STEPS = 8
@@ -91,16 +90,10 @@ def test_preempted_and_killed_runs_resume_identically(reference, micro_folder, c
   assert not [f for f in os.listdir(checkpointing.checkpoint_dir(workdir)) if "tmp" in f]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_two_processes_agree_with_one(reference, micro_folder, compile_cache, tmp_path):
   """jax.distributed over localhost with CPU collectives: 2 processes × 4 devices = 8."""
   workdir = str(tmp_path / "run")
-  port = _free_port()
+  port = free_port()
   procs = [subprocess.Popen(
       train_command(ARG.format(steps=4, init=micro_folder), workdir, *COMMON,
                     f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
@@ -117,6 +110,31 @@ def test_two_processes_agree_with_one(reference, micro_folder, compile_cache, tm
   np.testing.assert_allclose([got[s] for s in range(1, 5)], [want[s] for s in range(1, 5)],
                              rtol=1e-5)
   assert checkpointing.Checkpointer(workdir, read_only=True).latest_step() == 4
+
+
+def test_sigterm_to_one_of_two_processes_saves_both(micro_folder, tmp_path):
+  """A preemption notice that reaches one host only: JAX's preemption service (started with the
+  distributed client) makes both processes save the same step and exit 0.
+
+  A fresh compilation cache: both processes compile, so that on a loaded machine neither reaches
+  the first collective long before the other (gloo waits 30 s for a peer; with the shared cache
+  one process was seen to load its programs while the other still compiled)."""
+  workdir = str(tmp_path / "run")
+  port = free_port()
+  procs = [subprocess.Popen(
+      train_command(ARG.format(steps=1000, init=micro_folder), workdir, *COMMON,
+                    "--config.checkpoint.every_steps=1000",
+                    f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                    f"--process_id={i}"),
+      env=trainer_env(4, str(tmp_path / "cache")), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  wait_for_step(workdir, 2, procs[0])
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-3000:]
+  saved = checkpointing.Checkpointer(workdir, read_only=True).latest_step()
+  assert f"preempted: saved step {saved}" in outputs[0][0] and 2 <= saved < 1000
 
 
 LEARN_ARG = "steps={steps},batch=4,init={init}"

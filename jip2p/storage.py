@@ -1,0 +1,128 @@
+"""Local folders and ``gs://`` alike, through `etils.epath` (the layer orbax writes with).
+
+Object stores have no rename and no append, so the few operations jip2p needs beyond epath's are
+here, each correct on both:
+
+  * `upload_folder`: a folder written locally (atomically) copied to a remote one, one named file
+    last, so that a reader never takes a half-copied folder for a whole one;
+  * `local_copy`: a remote folder copied once per host into a local cache (models are read with
+    libraries that need local files: safetensors maps them);
+  * `AppendedText`: a text file that each start of a program appends to (a local file is
+    appended in place; a remote one is rewritten whole, its earlier text kept).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+
+from etils import epath
+
+CACHE_ENV = "JIP2P_MODEL_CACHE"
+_CHUNK = 64 << 20
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+  """True for ``gs://…`` (and other URL schemes); False for a local path."""
+  return "://" in os.fspath(path)
+
+
+def _copy_file(src: epath.Path, dst: epath.Path) -> None:
+  with src.open("rb") as fin, dst.open("wb") as fout:
+    shutil.copyfileobj(fin, fout, _CHUNK)
+
+
+def _files(folder: epath.Path) -> list[str]:
+  """Every file under ``folder``, as sorted relative POSIX paths."""
+  out = []
+  for child in folder.iterdir():
+    out += [f"{child.name}/{n}" for n in _files(child)] if child.is_dir() else [child.name]
+  return sorted(out)
+
+
+def upload_folder(local: str, dest: str, *, last: str) -> None:
+  """Copies the local folder ``local`` to ``dest`` (replacing what is there), ``last`` (a file
+  directly in it, e.g. ``model_index.json``) after every other file."""
+  target = epath.Path(dest)
+  if target.exists():
+    target.rmtree()
+  names = _files(epath.Path(local))
+  for name in sorted(names, key=lambda n: n == last):
+    (target / name).parent.mkdir(parents=True, exist_ok=True)
+    _copy_file(epath.Path(local) / name, target / name)
+
+
+def umask() -> int:
+  """The process umask: the modes a plain mkdir/open give on this machine."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def cache_root() -> str:
+  return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "jip2p",
+                                                   "models")
+
+
+def local_copy(url: str) -> str:
+  """A local copy of the remote folder ``url``, downloaded once per host (per version: the key is
+  the URL and every file's size and modification time, so a re-export is fetched again).
+
+  Processes of one host may call it at once: each downloads into its own temporary folder and the
+  first rename wins."""
+  source = epath.Path(url)
+  names = _files(source)
+  key = hashlib.sha256(url.encode())
+  for name in names:
+    stat = (source / name).stat()
+    key.update(f"\0{name}\0{stat.length}\0{stat.mtime}".encode())
+  root = cache_root()
+  final = os.path.join(root, key.hexdigest()[:32])
+  if os.path.isdir(final):
+    return final
+  os.makedirs(root, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+  try:
+    for name in names:
+      os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+      _copy_file(source / name, epath.Path(tmp) / name)
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp's 0700 would hide the cache from a team
+    try:
+      os.rename(tmp, final)
+    except OSError:  # another process of this host finished first
+      if not os.path.isdir(final):
+        raise
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
+  return final
+
+
+class AppendedText:
+  """A text file that grows across starts of a program. A local one is appended to at each
+  `write`; a remote one keeps the writes until `flush` rewrites it whole."""
+
+  def __init__(self, path: str):
+    self.path = epath.Path(path)
+    self.remote = is_remote(path)
+    self._text = self.path.read_text() if self.remote and self.path.exists() else ""
+    self._pending: list[str] = []
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def write(self, text: str) -> None:
+    self._pending.append(text)
+    if not self.remote:
+      self.flush()
+
+  def flush(self) -> None:
+    if not self._pending:
+      return
+    new, self._pending = "".join(self._pending), []
+    if self.remote:
+      self._text += new
+      self.path.write_text(self._text)
+    else:
+      with open(self.path, "a") as f:
+        f.write(new)
