@@ -1,8 +1,9 @@
 """InstructPix2Pix training: configs, the sharded jitted step, the loop, checkpoints and metrics.
 
-One concern per file: `config` (the schema every config file starts from, and its checks),
-`distributed` (joining a multi-host run), `sharding` (mesh and path → PartitionSpec rules), `step`
-(the pure train step), `input` (batches per host), `checkpointing` (orbax), `metrics` and `events`
-(TensorBoard, FLOPs, MFU), `evaluate` (the validation image grid), `export` (the models a run
-starts from and the diffusers folders it writes) and `loop` (which wires them, top to bottom).
+One concern per file: `config` (the schema every config file starts from, its checks, and the
+copy a run saves in its work directory), `distributed` (joining a multi-host run), `sharding`
+(mesh and path → PartitionSpec rules), `models` (the models a run starts from), `step` (the pure
+train step), `input` (batches per host), `checkpointing` (orbax), `metrics` and `events`
+(TensorBoard, FLOPs, MFU), `evaluate` (the validation image grid), `export` (the diffusers folders
+a run writes) and `loop` (which wires them, top to bottom).
 """

@@ -25,7 +25,7 @@ from PIL import Image
 
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError, Jip2pError
-from jip2p.train import checkpointing, evaluate, export, metrics, sharding
+from jip2p.train import checkpointing, evaluate, export, metrics, models, sharding
 from jip2p.train import config as config_lib
 from jip2p.train import input as input_lib
 from jip2p.train import step as step_lib
@@ -121,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   data_size, fsdp_size = config_lib.mesh_shape(config, num_devices, process_count)
   workdir_path = epath.Path(workdir)
   if primary:
-    export.write_config(config, workdir)
+    config_lib.write_config(config, workdir)
   writer = metrics.MetricWriter(str(workdir_path / "tensorboard"), enabled=primary)
   # A JSON line per log step, for scripts and tests (local work directories only: gs:// objects
   # cannot be appended to; TensorBoard has the same numbers).
@@ -133,7 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
               f"({jax.devices()[0].device_kind}); mesh data={data_size} fsdp={fsdp_size}")
 
   # ------------------------------------------------------------------ model
-  pipeline = export.build_pipeline(config)
+  pipeline = models.build_pipeline(config)
   factor = pipeline.vae.config.downscale * 2 ** (pipeline.unet.config.num_blocks - 1)
   if config.data.res % factor:
     raise ConfigError(f"config.data.res={config.data.res} must be a multiple of {factor} for "
