@@ -21,7 +21,6 @@ import numpy as np
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from PIL import Image
 
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError, Jip2pError
@@ -57,13 +56,6 @@ class Preemption:
 def _abstract(tree, shardings):
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
                       shardings)
-
-
-def _replicate(tree, mesh):
-  """Host arrays that are equal on every process → replicated global arrays."""
-  spec = sharding.replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_callback(np.shape(x), spec, lambda i: np.asarray(x)[i]), tree)
 
 
 def _gather_json(value: Any) -> list[Any]:
@@ -225,30 +217,16 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   # ------------------------------------------------------------------ evals
   e = config.eval
-  edit_fn = jax.jit(
-      evaluate.make_edit_fn(unet_def, vae_def, text_def, alphas_cumprod=alphas_cumprod,
-                            num_steps=e.num_steps, scaling_factor=scaling,
-                            text_scale=e.text_scale, image_scale=e.image_scale,
-                            prediction_type=scheduler.prediction_type),
-      in_shardings=(state_shardings.ema, frozen_shardings, sharding.replicated(mesh),
-                    sharding.replicated(mesh)),
-      out_shardings=sharding.replicated(mesh))
-  eval_batch_host = None  # Read at the first evaluation: the same pairs on every process.
-  eval_key = np.asarray(jax.random.key_data(jax.random.key(config.seed + 1)))
-
-  def run_eval(step: int) -> None:
-    nonlocal eval_batch_host
-    if eval_batch_host is None:
-      eval_batch_host = source.validation_batch(e.num_images)
-    edited = edit_fn(state.ema, frozen, _replicate(eval_batch_host, mesh),
-                     _replicate(eval_key, mesh))
-    grid = evaluate.image_grid(eval_batch_host, np.asarray(edited.addressable_data(0)))
-    writer.images(step, {"validation/input|target|ema_output": grid})
-    if primary:
-      folder = workdir_path / "samples"
-      folder.mkdir(parents=True, exist_ok=True)
-      with (folder / f"step_{step:08d}.png").open("wb") as f:
-        Image.fromarray(grid).save(f, format="PNG")
+  edit_fn = evaluate.make_edit_fn(
+      unet_def, vae_def, text_def, schedule=schedules.make("discrete", e.num_steps, scheduler),
+      scaling_factor=scaling, text_scale=e.text_scale, image_scale=e.image_scale,
+      prediction_type=scheduler.prediction_type)
+  validation = evaluate.ValidationGrid(
+      jax.jit(edit_fn, in_shardings=(state_shardings.ema, frozen_shardings,
+                                     sharding.replicated(mesh)),
+              out_shardings=sharding.replicated(mesh)),
+      source, num_images=e.num_images, seed=config.seed + 1, tokenizer=pipeline.tokenizer,
+      mesh=mesh, writer=writer, folder=workdir_path / "samples" if primary else None)
 
   # ------------------------------------------------------------------ loop
   flops_per_step = 0.0
@@ -328,7 +306,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         writer.text(f"preempted: saved step {step}, exiting")
         break
       if e.every_steps and step % e.every_steps == 0:
-        run_eval(step)
+        validation(step, state.ema, frozen)
     checkpointer.wait()
     if not preempted and step == config.total_steps:
       for which in filter(None, config.export.at_end.split(",")):
