@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jip2p import checkpoints
 from jip2p.errors import ConfigError
@@ -27,6 +29,20 @@ def save_trained(pipeline: checkpoints.Pipeline, unet_def, params, out: str, *,
   unet = nnx.merge(unet_def, params)
   checkpoints.save_pipeline(dataclasses.replace(pipeline, unet=unet), out, overwrite=overwrite,
                             dtype=dtype)
+
+
+def export_at_end(state, pipeline: checkpoints.Pipeline, unet_def, workdir: str, which: str,
+                  writer) -> None:
+  """Writes the weights ``which`` names (comma-separated "ema", "raw"; config.export.at_end) of a
+  finished run's ``state`` to ``<workdir>/export/<ema|raw>``. Every process gathers the
+  weights; process 0 writes them."""
+  for weights in filter(None, which.split(",")):
+    params = multihost_utils.process_allgather(
+        state.ema if weights == "ema" else state.params, tiled=True)
+    if jax.process_index() == 0:
+      out = str(epath.Path(workdir) / "export" / weights)
+      save_trained(pipeline, unet_def, params, out, overwrite=True)
+      writer.text(f"exported {weights} weights to {out}")
 
 
 def export_from_workdir(workdir: str, out: str, *, weights: str = "ema", step: int | None = None,
