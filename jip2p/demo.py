@@ -396,7 +396,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
   s.validate()
   from jip2p import checkpoints
   from jip2p.edit import Editor
-  from jip2p.train import exporting
+  from jip2p.train import exporting, models
   os.makedirs(s.out, exist_ok=True)
   timings: dict[str, float] = {}
   points: list[dict[str, Any]] = []
@@ -446,7 +446,7 @@ def run(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
       config.checkpoint.keep = max(config.checkpoint.keep, s.eval_points + 1)
       config.export.at_end = ""
     workdir = os.path.join(s.out, "run")
-    evaluate(0, Editor(exporting.build_pipeline(config)))
+    evaluate(0, Editor(models.build_pipeline(config)))
     start = time.time()
     result = train(config, workdir, minutes=s.minutes)
     timings["train"] = time.time() - start

@@ -9,7 +9,8 @@ resized by the reference rule (`preprocess_size`) with a centre fit, encoded to 
 sampler runs with two-scale guidance on the batch of 3 and the result is decoded with
 1/scaling_factor. An empty instruction returns the resized input, as the reference does.
 
-Encoding, the whole sampling loop and decoding are one `jax.jit` program, compiled once per
+Encoding, the whole sampling loop and decoding are one `jax.jit` program
+(`jip2p.diffusion.editing.edit`, which training's validation grid runs too), compiled once per
 (batch, image shape, steps, sampler). Images are batched by their resized shape and the last batch
 is padded, so a run of many images compiles each shape once. Image j of a call is drawn from seed
 ``seed + j`` alone (initial noise and every ancestral step), so its result does not depend on the
@@ -34,7 +35,7 @@ from flax import nnx
 from PIL import Image, ImageOps
 
 from jip2p import checkpoints
-from jip2p.diffusion import guidance, samplers, schedules
+from jip2p.diffusion import editing, samplers, schedules
 from jip2p.errors import CheckpointError, ConfigError, InputError
 
 MAX_PIXELS = 40_000_000
@@ -176,40 +177,19 @@ def _as_list(x: Any, single: tuple[type, ...]) -> list:
 # ------------------------------------------------------------------------------ the program
 
 
-@functools.partial(jax.jit, static_argnames=("shape",))
-def _initial_noise(seeds: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """Unit normal latents [B, *shape], example b from the first half of key(seeds[b])."""
-  keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s))[0])(seeds)
-  return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys)
-
-
-def _per_example_noise(keys: jax.Array, i: jax.Array, shape: tuple) -> jax.Array:
-  """Ancestral noise of step i, drawn per example from its own key (batch-independent)."""
-  return jax.vmap(lambda k: samplers.step_noise(k, i, shape[1:]))(keys)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdefs", "method", "scaling_factor",
                                              "prediction_type"))
 def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, image_scale, *,
                 graphdefs, method: str, scaling_factor: float, prediction_type: str):
-  """One padded batch, start to finish; compiled per model architecture (the static graphdefs, so
-  editors of one architecture share programs), batch, image shape, steps and sampler.
-
-  images float32 [B, H, W, 3] in [-1, 1]; input_ids int32 [B + 1, L] (the last row is ""); noise
-  float32 [B, h, w, C] unit variance; seeds uint32 [B]; scales float32 scalars.
-  → float32 [B, H, W, 3] in [0, 1].
+  """`editing.edit` on one padded batch, in [0, 1]; compiled per model architecture (the static
+  graphdefs, so editors of one architecture share programs), batch, image shape, steps and
+  sampler. Arrays as `editing.edit`'s (scales float32 scalars); → float32 [B, H, W, 3] in [0, 1].
   """
   unet, vae, text_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
-  image_latents = vae.encode(images).mode()
-  embeddings = text_encoder(input_ids)
-  eps_fn = guidance.two_scale_eps_fn(unet, image_latents, embeddings[:-1], embeddings[-1],
-                                     text_scale, image_scale)
-  step_keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s))[1])(seeds)
-  latents = samplers.sample(eps_fn, noise, schedule, step_keys, method=method,
-                            noise_fn=_per_example_noise,
-                            prediction_type=prediction_type)
-  decoded = vae.decode(latents / scaling_factor)
-  return jnp.clip(decoded / 2 + 0.5, 0.0, 1.0)
+  pixels = editing.edit(unet, vae, text_encoder, images, input_ids, noise, seeds, schedule,
+                        text_scale, image_scale, method=method, scaling_factor=scaling_factor,
+                        prediction_type=prediction_type)
+  return pixels / 2 + 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,7 +372,7 @@ class Editor:
         images = np.stack([np.asarray(j.image, np.float32) / 127.5 - 1.0 for j in padded])
         input_ids = tokenizer([j.instruction for j in padded] + [""])
         seeds = np.asarray([j.seed for j in padded], np.uint32)
-        drawn = (np.asarray(_initial_noise(seeds, shape=shape))
+        drawn = (np.asarray(editing.initial_noise(seeds, shape=shape))
                  if any(j.noise is None for j in padded) else None)
         noise = np.stack([drawn[b] if j.noise is None else j.noise for b, j in enumerate(padded)])
         out = np.asarray(_edit_batch(

@@ -1,5 +1,5 @@
-"""Diffusion: noise schedules (`schedules`), on-device sampling loops (`samplers`) and
-classifier-free guidance (`guidance`).
+"""Diffusion: noise schedules (`schedules`), on-device sampling loops (`samplers`),
+classifier-free guidance (`guidance`) and the edit program built from them (`editing`).
 
 Typical use, inside one `jax.jit`::
 
@@ -9,6 +9,6 @@ Typical use, inside one `jax.jit`::
     latents = samplers.sample(eps_fn, noise, schedule, key, method="euler_ancestral")
 """
 
-from jip2p.diffusion import guidance, samplers, schedules
+from jip2p.diffusion import editing, guidance, samplers, schedules
 
-__all__ = ["guidance", "samplers", "schedules"]
+__all__ = ["editing", "guidance", "samplers", "schedules"]

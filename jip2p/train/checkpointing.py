@@ -37,7 +37,8 @@ def checkpoint_dir(workdir: str) -> epath.Path:
 
 class Checkpointer:
   """Periodic saves every ``every_steps`` (forced saves at any step), keeping the newest ``keep``
-  and, when ``keep_every`` > 0, every step that is a multiple of it."""
+  and, when ``keep_every`` > 0, every step that is a multiple of it. ``last_saved``: the step of
+  the last save started or checkpoint restored (None before either)."""
 
   def __init__(self, workdir: str, *, every_steps: int = 1000, keep: int = 3,
                keep_every: int = 0, async_save: bool = True, read_only: bool = False):
@@ -51,6 +52,7 @@ class Checkpointer:
     if read_only and not self.directory.exists():
       raise CheckpointError(f"no checkpoints in {workdir}: {self.directory} does not exist")
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    self.last_saved: int | None = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -72,7 +74,10 @@ class Checkpointer:
         train=ocp.args.StandardSave({"opt_state": state.opt_state, "step": state.step,
                                      "rng": state.rng}),
         data=ocp.args.JsonSave({"position": data_position}))
-    return self.manager.save(step, args=args, force=force)
+    started = self.manager.save(step, args=args, force=force)
+    if started:
+      self.last_saved = step
+    return started
 
   def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, Any]:
     """(state, data position) at ``step`` (default: latest), laid out like ``abstract`` (a
@@ -84,6 +89,7 @@ class Checkpointer:
         train=ocp.args.StandardRestore({"opt_state": abstract.opt_state, "step": abstract.step,
                                         "rng": abstract.rng}),
         data=ocp.args.JsonRestore()))
+    self.last_saved = step
     train = restored["train"]
     state = TrainState(step=train["step"], params=restored["params"],
                        opt_state=train["opt_state"], ema=restored["ema"], rng=train["rng"])

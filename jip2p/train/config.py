@@ -3,19 +3,23 @@
 Every file in ``configs/`` starts from `base_config()` (the paper's recipe, docs/design.md §1) and
 changes values; `validate` rejects keys the schema does not know (a typo must not be silently
 ignored), values of the wrong type or outside their range, and combinations that cannot run on the
-devices at hand (a batch that does not split over them, a mesh that does not cover them).
+devices at hand (a batch that does not split over them, a mesh that does not cover them). A run
+saves its config in its work directory (`write_config`), where `jip2p-export` reads it back
+(`read_config`).
 """
 
 from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
 
 import ml_collections
+from etils import epath
 
 from jip2p.config_schema import check_keys
-from jip2p.errors import ConfigError
+from jip2p.errors import CheckpointError, ConfigError
 from jip2p.models.attention import IMPLEMENTATIONS
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -23,6 +27,7 @@ NONFINITE_POLICIES = ("stop", "skip")
 DATA_SOURCES = ("synthetic", "tfrecord")
 EXPORT_WEIGHTS = ("ema", "raw")
 RANDOM_INIT_PREFIX = "random:"
+CONFIG_FILE = "config.json"  # In a work directory: the config its run was started with.
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -207,3 +212,23 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
   _require(num_devices % num_processes == 0,
            f"{num_devices} devices do not split evenly over {num_processes} processes")
   return data, fsdp
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Saves ``config`` as ``workdir``'s `CONFIG_FILE`."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(config.to_json(indent=2, sort_keys=True))
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in ``workdir`` was started with, validated."""
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise CheckpointError(f"{path} does not exist: is {workdir} a jip2p-train work directory?")
+  try:
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  except json.JSONDecodeError as e:
+    raise ConfigError(f"{path} is not valid JSON: {e}") from None
+  validate(config)
+  return config

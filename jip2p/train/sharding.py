@@ -105,6 +105,13 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def replicate(tree, mesh: Mesh):
+  """Host arrays that are equal on every process → global arrays replicated over ``mesh``."""
+  spec = replicated(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(np.shape(x), spec, lambda i: np.asarray(x)[i]), tree)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (example) axis split over every device; the other axes whole."""
   return NamedSharding(mesh, P(BATCH_AXES))

@@ -16,9 +16,10 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jip2p import checkpoints
-from jip2p.errors import CheckpointError
+from jip2p.errors import CheckpointError, Jip2pError
 from jip2p.models.unet import UNet2DCondition, UNetConfig
 from jip2p.train import checkpointing, events, metrics, sharding
+from jip2p.train import config as config_lib
 from jip2p.train import step as step_lib
 
 
@@ -121,17 +122,17 @@ def test_checkpoints_roundtrip_prune_and_force(tmp_path):
     state = state.replace(step=jnp.int32(step), params=jax.tree.map(lambda x: x + 1, state.params))
     ckpt.save(state, {"batches": step})
   ckpt.wait()
-  assert ckpt.all_steps() == [4, 6]
+  assert ckpt.all_steps() == [4, 6] and ckpt.last_saved == 6
   state = state.replace(step=jnp.int32(7))
   assert ckpt.save(state, {"batches": 7}, force=True)  # a preemption save, off the period
   ckpt.close()
 
   ckpt = checkpointing.Checkpointer(str(tmp_path), every_steps=2, keep=2, keep_every=4)
-  assert ckpt.latest_step() == 7 and 4 in ckpt.all_steps()
+  assert ckpt.latest_step() == 7 and 4 in ckpt.all_steps() and ckpt.last_saved is None
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
   restored, position = ckpt.restore(abstract)
-  assert position == {"batches": 7} and int(restored.step) == 7
+  assert position == {"batches": 7} and int(restored.step) == 7 and ckpt.last_saved == 7
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert restored.params["w"].sharding.spec == shardings.params["w"].spec
@@ -214,6 +215,46 @@ def test_metric_writer_only_on_process_zero(tmp_path):
   quiet.scalars(1, {"loss": 1.0})
   quiet.close()
   assert not (tmp_path / "quiet").exists()
+
+
+class _Checkpointer:
+  """What the step log reads of a checkpointer."""
+  directory = "/runs/x/checkpoints"
+  last_saved = None
+
+
+def _metrics(loss: float, finite: bool = True) -> dict[str, np.ndarray]:
+  return {"loss": np.float32(loss), "grad_norm": np.float32(2 * loss), "lr": np.float32(1e-3),
+          "ema_decay": np.float32(0.5), "finite": np.bool_(finite)}
+
+
+def test_step_log_averages_and_reads_finite_flags_one_step_late(tmp_path):
+  config = config_lib.base_config()
+  writer = metrics.MetricWriter(str(tmp_path / "tb"), jsonl=str(tmp_path / "metrics.jsonl"))
+  saved = _Checkpointer()
+  log = metrics.StepLog(config, writer, saved, lambda: 1e9)
+  log.add(1, _metrics(1.0))
+  log.add(2, _metrics(3.0))
+  log.write(2)
+  log.add(3, _metrics(float("nan"), finite=False))  # read with the next step
+  saved.last_saved = 2
+  with pytest.raises(Jip2pError, match=r"^non-finite loss at step 3 \(loss=nan, grad norm=nan\); "
+                     r"the last good checkpoint is step 2 in /runs/x/checkpoints\. "):
+    log.add(4, _metrics(1.0))
+  writer.close()
+  [record] = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {k: record[k] for k in ("step", "loss", "grad_norm", "ema_decay", "skipped_steps")} == {
+      "step": 2, "loss": 2.0, "grad_norm": 4.0, "ema_decay": 0.5, "skipped_steps": 0}
+  assert log.loss == 2.0 and record["tflops_per_device"] > 0  # step 2 timed, step 1 not
+
+  config.nonfinite = "skip"
+  log = metrics.StepLog(config, metrics.MetricWriter(str(tmp_path / "quiet"), enabled=False),
+                        saved, lambda: 0.0)
+  for step in (1, 2, 3):
+    log.add(step, _metrics(float("inf"), finite=step == 2))
+  assert log.skipped == 1  # step 3 not read yet
+  log.check(3)
+  assert log.skipped == 2
 
 
 def test_event_files_read_back_in_tensorflow(tmp_path):

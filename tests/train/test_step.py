@@ -10,7 +10,7 @@ from flax import nnx
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError
 from jip2p.train import config as config_lib
-from jip2p.train import exporting
+from jip2p.train import models
 from jip2p.train import sharding
 from jip2p.train import step as step_lib
 from jip2p.train.input import SyntheticSource
@@ -29,7 +29,7 @@ def _setup(folder: str):
   config = config_lib.base_config()
   config.model.init = folder
   config.model.compute_dtype = "float32"
-  pipeline = exporting.build_pipeline(config)
+  pipeline = models.build_pipeline(config)
   unet_def, params = nnx.split(pipeline.unet, nnx.Param)
   vae_def, vae_state = nnx.split(pipeline.vae)
   text_def, text_state = nnx.split(pipeline.text_encoder)

@@ -1,0 +1,131 @@
+"""The models of a run: the pipeline ``config.model`` names, and what the train step runs.
+
+`build_pipeline` is the one place that turns ``config.model`` into modules, so the trainer and
+`jip2p-export` (which rebuilds the frozen VAE and text encoder from the run's saved config) agree.
+The trained UNet is split into a graph and its parameters (`split_unet`); the frozen VAE and text
+encoder become a `Frozen` graphs + state pair (`frozen_models`), replicated on the mesh. A run
+from a latent cache (``config.data.latents``) trains the same UNet, but its step runs stand-ins
+for them (`step_models`): the cached moments' posterior in the VAE's place and, when the cache
+holds text embeddings, the identity in the text encoder's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from jip2p import checkpoints
+from jip2p.errors import ConfigError
+from jip2p.models.unet import UNet2DCondition
+from jip2p.train import config as config_lib
+
+
+def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
+  """The initial models of a run: ``config.model.init`` loaded (or random), the UNet's conv_in
+  grown to 2 × latent channels, remat and the compute dtype applied. Parameters are float32."""
+  m = config.model
+  dtype = jnp.dtype(m.compute_dtype)
+  if m.init.startswith(config_lib.RANDOM_INIT_PREFIX):
+    preset = m.init[len(config_lib.RANDOM_INIT_PREFIX):]
+    pipeline = checkpoints.random_pipeline(preset, unet_in_channels=m.unet_in_channels // 2,
+                                           seed=m.seed, dtype=dtype)
+  else:
+    pipeline = checkpoints.load_pipeline(m.init, dtype=dtype, attention_impl=m.attention_impl)
+  latent = pipeline.vae.config.latent_channels
+  if m.unet_in_channels != 2 * latent:
+    raise ConfigError(f"config.model.unet_in_channels={m.unet_in_channels}, but the model's "
+                      f"VAE has {latent} latent channels: set it to {2 * latent}")
+  unet = pipeline.unet
+  if unet.config.in_channels != m.unet_in_channels:
+    unet = checkpoints.expand_conv_in(unet, m.unet_in_channels)
+  if unet.remat != m.remat or unet.attention_impl != m.attention_impl:
+    rebuilt = nnx.eval_shape(lambda: UNet2DCondition(
+        unet.config, dtype=dtype, attention_impl=m.attention_impl, remat=m.remat,
+        rngs=nnx.Rngs(0)))
+    nnx.update(rebuilt, nnx.state(unet))
+    unet = rebuilt
+  pipeline.unet = unet
+  return pipeline
+
+
+def split_unet(pipeline: checkpoints.Pipeline, res: int) -> tuple[nnx.GraphDef, nnx.State]:
+  """The UNet as (graph, parameters), checked to be trainable on ``res``-pixel images."""
+  factor = pipeline.vae.config.downscale * 2 ** (pipeline.unet.config.num_blocks - 1)
+  if res % factor:
+    raise ConfigError(f"config.data.res={res} must be a multiple of {factor} for this model "
+                      "(VAE downscale × UNet downsampling)")
+  unet_def, params, other = nnx.split(pipeline.unet, nnx.Param, ...)
+  if jax.tree.leaves(other):
+    raise ConfigError("the UNet holds state other than parameters, which training cannot carry")
+  return unet_def, params
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+  """Frozen models as graphs and one state tree ``{"vae", "text_encoder", "null_text"}``, what
+  `step.make_loss_fn` and `evaluate.make_edit_fn` merge; null_text is CLIP("") [1, L, D]."""
+  vae_def: nnx.GraphDef
+  text_def: nnx.GraphDef
+  state: dict[str, Any]
+
+
+def frozen_models(pipeline: checkpoints.Pipeline,
+                  sharding: jax.sharding.Sharding) -> Frozen:
+  """The pipeline's VAE and text encoder (and the null text), their state placed by
+  ``sharding``."""
+  vae_def, vae_state = nnx.split(pipeline.vae)
+  text_def, text_state = nnx.split(pipeline.text_encoder)
+  null_ids = np.asarray(pipeline.tokenizer([""]), np.int32)
+  null_text = jax.jit(lambda state, ids: nnx.merge(text_def, state)(ids))(text_state, null_ids)
+  state = {"vae": vae_state, "text_encoder": text_state, "null_text": null_text}
+  return Frozen(vae_def, text_def, jax.device_put(state, sharding))
+
+
+def step_models(config: ml_collections.ConfigDict, source, pipeline: checkpoints.Pipeline,
+                frozen: Frozen, sharding: jax.sharding.Sharding
+                ) -> tuple[Frozen, dict[str, jax.ShapeDtypeStruct]]:
+  """The frozen models the train step runs, and the arrays of one micro-batch it is fed.
+
+  From images, ``frozen`` itself. From a latent cache (``source`` a `LatentSource`, checked to
+  fit this model): `latents.CachedVAE` in the VAE's place and, when the cache holds embeddings,
+  `latents.PrecomputedText` in the text encoder's (token ids still go through the real one).
+  """
+  micro = config.batch_size // config.grad_accum
+  if not config.data.latents:
+    res = config.data.res
+    image = jax.ShapeDtypeStruct((micro, res, res, 3), jnp.float32)
+    return frozen, {"input": image, "edited": image,
+                    "input_ids": jax.ShapeDtypeStruct((micro, 77), jnp.int32)}
+  from jip2p.data import latents  # TensorFlow: only a run from a cache imports it.
+  _check_cache(source.info, config, pipeline.vae.config, frozen.state["null_text"])
+  vae_def, vae_state = nnx.split(latents.CachedVAE(pipeline.vae.config))
+  text_def, text_state = (nnx.split(latents.PrecomputedText())
+                          if source.info.text == "embeddings" else
+                          (frozen.text_def, frozen.state["text_encoder"]))
+  state = {"vae": vae_state, "text_encoder": text_state, "null_text": frozen.state["null_text"]}
+  return (Frozen(vae_def, text_def, jax.device_put(state, sharding)),
+          latents.latent_batch_shapes(source.info, micro))
+
+
+def _check_cache(info, config: ml_collections.ConfigDict, vae_config,
+                 null_text: jax.Array) -> None:
+  """A latent cache must come from this run's VAE (and text encoder) at ``config.data.res``."""
+  res, f = config.data.res, vae_config.downscale
+  text_shape = null_text.shape[1:2] if info.text == "ids" else null_text.shape[1:]
+  want = {"resolution": (info.resolution, res),
+          "VAE scaling factor": (info.scaling_factor, vae_config.scaling_factor),
+          "latent shape": (info.latent_shape, (res // f, res // f, vae_config.latent_channels)),
+          f"text shape ({info.text})": (info.text_shape, text_shape)}
+  wrong = [f"{name} {got} (this run: {expected})" for name, (got, expected) in want.items()
+           if got != expected]
+  if wrong:
+    raise ConfigError(f"the latent cache {config.data.path} does not fit this run's model "
+                      f"({config.model.init}) at config.data.res={res}: its {'; '.join(wrong)}. "
+                      "Write the cache with this model and resolution (jip2p-cache-latents "
+                      "--model … --resolution …)")
