@@ -39,11 +39,3 @@ def make_edit_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray, num
 
   return edit
 
-
-def image_grid(batch: dict[str, np.ndarray], edited: np.ndarray) -> np.ndarray:
-  """uint8 [B·H, 3·W, 3]: one row per example, columns input | target | model output."""
-  to_uint8 = lambda x: np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0,
-                               255).astype(np.uint8)
-  rows = [np.concatenate([to_uint8(a), to_uint8(b), to_uint8(c)], axis=1)
-          for a, b, c in zip(batch["input"], batch["edited"], edited)]
-  return np.concatenate(rows, axis=0)

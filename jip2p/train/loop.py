@@ -23,6 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from jip2p import grids
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError, Jip2pError
 from jip2p.train import checkpointing, evaluate, export, metrics, sharding
@@ -242,7 +243,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       eval_batch_host = source.validation_batch(e.num_images)
     edited = edit_fn(state.ema, frozen, _replicate(eval_batch_host, mesh),
                      _replicate(eval_key, mesh))
-    grid = evaluate.image_grid(eval_batch_host, np.asarray(edited.addressable_data(0)))
+    grid = grids.image_grid(zip(*map(grids.to_uint8, (
+        eval_batch_host["input"], eval_batch_host["edited"], edited.addressable_data(0)))))
     writer.images(step, {"validation/input|target|ema_output": grid})
     if primary:
       folder = workdir_path / "samples"
