@@ -8,6 +8,13 @@ GFLOP fwd+bwd), so rematerialisation is on and the default is 16 per device × 8
 grad_accum 8. Pass ``fsdp=8`` on 16 GB chips. Starting from a 256 px InstructPix2Pix run
 (init=<its export>) a few thousand steps adapt it to 512 px.
 
+Known: 2470 GFLOP per image for the UNet's forward + backward at 512 px (PyTorch's
+FlopCounterMode; bench/RESULTS.md), ≈ 2.5 PFLOP per step of 1024; the train state of ip2p_sd15.py
+(13.8 GB float32). The paper trained at 256 px only (10,000 steps, 25.5 h on 8× A100-40GB): it
+gives no time for this config.
+Not yet measured with jip2p: step time, MFU and peak memory on any accelerator (with
+rematerialisation), and how many steps the adaptation from 256 px takes.
+
 Arguments: init, data, batch, accum, fsdp, steps.
 """
 

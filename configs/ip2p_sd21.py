@@ -8,6 +8,12 @@ Expect: the paper's recipe on the SD 2.1-base UNet (865M parameters, linear atte
 is refused at start with a message naming its scheduler's prediction_type. Rematerialisation on;
 16 per device × 8 devices × grad_accum 8 by default; ``fsdp=8`` on 16 GB chips.
 
+Known: the train state (parameters, EMA and the two AdamW moments of 865.9M parameters with the
+8-channel conv_in, float32) holds 13.9 GB, computed from the shapes. The paper did not train on
+SD 2.1: its 25.5 h on 8× A100-40GB are for SD 1.5 at 256 px (ip2p_sd15.py).
+Not yet measured: this UNet's FLOPs per image (bench/RESULTS.md has SD 1.5's only), step time,
+MFU and peak memory on any accelerator, and the loss and edits of a run.
+
 Arguments: init, data, res, batch, accum, fsdp, steps.
 """
 

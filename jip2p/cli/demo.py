@@ -26,7 +26,7 @@ PROG = "jip2p-demo"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  from jip2p.demo import CONFIG, PRETRAINED, Settings
+  from jip2p.demo_run import CONFIG, PRETRAINED, Settings
   d = Settings()
   parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -68,15 +68,15 @@ def _main(argv: Sequence[str] | None) -> int:
   runtime.configure()
   from jip2p.data import tf_setup
   tf_setup.import_tf()  # Before JAX starts: TensorFlow must not take the accelerators.
-  from jip2p import demo
+  from jip2p import demo_run
   path, _, arg = args.config.partition(":")
-  settings = demo.Settings(
+  settings = demo_run.Settings(
       out=args.out, config=os.path.abspath(path), config_arg=arg, steps=args.steps or None,
       minutes=args.minutes, pretrained=args.pretrained, num_train=args.num_train,
       num_eval=args.num_eval, eval_points=args.eval_points, eval_steps=args.eval_steps,
       text_guidance=args.text_guidance, image_guidance=args.image_guidance, seed=args.seed,
       sweep=args.sweep, families=tuple(args.families.split(",")))
-  demo.run(settings, log=lambda m: print(f"{PROG}: {m}", flush=True))
+  demo_run.run_demo(settings, log=lambda m: print(f"{PROG}: {m}", flush=True))
   return 0
 
 

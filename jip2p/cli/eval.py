@@ -79,13 +79,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   g.add_argument("--threshold-radius", type=int, default=2, help="its low-pass box radius")
   g = p.add_argument_group("guidance")
   g.add_argument("--sweep", choices=sweep.SWEEPS, default="none",
-                 help="image: s_T fixed, s_I swept (the paper's plot); text: the reverse")
+                 help="image: s_T fixed, s_I swept (the paper's plot); text: the reverse; "
+                      "grid: every s_T × s_I, a line per s_T")
   g.add_argument("--text-guidance", type=float, default=7.5, help="s_T (fixed one)")
   g.add_argument("--image-guidance", type=float, default=1.5, help="s_I (fixed one)")
   g.add_argument("--image-values", type=_floats, default=list(sweep.IMAGE_VALUES),
-                 help="s_I values of the image sweep, comma-separated")
+                 help="s_I values of the image and grid sweeps, comma-separated")
   g.add_argument("--text-values", type=_floats, default=list(sweep.TEXT_VALUES),
-                 help="s_T values of the text sweep, comma-separated")
+                 help="s_T values of the text and grid sweeps, comma-separated")
   g = p.add_argument_group("metrics (CLIP and DINO run in the PyTorch sidecar)")
   g.add_argument("--clip-weights", metavar="FILE", help="local CLIP weights (ViT-L/14 default)")
   g.add_argument("--clip-model", default=DEFAULT_MODEL, help="open_clip architecture name")

@@ -14,8 +14,12 @@ import os
 
 @functools.cache
 def import_tf():
-  """The `tensorflow` module with no GPU visible to it (and C++ INFO logs silenced)."""
+  """The `tensorflow` module with no GPU visible to it, and quiet: its C++ INFO logs off, and
+  oneDNN's custom kernels off unless asked for (where the CPU has them, TensorFlow announces them
+  on stderr at import, before its log level applies; tf.data's decoding and resizing here give
+  the same records without them)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   import tensorflow as tf
   try:
     tf.config.set_visible_devices([], "GPU")

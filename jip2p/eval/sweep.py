@@ -3,7 +3,8 @@
 The paper's trade-off plot fixes text guidance s_T = 7.5 and sweeps image guidance s_I over
 1.0 … 2.2; each setting is one point, directional CLIP similarity on x (does the edit follow the
 caption change?) against CLIP image similarity on y (does the output keep the input?). "text" is
-the reverse sweep (s_I fixed, s_T varied), "both" draws the two series.
+the reverse sweep (s_I fixed, s_T varied), "both" draws the two series, and "grid" every s_T ×
+s_I, a line per s_T (`jip2p-demo --sweep` draws its exact world scores with the same plot).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jip2p.errors import ConfigError
 from jip2p.eval import paper_metrics
 from jip2p.eval.runner import METRICS, Setting
 
-SWEEPS = ("none", "image", "text", "both")
+SWEEPS = ("none", "image", "text", "both", "grid")
 IMAGE_VALUES = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2)
 TEXT_VALUES = (3.0, 4.5, 6.0, 7.5, 9.0, 10.5, 12.0)
 
@@ -28,7 +29,8 @@ def settings(sweep: str = "image", *, text_guidance: float = 7.5, image_guidance
              image_values: Sequence[float] = IMAGE_VALUES,
              text_values: Sequence[float] = TEXT_VALUES) -> list[Setting]:
   """The settings of a sweep: "none" is the one (text_guidance, image_guidance) point; "image"
-  sweeps s_I at s_T = text_guidance; "text" sweeps s_T at s_I = image_guidance; "both" both."""
+  sweeps s_I at s_T = text_guidance; "text" sweeps s_T at s_I = image_guidance; "both" both;
+  "grid" sweeps s_I at each s_T of text_values (an "image" series per s_T)."""
   if sweep not in SWEEPS:
     raise ConfigError(f"sweep must be one of {SWEEPS}, got {sweep!r}")
   for name, values in (("image_values", image_values), ("text_values", text_values)):
@@ -43,6 +45,8 @@ def settings(sweep: str = "image", *, text_guidance: float = 7.5, image_guidance
     seen = {s.key for s in out}
     out += [s for s in (Setting(float(v), float(image_guidance), "text") for v in text_values)
             if s.key not in seen]
+  if sweep == "grid":
+    out += [Setting(float(t), float(i), "image") for t in text_values for i in image_values]
   return out
 
 
@@ -89,11 +93,21 @@ def write_csv(table: Sequence[dict], path: str) -> None:
   os.replace(tmp, path)
 
 
+# Axis label and range of the metrics a trade-off plot draws (others: the metric's name, auto).
+AXES = {
+    "clip_dir": ("CLIP text-image direction similarity", None),
+    "clip_img": ("CLIP image similarity", None),
+    "edit_ok": ("instruction followed (rate)", (-0.02, 1.02)),
+    "input_psnr": ("closeness to the input image (PSNR dB)", None),
+}
+
+
 def plot_tradeoff(table: Sequence[dict], paths: Sequence[str], *, title: str = "",
                   x: str = "clip_dir", y: str = "clip_img", error_bars: bool = False) -> bool:
-  """The paper's plot of the "all" rows: one labelled point per setting, a line per series
-  (with ``error_bars``, the confidence intervals too). Writes each of ``paths`` (format from the
-  extension); returns False (writing nothing) when the table lacks the two metrics."""
+  """The paper's plot of the "all" rows: one labelled point per setting, a line per series and
+  fixed scale (an "image" series per s_T, a "text" series per s_I; with ``error_bars``, the
+  confidence intervals too). Writes each of ``paths`` (format from the extension); returns False
+  (writing nothing) when the table lacks the two metrics."""
   points = [e for e in table if e["group"] == "all" and np.isfinite(e.get(x, math.nan))
             and np.isfinite(e.get(y, math.nan))]
   if not points:
@@ -103,24 +117,21 @@ def plot_tradeoff(table: Sequence[dict], paths: Sequence[str], *, title: str = "
   import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=150)
-  series = list(dict.fromkeys(e["series"] for e in points))
-  names = {"image": "s_T fixed, s_I swept", "text": "s_I fixed, s_T swept", "single": "setting"}
-  for k, name in enumerate(series):
-    mine = [e for e in points if e["series"] == name]
+  lines = list(dict.fromkeys((e["series"], _fixed_scale(e)) for e in points))
+  for k, line in enumerate(lines):
+    mine = [e for e in points if (e["series"], _fixed_scale(e)) == line]
     xs, ys = np.array([e[x] for e in mine]), np.array([e[y] for e in mine])
     colour = f"C{k}"
     if error_bars:
       ax.errorbar(xs, ys, xerr=_error_bars(mine, x), yerr=_error_bars(mine, y), fmt="none",
                   ecolor=colour, elinewidth=0.8, capsize=2, alpha=0.4)
-    ax.plot(xs, ys, "-o", color=colour, markersize=5, label=names.get(name, name))
+    ax.plot(xs, ys, "-o", color=colour, markersize=5, label=line[1] or "setting")
     for e in mine:
-      label = (f"s_I={e['image_guidance']:g}" if name == "image"
-               else f"s_T={e['text_guidance']:g}" if name == "text"
-               else f"s_T={e['text_guidance']:g}, s_I={e['image_guidance']:g}")
-      ax.annotate(label, (e[x], e[y]), textcoords="offset points", xytext=(5, 4), fontsize=7,
-                  color=colour)
-  ax.set_xlabel("CLIP text-image direction similarity")
-  ax.set_ylabel("CLIP image similarity")
+      ax.annotate(_swept_scale(e), (e[x], e[y]), textcoords="offset points", xytext=(5, 4),
+                  fontsize=7, color=colour)
+  for axis, metric in (("x", x), ("y", y)):
+    label, limits = AXES.get(metric, (metric, None))
+    ax.set(**{f"{axis}label": label, f"{axis}lim": limits})
   if title:
     ax.set_title(title, fontsize=9)
   ax.grid(alpha=0.3)
@@ -131,6 +142,18 @@ def plot_tradeoff(table: Sequence[dict], paths: Sequence[str], *, title: str = "
       fig.savefig(path)
   plt.close(fig)
   return True
+
+
+def _fixed_scale(e: dict) -> str:
+  """The legend of the line ``e`` is on: the scale its series holds fixed ("" if none)."""
+  return {"image": f"s_T = {e['text_guidance']:g}",
+          "text": f"s_I = {e['image_guidance']:g}"}.get(e["series"], "")
+
+
+def _swept_scale(e: dict) -> str:
+  """The label of ``e``'s point: the scale its series sweeps (both, for a single setting)."""
+  return {"image": f"s_I={e['image_guidance']:g}", "text": f"s_T={e['text_guidance']:g}"}.get(
+      e["series"], f"s_T={e['text_guidance']:g}, s_I={e['image_guidance']:g}")
 
 
 def _error_bars(entries: Sequence[dict], metric: str) -> np.ndarray | None:

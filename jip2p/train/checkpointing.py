@@ -42,12 +42,15 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every_steps: int = 1000, keep: int = 3,
                keep_every: int = 0, async_save: bool = True, read_only: bool = False):
-    saving = not read_only  # orbax warns of (and drops) saving options on a read-only manager
+    # Read-only, the manager gets no way to write (no saves, no directory creation, no clean-up)
+    # and `save` refuses; orbax's own ``read_only`` option would do the same but log a warning
+    # for every manager opened (each export, each demo evaluation).
+    self.read_only = read_only
+    saving = not read_only
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every_steps if saving else 0, max_to_keep=keep if saving else None,
         keep_period=(keep_every or None) if saving else None,
-        enable_async_checkpointing=async_save, cleanup_tmp_directories=saving, create=saving,
-        read_only=read_only)
+        enable_async_checkpointing=async_save, cleanup_tmp_directories=saving, create=saving)
     self.directory = checkpoint_dir(workdir)
     if read_only and not self.directory.exists():
       raise CheckpointError(f"no checkpoints in {workdir}: {self.directory} does not exist")
@@ -66,6 +69,8 @@ class Checkpointer:
     Raises `CheckpointError` when the previous background save failed: a run must not go on
     believing it can resume from a checkpoint that was never written. (orbax runs one save at a
     time, so waiting for the previous one here costs nothing when saves are spaced out.)"""
+    if self.read_only:
+      raise CheckpointError(f"{self.directory} was opened read-only: not saving")
     self.wait()
     step = int(jax.device_get(state.step))
     args = ocp.args.Composite(

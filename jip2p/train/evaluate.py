@@ -17,6 +17,7 @@ from etils import epath
 from flax import nnx
 from PIL import Image
 
+from jip2p import grids
 from jip2p.diffusion import editing
 from jip2p.diffusion.schedules import Schedule
 from jip2p.tokenizer import CLIPTokenizer
@@ -45,17 +46,8 @@ def make_edit_fn(unet_def, vae_def, text_def, *, schedule: Schedule, scaling_fac
   return edit
 
 
-def image_grid(batch: dict[str, np.ndarray], edited: np.ndarray) -> np.ndarray:
-  """uint8 [B·H, 3·W, 3]: one row per example, columns input | target | model output."""
-  to_uint8 = lambda x: np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0,
-                               255).astype(np.uint8)
-  rows = [np.concatenate([to_uint8(a), to_uint8(b), to_uint8(c)], axis=1)
-          for a, b, c in zip(batch["input"], batch["edited"], edited)]
-  return np.concatenate(rows, axis=0)
-
-
 class ValidationGrid:
-  """Edits the same ``num_images`` validation pairs at every call and writes their `image_grid`
+  """Edits the same ``num_images`` validation pairs at every call and writes their image grid
   to TensorBoard and, when ``folder`` is given (process 0), as ``folder/step_<step>.png``.
 
   The pairs are read from ``source`` at the first call (the same on every process); example j is
@@ -83,7 +75,8 @@ class ValidationGrid:
 
   def __call__(self, step: int, params, frozen) -> None:
     edited = self._edit_fn(params, frozen, self._batch)
-    grid = image_grid(self._pairs, np.asarray(edited.addressable_data(0)))
+    grid = grids.image_grid(zip(*map(grids.to_uint8, (
+        self._pairs["input"], self._pairs["edited"], edited.addressable_data(0)))))
     self._writer.images(step, {"validation/input|target|ema_output": grid})
     if self._folder is not None:
       self._folder.mkdir(parents=True, exist_ok=True)

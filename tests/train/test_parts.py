@@ -4,7 +4,9 @@ FLOP counting and the peak-FLOPs table."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -158,6 +160,30 @@ def test_unfinished_checkpoints_are_ignored_and_removed(tmp_path):
   ckpt.close()
   assert not partial.exists()
   assert ckpt.all_steps() == [1, 2]
+
+
+def test_read_only_checkpoints_are_read_quietly_and_left_as_they_are(tmp_path, caplog):
+  """Export and the demo open a run's checkpoints read-only: no file may change (not even the
+  leftovers of a killed save, which a writing manager removes), and orbax may not warn."""
+  state, shardings = _small_state(sharding.make_mesh(8, 1))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), every_steps=1)
+  ckpt.save(state.replace(step=jnp.int32(1)), 1)
+  ckpt.close()
+  directory = pathlib.Path(str(checkpointing.checkpoint_dir(str(tmp_path))))
+  (directory / "2.orbax-checkpoint-tmp-1700000000" / "params").mkdir(parents=True)
+  listing = lambda: sorted((str(p), p.stat().st_mtime_ns) for p in directory.rglob("*"))
+  before = listing()
+  with caplog.at_level(logging.INFO):
+    ckpt = checkpointing.Checkpointer(str(tmp_path), read_only=True)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            state.ema, shardings.ema)
+    ema = ckpt.restore_weights("ema", abstract)
+    np.testing.assert_array_equal(np.asarray(ema["w"]), np.asarray(state.ema["w"]))
+    with pytest.raises(CheckpointError, match="opened read-only"):
+      ckpt.save(state.replace(step=jnp.int32(2)), 2, force=True)
+    ckpt.close()
+  assert listing() == before
+  assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_relative_workdir_saves_and_failed_saves_are_named(tmp_path, monkeypatch):
