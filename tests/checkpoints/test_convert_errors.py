@@ -17,17 +17,12 @@ from jip2p import checkpoints
 from jip2p.checkpoints import folders
 from jip2p.cli import convert as convert_cli
 from jip2p.errors import CheckpointError
+from tests import cli_errors
 from tests.checkpoints.test_convert import ldm_state
 
 
 def named_error(capsys, code: int) -> str:
-  """The one `jip2p-convert: error:` line of a run that must have exited 2 without a traceback."""
-  err = capsys.readouterr().err
-  assert code == 2, err
-  assert "Traceback" not in err
-  lines = [line for line in err.splitlines() if line.startswith("jip2p-convert: error: ")]
-  assert len(lines) == 1, err
-  return lines[0]
+  return cli_errors.named_error(capsys.readouterr().err, code, "jip2p-convert")
 
 
 def listing(folder):
