@@ -118,6 +118,8 @@ def _read_safetensors(path: str) -> dict:
   except SafetensorError as e:
     raise CheckpointError(f"{path} is not a readable .safetensors file (corrupt, truncated or "
                           f"another format): {str(e).strip().splitlines()[0]}") from None
+  except OSError as e:
+    raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _pickle_error(path: str, error: Exception) -> CheckpointError:

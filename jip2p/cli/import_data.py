@@ -25,7 +25,8 @@ EPILOG = ("The options, the source (files, parquet columns and their types, seed
           "instruction, an unreadable parquet row group) are skipped and counted in the report; "
           "when no row at all can be imported the run exits 2 and leaves no dataset. Rerunning "
           "the same command after an interruption (a kill, a full disk) resumes: rows already "
-          "stored are skipped, none is written twice.")
+          "stored are skipped, none is written twice; a rerun into the same --out with other "
+          "inputs or split/storage options is refused, since it would mix two imports.")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -95,6 +96,23 @@ def _rows(args: argparse.Namespace):
   return importers.iter_hf_parquet(importers.list_parquet(args.inputs))
 
 
+def _check_same_import(out: str, metadata: dict) -> None:
+  """A rerun resumes by row number, so it must be the same import: a `ConfigError` naming what
+  differs from the run that wrote ``out`` (keys it did not record are not compared)."""
+  from jip2p.data import writer
+  from jip2p.data.tf_setup import import_tf
+  try:
+    stored = writer.read_manifest(out).get("metadata") or {}
+  except (InputError, import_tf().errors.OpError):
+    return  # no dataset there yet, or one the writer will name the problem of
+  changed = [k for k, v in metadata.items() if k in stored and stored[k] != v]
+  if changed:
+    raise ConfigError(
+        f"{out} was imported with " + ", ".join(f"{k}={stored[k]!r}" for k in changed)
+        + "; this run has " + ", ".join(f"{k}={metadata[k]!r}" for k in changed)
+        + ": resuming would mix two imports; rerun the same command or choose another --out")
+
+
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -110,7 +128,10 @@ def _main(argv: Sequence[str] | None) -> int:
   metadata = {"importer": args.source, "inputs": list(args.inputs),
               "store_resolution": args.store_resolution,
               "store_format": args.store_format if args.store_resolution else None,
-              "val_fraction": args.val_fraction, "split_seed": args.split_seed}
+              "jpeg_quality": args.jpeg_quality if args.store_resolution else None,
+              "val_fraction": args.val_fraction, "split_seed": args.split_seed,
+              "split": args.split}
+  _check_same_import(args.out, metadata)
 
   def progress(report):
     print(f"{PROG}: {report.rows} rows, written {dict(report.written)}, "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -97,15 +98,16 @@ def list_parquet(paths: str | Sequence[str]) -> list[str]:
   gfile = import_tf().io.gfile
   out = []
   for path in [paths] if isinstance(paths, str) else paths:
-    if gfile.isdir(path):
-      found = sorted(os.path.join(d, f) for d, _, files in gfile.walk(path)
-                     for f in files if f.endswith(".parquet"))
-    elif any(c in path for c in "*?["):
-      found = sorted(gfile.glob(path))
-    elif gfile.exists(path):
-      found = [path]
-    else:
-      raise InputError(f"{path} does not exist")
+    with _reading(path):
+      if gfile.isdir(path):
+        found = sorted(os.path.join(d, f) for d, _, files in gfile.walk(path)
+                       for f in files if f.endswith(".parquet"))
+      elif any(c in path for c in "*?["):
+        found = sorted(gfile.glob(path))
+      elif gfile.exists(path):
+        found = [path]
+      else:
+        raise InputError(f"{path} does not exist")
     if not found:
       raise InputError(f"no parquet files in {path}")
     out += found
@@ -187,7 +189,9 @@ def iter_generator(root: str) -> Iterator[Row]:
   The folder and its seeds.json are checked here, before the first row.
   """
   root = root.rstrip("/")
-  return _generator_rows(root, _generator_entries(root))
+  with _reading(root):
+    entries = _generator_entries(root)
+  return _generator_rows(root, entries)
 
 
 def _generator_entries(root: str) -> list[tuple[str, list[str]]]:
@@ -430,7 +434,7 @@ def _parquet_schema(path: str):
   import pyarrow as pa
   import pyarrow.parquet as pq
   try:
-    with _open(path) as f:
+    with _reading(path), _open(path) as f:
       return pq.ParquetFile(f).schema_arrow
   except (pa.ArrowException, OSError) as e:
     raise InputError(f"{path} is not a readable parquet file (empty, truncated or another "
@@ -475,7 +479,7 @@ def _parquet_rows(path: str, columns: Sequence[str],
   import pyarrow as pa
   import pyarrow.parquet as pq
   index = 0
-  with _open(path) as f:
+  with _reading(path), _open(path) as f:
     parquet = pq.ParquetFile(f)
     for group in range(parquet.num_row_groups):
       end = index + parquet.metadata.row_group(group).num_rows
@@ -492,6 +496,17 @@ def _parquet_rows(path: str, columns: Sequence[str],
         key = f"{os.path.basename(path)}:{skipped}"
         yield Row(key, key, None, "unreadable parquet data")
       index = end
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+  """tf.io.gfile's failures (an unknown scheme, no access, ...) as one `InputError` naming path."""
+  from jip2p.data.tf_setup import import_tf
+  tf = import_tf()
+  try:
+    yield
+  except tf.errors.OpError as e:
+    raise InputError(f"cannot read {path}: {e.message}") from None
 
 
 def _first_line(error: Exception) -> str:

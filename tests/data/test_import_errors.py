@@ -113,6 +113,9 @@ def test_missing_or_malformed_sources_are_named_before_anything_is_written(tmp_p
       (["generator", str(bad_utf8)], "seeds.json is not UTF-8 JSON"),
       (["generator", str(not_a_list)], "seeds.json holds a JSON dict, not a list"),
       (["generator", str(bad_entry)], 'entry 0 is ["0000000", ["12", "x"]]'),
+      # A file system TensorFlow does not know (a mistyped gs://): named, not a traceback.
+      (["hf-parquet", "nosuchfs://bucket/a.parquet"], "cannot read nosuchfs://bucket/a.parquet"),
+      (["generator", "nosuchfs://bucket/gen"], "cannot read nosuchfs://bucket/gen"),
   ]
   out = tmp_path / "out"
   for args, says in cases:
@@ -189,6 +192,8 @@ def test_unwritable_output_is_named(tmp_path, capsys):
     line = named_error(capsys, import_data.main(["hf-parquet", src, "--out", str(out)]))
     assert f"cannot write the dataset {out}" in line and "not a directory" in line
   assert a_file.read_text() == "mine"
+  line = named_error(capsys, import_data.main(["hf-parquet", src, "--out", "nosuchfs://b/out"]))
+  assert "cannot write the dataset nosuchfs://b/out: File system scheme 'nosuchfs'" in line
 
 
 def test_full_disk_is_named_and_a_rerun_finishes_the_import(tmp_path, capsys, monkeypatch):
@@ -255,3 +260,21 @@ def test_bad_generator_entries_are_skipped_and_counted(tmp_path, capsys):
   triplets = list(reader.iter_triplets(str(out)))
   assert [t.seed for t in triplets] == [2000, 2001]
   assert all(t.cfg_scale != t.cfg_scale for t in triplets)  # NaN: the metadata was unreadable
+
+
+def test_a_rerun_that_is_not_the_same_import_is_refused(tmp_path, capsys):
+  """Resuming skips rows by number: other inputs or split options would mix two imports."""
+  a, b = good_parquet(tmp_path / "a.parquet"), good_parquet(tmp_path / "b.parquet", n=3)
+  out = tmp_path / "out"
+  assert import_data.main(["hf-parquet", str(a), "--out", str(out)]) == 0
+  before = writer.read_manifest(str(out))
+  for extra, says in ((["--val-fraction", "0.5"], "val_fraction=0.0; this run has "
+                                                  "val_fraction=0.5"),
+                      (["--split", "validation"], "split=None; this run has split='validation'")):
+    line = named_error(capsys, import_data.main(["hf-parquet", str(a), "--out", str(out), *extra]))
+    assert says in line
+  line = named_error(capsys, import_data.main(["hf-parquet", str(b), "--out", str(out)]))
+  assert f"inputs=[{str(a)!r}]" in line and "rerun the same command" in line
+  assert writer.read_manifest(str(out)) == before
+  assert import_data.main(["hf-parquet", str(a), "--out", str(out)]) == 0  # the same: resumes
+  assert "already stored (resumed): 6" in capsys.readouterr().out
