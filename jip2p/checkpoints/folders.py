@@ -240,6 +240,31 @@ def save_component(model, folder: str, *, dtype: str = "float32") -> None:
   os.chmod(weights, 0o666 & ~storage.umask())  # safetensors creates it owner-only (0600)
 
 
+def check_output_folder(folder: str, *, overwrite: bool = False) -> None:
+  """A named `CheckpointError`, before any work, when `save_pipeline` could not write ``folder``.
+
+  ``overwrite`` replaces only a pipeline folder (one with ``model_index.json``) or an empty one,
+  never a folder of other files. Permissions are asked of the OS (`os.access`), which grants root
+  everything but a read-only file system.
+  """
+  folder = os.path.abspath(folder)
+  if os.path.exists(folder):
+    if not os.path.isdir(folder):
+      raise CheckpointError(f"{folder} exists and is a file, not a folder")
+    if not overwrite:
+      raise CheckpointError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+    if os.listdir(folder) and not os.path.isfile(os.path.join(folder, "model_index.json")):
+      raise CheckpointError(f"{folder} holds files but no model_index.json: overwrite replaces "
+                            "only a diffusers pipeline folder; choose another folder")
+  existing = os.path.dirname(folder)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise CheckpointError(f"cannot create {folder}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise CheckpointError(f"cannot create {folder}: {existing} is not writable")
+
+
 def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False,
                   dtype: str = "float32") -> None:
   """Writes a diffusers-format pipeline folder, its weights as ``dtype`` (one of `SAVE_DTYPES`;
@@ -252,11 +277,17 @@ def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False,
   """
   remote = storage.is_remote(folder)
   folder = folder if remote else os.path.abspath(folder)
-  if (epath.Path(folder).exists() if remote else os.path.exists(folder)) and not overwrite:
-    raise CheckpointError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+  if remote:
+    if epath.Path(folder).exists() and not overwrite:
+      raise CheckpointError(f"{folder} exists; pass overwrite=True (--overwrite) to replace it")
+  else:
+    check_output_folder(folder, overwrite=overwrite)
   parent = tempfile.gettempdir() if remote else os.path.dirname(folder)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
+  except OSError as e:
+    raise CheckpointError(f"cannot write {folder}: {e.strerror or e}") from None
   os.chmod(tmp, 0o777 & ~storage.umask())  # mkdtemp's 0700 would hide the export from a team
   try:
     _write_folder(pipeline, tmp, dtype)
@@ -266,6 +297,8 @@ def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False,
       if os.path.exists(folder):
         shutil.rmtree(folder)
       os.replace(tmp, folder)
+  except OSError as e:  # a full disk, a quota: the temporary folder goes, as on any failure
+    raise CheckpointError(f"cannot write {folder}: {e.strerror or e}") from None
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)

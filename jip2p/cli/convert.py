@@ -16,6 +16,7 @@ from jip2p.checkpoints import convert
 from jip2p.checkpoints.folders import SAVE_DTYPES
 from jip2p.checkpoints.presets import PRESETS
 from jip2p.cli import run
+from jip2p.errors import ConfigError
 
 PROG = "jip2p-convert"
 
@@ -25,7 +26,12 @@ def _main(argv: Sequence[str] | None) -> int:
       prog=PROG,
       description="Convert a single-file Stable Diffusion / InstructPix2Pix checkpoint (original "
                   "CompVis layout, .ckpt or .safetensors) into a diffusers-format folder that "
-                  "jip2p and diffusers load.")
+                  "jip2p and diffusers load.",
+      epilog="The paths are checked before the file is read; a path, file or weight that cannot "
+             "be used ends the run with one line naming it and exit status 2. dst is written "
+             "under a temporary name (.tmp-DST… beside it) and renamed when complete: a failed "
+             "run leaves no dst, and running the same command again converts from the start "
+             "(after a kill -9, delete the .tmp-DST… folder it left).")
   parser.add_argument("src", help="the .ckpt / .safetensors file")
   parser.add_argument("dst", help="output folder (diffusers format)")
   parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -38,8 +44,11 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--dtype", choices=SAVE_DTYPES, default="float32",
                       help="the stored weights' type; float16 halves the folder and loads back "
                            "as float32 (default: float32)")
-  parser.add_argument("--overwrite", action="store_true", help="replace dst if it exists")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace dst if it is a diffusers pipeline folder (or empty)")
   args = parser.parse_args(argv)
+  if args.expand_conv_in is not None and args.expand_conv_in < 1:
+    raise ConfigError(f"--expand-conv-in={args.expand_conv_in}: must be a channel count ≥ 1")
   pipeline = convert.convert_file(args.src, args.dst, preset=args.preset,
                                   extract_ema=not args.no_ema, expand_conv_in=args.expand_conv_in,
                                   overwrite=args.overwrite, dtype=args.dtype)

@@ -5,8 +5,7 @@
   jip2p-import magicbrush  PARQUET... --out DIR [--split validation]
   jip2p-import synthetic   --num 20000 --out DIR  # the procedural edit world (jip2p.data.synthetic)
 
-PARQUET arguments may be files, folders or globs; local or gs://. Rerunning the same command
-after an interruption resumes: rows already stored are skipped, none is written twice.
+PARQUET arguments may be files, folders or globs; local or gs://.
 """
 
 from __future__ import annotations
@@ -17,13 +16,22 @@ import sys
 from collections.abc import Sequence
 
 from jip2p.cli import run
-from jip2p.errors import ConfigError
+from jip2p.errors import ConfigError, InputError
 
 PROG = "jip2p-import"
+EPILOG = ("The options, the source (files, parquet columns and their types, seeds.json) and the "
+          "output folder are checked before anything is written; a problem is one line naming "
+          "it, exit status 2. Rows that cannot be used (an undecodable image, an empty "
+          "instruction, an unreadable parquet row group) are skipped and counted in the report; "
+          "when no row at all can be imported the run exits 2 and leaves no dataset. Rerunning "
+          "the same command after an interruption (a kill, a full disk) resumes: rows already "
+          "stored are skipped, none is written twice; a rerun into the same --out with other "
+          "inputs or split/storage options is refused, since it would mix two imports.")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                   epilog=EPILOG)
   sub = parser.add_subparsers(dest="source", required=True)
   sources = {
       "hf-parquet": ("parquet shards of timbrooks/instructpix2pix-clip-filtered or "
@@ -34,7 +42,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   }
   sources["synthetic"] = ("the procedural edit world: coloured shapes and exact edits", None)
   for name, (help_text, metavar) in sources.items():
-    p = sub.add_parser(name, help=help_text)
+    p = sub.add_parser(name, help=help_text, epilog=EPILOG)
     if metavar is None:
       p.add_argument("--num", type=int, required=True, help="examples to write")
       p.add_argument("--seed", type=int, default=0,
@@ -67,32 +75,63 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-  args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                      format="%(levelname)s %(message)s")
+def _rows(args: argparse.Namespace):
+  """The source's rows; its files, folders and columns are checked here, before anything is
+  written (the rows themselves are read lazily)."""
   from jip2p.data import importers
-  from jip2p.data.writer import DatasetWriter
   if args.source == "synthetic":
     if args.num < 1:
       raise ConfigError(f"--num={args.num} must be at least 1")
     from jip2p.data import synthetic
     families = synthetic.FAMILIES if args.families is None else tuple(args.families.split(","))
     synthetic.check_families(families)
-    rows = importers.iter_synthetic(args.num, seed=args.seed, size=args.size,
-                                    wording=args.wording, families=families)
     args.inputs = [f"synthetic:num={args.num},seed={args.seed},size={args.size},"
                    f"wording={args.wording},families={'+'.join(families)}"]
-  elif args.source == "generator":
-    rows = importers.iter_generator(args.inputs[0])
-  elif args.source == "magicbrush":
-    rows = importers.iter_magicbrush(importers.list_parquet(args.inputs))
-  else:
-    rows = importers.iter_hf_parquet(importers.list_parquet(args.inputs))
+    return importers.iter_synthetic(args.num, seed=args.seed, size=args.size,
+                                    wording=args.wording, families=families)
+  if args.source == "generator":
+    return importers.iter_generator(args.inputs[0])
+  if args.source == "magicbrush":
+    return importers.iter_magicbrush(importers.list_parquet(args.inputs))
+  return importers.iter_hf_parquet(importers.list_parquet(args.inputs))
+
+
+def _check_same_import(out: str, metadata: dict) -> None:
+  """A rerun resumes by row number, so it must be the same import: a `ConfigError` naming what
+  differs from the run that wrote ``out`` (keys it did not record are not compared)."""
+  from jip2p.data import writer
+  from jip2p.data.tf_setup import import_tf
+  try:
+    stored = writer.read_manifest(out).get("metadata") or {}
+  except (InputError, import_tf().errors.OpError):
+    return  # no dataset there yet, or one the writer will name the problem of
+  changed = [k for k, v in metadata.items() if k in stored and stored[k] != v]
+  if changed:
+    raise ConfigError(
+        f"{out} was imported with " + ", ".join(f"{k}={stored[k]!r}" for k in changed)
+        + "; this run has " + ", ".join(f"{k}={metadata[k]!r}" for k in changed)
+        + ": resuming would mix two imports; rerun the same command or choose another --out")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+  args = parse_args(argv)
+  logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                      format="%(levelname)s %(message)s")
+  from jip2p.data import importers
+  from jip2p.data.writer import DatasetWriter
+  options = dict(validation_fraction=args.val_fraction, split_seed=args.split_seed,
+                 split=args.split, store_resolution=args.store_resolution,
+                 store_format=args.store_format, jpeg_quality=args.jpeg_quality,
+                 workers=args.workers)
+  importers.check_options(**{k: v for k, v in options.items() if k != "split_seed"})
+  rows = _rows(args)
   metadata = {"importer": args.source, "inputs": list(args.inputs),
               "store_resolution": args.store_resolution,
               "store_format": args.store_format if args.store_resolution else None,
-              "val_fraction": args.val_fraction, "split_seed": args.split_seed}
+              "jpeg_quality": args.jpeg_quality if args.store_resolution else None,
+              "val_fraction": args.val_fraction, "split_seed": args.split_seed,
+              "split": args.split}
+  _check_same_import(args.out, metadata)
 
   def progress(report):
     print(f"{PROG}: {report.rows} rows, written {dict(report.written)}, "
@@ -101,11 +140,14 @@ def _main(argv: Sequence[str] | None) -> int:
   writer = DatasetWriter(args.out, name=args.name, examples_per_shard=args.examples_per_shard,
                          metadata=metadata)
   with writer:
-    report = importers.import_rows(
-        rows, writer, validation_fraction=args.val_fraction, split_seed=args.split_seed,
-        split=args.split, store_resolution=args.store_resolution,
-        store_format=args.store_format, jpeg_quality=args.jpeg_quality, workers=args.workers,
-        progress=progress)
+    report = importers.import_rows(rows, writer, progress=progress, **options)
+    if not report.written and not report.resumed:  # nothing stored: not a dataset to train on
+      inputs = " ".join(args.inputs)
+      if not report.rows:
+        raise InputError(f"{inputs} holds no rows; nothing was written")
+      reasons = ", ".join(f"{n} {reason}" for reason, n in report.skipped.most_common())
+      raise InputError(f"no row of {inputs} could be imported ({report.rows} read: {reasons}); "
+                       "nothing was written")
   print(report.summary())
   print(f"dataset: {args.out}")
   return 0

@@ -21,8 +21,10 @@ in the same shards. The importers do this.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -42,6 +44,12 @@ _SPLIT_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 def shard_filename(name: str, split: str, index: int) -> str:
   """Shard `index`'s file name: TFDS template `{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_INDEX}`."""
   return f"{name}-{split}.tfrecord-{index:05d}"
+
+
+def check_split_name(split: str) -> None:
+  """A named `ConfigError` unless ``split`` can name a split (and its shard files)."""
+  if not isinstance(split, str) or not _SPLIT_RE.match(split):
+    raise ConfigError(f"split name {split!r} must match [a-z][a-z0-9_]*")
 
 
 def serialize(record: Mapping[str, Any]) -> bytes:
@@ -79,28 +87,47 @@ def read_manifest(directory: str) -> dict:
   return manifest
 
 
+def _named_io_errors(method):
+  """A file-system failure inside a `DatasetWriter` method (no space, no permission, a path
+  under a regular file, ...) becomes one `InputError` line naming the dataset directory."""
+
+  @functools.wraps(method)
+  def wrapped(self, *args, **kwargs):
+    tf = import_tf()
+    try:
+      return method(self, *args, **kwargs)
+    except (tf.errors.OpError, OSError) as e:
+      reason = e.message if isinstance(e, tf.errors.OpError) else (e.strerror or str(e))
+      raise InputError(f"cannot write the dataset {self.directory}: {reason}") from None
+
+  return wrapped
+
+
 class DatasetWriter:
   """Writes `schema.Triplet`s into sharded TFRecords, per split, resuming what a crash left.
 
   Use as a context manager (or call `close()`): a clean exit commits the last partial shard of
   each split, marks the manifest complete and writes the TFDS metadata (unless `tfds_metadata`
   is False: TFDS reaches local, gs:// and s3:// paths only); leaving by an exception commits
-  nothing more, like a crash.
+  nothing more, like a crash, and removes a dataset that has no committed shard (`abandon`).
+  File-system failures are `InputError`s naming the directory.
   """
 
+  @_named_io_errors
   def __init__(self, directory: str, *, name: str = DEFAULT_NAME, examples_per_shard: int = 1000,
                version: str = "1.0.0", description: str = "",
                metadata: Mapping[str, Any] | None = None, tfds_metadata: bool = True):
     tf = import_tf()
+    self.directory = directory.rstrip("/")
     if not _NAME_RE.match(name):
       raise ConfigError(f"dataset name {name!r} must be snake_case ([a-z][a-z0-9_]*), as TFDS "
                         "requires")
     if not isinstance(examples_per_shard, int) or examples_per_shard < 1:
       raise ConfigError(f"examples_per_shard={examples_per_shard!r}: must be a positive integer")
-    self.directory = directory.rstrip("/")
     self._tf = tf
     self._tfds_metadata = tfds_metadata
     self._open: dict[str, _OpenShard] = {}
+    self._made = _missing_folders(tf, self.directory)
     tf.io.gfile.makedirs(self.directory)
     if tf.io.gfile.exists(_join(self.directory, MANIFEST)):
       manifest = read_manifest(self.directory)
@@ -139,6 +166,7 @@ class DatasetWriter:
     info = self._manifest["splits"].get(split)
     return info["shards"][-1]["last_cursor"] if info and info["shards"] else None
 
+  @_named_io_errors
   def write(self, triplet: schema.Triplet, split: str = "train", cursor=None) -> None:
     """Appends one triplet to `split`; InputError (nothing written) if it breaks the schema.
 
@@ -147,8 +175,7 @@ class DatasetWriter:
     data = serialize(schema.to_record(triplet))
     shard = self._open.get(split)
     if shard is None:
-      if not _SPLIT_RE.match(split):
-        raise ConfigError(f"split name {split!r} must match [a-z][a-z0-9_]*")
+      check_split_name(split)
       info = self._manifest["splits"].setdefault(split, {"num_examples": 0, "shards": []})
       path = _join(self.directory, shard_filename(self.name, split, len(info["shards"])))
       shard = self._open[split] = _OpenShard(self._tf, path)
@@ -156,6 +183,7 @@ class DatasetWriter:
     if shard.count == self._manifest["examples_per_shard"]:
       self._commit(split)
 
+  @_named_io_errors
   def close(self) -> dict:
     """Commits partial shards, marks the manifest complete, writes TFDS metadata; the manifest."""
     for split in list(self._open):
@@ -167,11 +195,23 @@ class DatasetWriter:
       tfds_lib.write_metadata(self.directory, self._manifest)
     return self._manifest
 
+  @_named_io_errors
   def abandon(self) -> None:
-    """Stops without committing the open shards (what a crash leaves behind)."""
+    """Stops without committing the open shards (what a crash leaves behind), except that a
+    dataset with no committed shard is removed: its manifest, its unfinished shards and the
+    folders this writer made."""
     for shard in self._open.values():
       shard.writer.close()
     self._open.clear()
+    if any(info["shards"] for info in self._manifest["splits"].values()):
+      return
+    gfile = self._tf.io.gfile
+    for path in gfile.glob(_join(self.directory, f"{self.name}-*{_INCOMPLETE}")):
+      gfile.remove(path)
+    gfile.remove(_join(self.directory, MANIFEST))
+    for folder in self._made:  # the deepest first; one holding other files stays
+      if gfile.exists(folder) and not gfile.listdir(folder):
+        gfile.rmtree(folder)
 
   def __enter__(self) -> DatasetWriter:
     return self
@@ -234,6 +274,16 @@ class _OpenShard:
     self.writer.write(data)
     self.count += 1
     self.last_cursor = cursor
+
+
+def _missing_folders(tf, directory: str) -> list[str]:
+  """The folders ``makedirs(directory)`` will create, the deepest first (never a top-level one)."""
+  directory = directory if "://" in directory else os.path.abspath(directory)
+  missing = []
+  while "/" in directory.split("://", 1)[-1].strip("/") and not tf.io.gfile.exists(directory):
+    missing.append(directory)
+    directory = directory.rsplit("/", 1)[0]
+  return missing
 
 
 def _file_digest(tf, path: str) -> tuple[int, str]:
