@@ -287,7 +287,8 @@ class Editor:
             image_guidance: float = 1.5, resolution: int | None = 512,
             seed: int | Sequence[int] | None = None,
             sampler: str = "euler_ancestral", schedule: str = "discrete", batch_size: int = 1,
-            noise=None, output_type: str = "pil") -> Iterator[tuple[int, Any]]:
+            noise=None, output_type: str = "pil",
+            names: Sequence[str] | None = None) -> Iterator[tuple[int, Any]]:
     """Validates every input now, then yields ``(index, edited image)`` as batches finish.
 
     Args:
@@ -305,17 +306,18 @@ class Editor:
       noise: optional initial latents, one unit-variance ``[h, w, C]`` array per image (see
         `noise_shape`), in place of the seeds' draws.
       output_type: "pil" or "np".
+      names: what errors call each image (default: its path, or "image <j>").
     """
     jobs, empty = self._prepare(images, instructions, steps=steps, text_guidance=text_guidance,
                                 image_guidance=image_guidance, resolution=resolution, seed=seed,
                                 sampler=sampler, schedule=schedule, batch_size=batch_size,
-                                noise=noise, output_type=output_type)
+                                noise=noise, output_type=output_type, names=names)
     grid = schedules.make(schedule, steps, self.scheduler_config)
     return self._generate(jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
                           output_type)
 
   def _prepare(self, images, instructions, *, steps, text_guidance, image_guidance, resolution,
-               seed, sampler, schedule, batch_size, noise, output_type):
+               seed, sampler, schedule, batch_size, noise, output_type, names):
     """Checks arguments and inputs; → (jobs to sample, jobs with empty instructions)."""
     _check_int("steps", steps, 1)
     if resolution is not None:
@@ -342,10 +344,12 @@ class Editor:
     seeds = _seeds(seed, n)
     if noise is not None and len(noise) != n:
       raise InputError(f"{len(noise)} noise arrays for {n} edits")
+    if names is not None and len(names) != n:
+      raise InputError(f"{len(names)} names for {n} edits")
     loaded, checked = {}, set()
     jobs, empty = [], []
     for j, (item, instruction) in enumerate(zip(images, instructions)):
-      name = _describe(item, j)
+      name = names[j] if names is not None else _describe(item, j)
       if not isinstance(instruction, str):
         raise InputError(f"{name}: the instruction must be text, got "
                          f"{type(instruction).__name__} {instruction!r:.60}")
