@@ -12,7 +12,8 @@ download as PNG with the instruction and values in their metadata.
 
 The queue runs one edit at a time (one accelerator serves every user in turn). A bad upload (not
 an image, truncated, too large) is refused with a message naming the problem, before it reaches
-the model.
+the model; so is an edit whose model gives NaN or inf. An animated image (its first frame is
+edited) or an instruction longer than the text encoder reads shows a warning.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import os
 import random
 import tempfile
+import warnings
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # nothing leaves the machine
 
@@ -30,7 +32,7 @@ from PIL import Image, PngImagePlugin  # noqa: E402
 
 from jip2p import edit  # noqa: E402
 from jip2p.data import synthetic  # noqa: E402
-from jip2p.errors import Jip2pError  # noqa: E402
+from jip2p.errors import Jip2pError, Jip2pWarning  # noqa: E402
 
 MAX_RANDOM_SEED = 100_000
 TEXT_RANGE = (6.0, 9.0)
@@ -122,6 +124,28 @@ def save_png(image: Image.Image, folder: str, instruction: str, values: Values) 
   return path
 
 
+def edit_one(editor, image_path: str, instruction: str, values: Values,
+             resolution: int) -> Image.Image:
+  """One edit; a problem with the image, the values or the model becomes a message in the page,
+  and an input used other than as given (an animated image, a long instruction) a warning."""
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always", Jip2pWarning)
+    try:
+      image = edit.load_image(image_path)
+      [result] = editor([image], [instruction], steps=values.steps,
+                        text_guidance=values.text_guidance,
+                        image_guidance=values.image_guidance, seed=values.seed,
+                        resolution=resolution)
+    except Jip2pError as e:
+      raise gr.Error(f"The image cannot be edited: {e}") from None
+  for warning in caught:
+    if issubclass(warning.category, Jip2pWarning):
+      gr.Warning(str(warning.message))
+    else:
+      warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+  return result
+
+
 def build_app(editor, *, resolution: int = 512, steps: int = 50, title: str = "jip2p",
               work_dir: str | None = None) -> gr.Blocks:
   """The editor's page. ``work_dir`` holds examples and results (a fresh temporary folder by
@@ -136,23 +160,16 @@ def build_app(editor, *, resolution: int = 512, steps: int = 50, title: str = "j
                randomize_seed, randomize_guidance, history):
     if not image_path:
       raise gr.Error("Upload an image or pick an example first.")
-    try:
-      image = edit.load_image(image_path)
-    except Jip2pError as e:
-      raise gr.Error(f"The image cannot be edited: {e}") from None
     instruction = (instruction or "").strip()
     if not instruction:
       gr.Warning("The instruction is empty: the result is the resized input.")
     values = choose_values(seed, text_guidance, image_guidance, n_steps, randomize_seed,
                            randomize_guidance, rng)
+    result = edit_one(editor, image_path, instruction, values, resolution)
     try:
-      [result] = editor([image], [instruction], steps=values.steps,
-                        text_guidance=values.text_guidance,
-                        image_guidance=values.image_guidance, seed=values.seed,
-                        resolution=resolution)
-    except Jip2pError as e:
-      raise gr.Error(str(e)) from None
-    path = save_png(result, results_dir, instruction, values)
+      path = save_png(result, results_dir, instruction, values)
+    except OSError as e:
+      raise gr.Error(f"The result cannot be saved ({e.strerror or e}).") from None
     history = list(history or []) + [(path, f"{instruction or '(no instruction)'} — seed "
                                             f"{values.seed}")]
     described = values.describe(len(history), result.size)

@@ -36,7 +36,7 @@ from PIL import Image, ImageOps
 
 from jip2p import checkpoints
 from jip2p.diffusion import editing, samplers, schedules
-from jip2p.errors import CheckpointError, ConfigError, InputError
+from jip2p.errors import CheckpointError, ConfigError, InputError, Jip2pWarning
 
 MAX_PIXELS = 40_000_000
 SAMPLERS = samplers.METHODS
@@ -117,6 +117,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
       with Image.open(name) as image:
         _check_pixels(*image.size, name)
         image.load()
+        frames = getattr(image, "n_frames", 1)
+        if frames > 1:
+          warnings.warn(f"{name}: an animated image of {frames} frames; editing its first frame",
+                        Jip2pWarning, stacklevel=2)
         return prepare_image(image, name)
   except Image.DecompressionBombError:
     raise InputError(f"{name}: the image is larger than the {MAX_PIXELS / 1e6:.0f} megapixels "
@@ -183,18 +187,20 @@ def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, i
                 graphdefs, method: str, scaling_factor: float, prediction_type: str):
   """`editing.edit` on one padded batch, in [0, 1]; compiled per model architecture (the static
   graphdefs, so editors of one architecture share programs), batch, image shape, steps and
-  sampler. Arrays as `editing.edit`'s (scales float32 scalars); → float32 [B, H, W, 3] in [0, 1].
+  sampler. Arrays as `editing.edit`'s (scales float32 scalars); → (float32 [B, H, W, 3] in
+  [0, 1], the stages' finite flags bool [len(editing.STAGES)]).
   """
   unet, vae, text_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
-  pixels = editing.edit(unet, vae, text_encoder, images, input_ids, noise, seeds, schedule,
-                        text_scale, image_scale, method=method, scaling_factor=scaling_factor,
-                        prediction_type=prediction_type)
-  return pixels / 2 + 0.5
+  pixels, finite = editing.edit(unet, vae, text_encoder, images, input_ids, noise, seeds,
+                                schedule, text_scale, image_scale, method=method,
+                                scaling_factor=scaling_factor, prediction_type=prediction_type)
+  return pixels / 2 + 0.5, finite
 
 
 @dataclasses.dataclass(frozen=True)
 class _Job:
   index: int
+  name: str  # the file path, or "image <index>"
   image: Image.Image  # RGB, resized
   instruction: str
   seed: int
@@ -251,6 +257,18 @@ class Editor:
     return cls(checkpoints.load_pipeline(path, dtype=DTYPES[dtype],
                                          attention_impl=attention_impl))
 
+  def _warn_if_cut(self, instruction: str) -> None:
+    """Warns when the text encoder reads only the start of ``instruction`` (as the reference, it
+    keeps max_length - 2 tokens between the start and end tokens)."""
+    tokenizer = self.pipeline.tokenizer
+    tokens = tokenizer.encode(instruction)
+    kept = tokenizer.max_length - 2
+    if len(tokens) > kept:
+      shown = instruction if len(instruction) <= 60 else instruction[:59] + "…"
+      warnings.warn(f"the instruction {shown!r} has {len(tokens)} tokens; the text "
+                    f"encoder reads the first {kept}, the rest is ignored", Jip2pWarning,
+                    stacklevel=4)
+
   def noise_shape(self, width: int, height: int) -> tuple[int, int, int]:
     """The latent (initial noise) shape [h, w, C] of a resized ``width × height`` image."""
     return height // self._downscale, width // self._downscale, self._latent_channels
@@ -266,9 +284,11 @@ class Editor:
     return [results[i] for i in range(len(results))]
 
   def edits(self, images, instructions, *, steps: int = 100, text_guidance: float = 7.5,
-            image_guidance: float = 1.5, resolution: int | None = 512, seed: int | None = None,
+            image_guidance: float = 1.5, resolution: int | None = 512,
+            seed: int | Sequence[int] | None = None,
             sampler: str = "euler_ancestral", schedule: str = "discrete", batch_size: int = 1,
-            noise=None, output_type: str = "pil") -> Iterator[tuple[int, Any]]:
+            noise=None, output_type: str = "pil",
+            names: Sequence[str] | None = None) -> Iterator[tuple[int, Any]]:
     """Validates every input now, then yields ``(index, edited image)`` as batches finish.
 
     Args:
@@ -277,7 +297,8 @@ class Editor:
       resolution: the long side before the short side is rounded up (see `preprocess_size`);
         None edits the images at their own size, which must be multiples of `size_multiple`
         (64 for Stable Diffusion; e.g. images already passed through `preprocess`).
-      seed: image j uses ``seed + j`` (``seed`` random when None); at most `MAX_SEED`.
+      seed: image j uses ``seed + j`` (``seed`` random when None), or ``seed[j]`` given one per
+        image (e.g. to redo some edits of a run); at most `MAX_SEED`.
       sampler: one of `SAMPLERS` (k-diffusion Euler ancestral, the reference, by default).
       schedule: the sigma grid, one of `SCHEDULES`: k-diffusion's "discrete" (the reference), or
         diffusers' grids ("diffusers_euler", "diffusers_ddim", …) to reproduce its schedulers.
@@ -285,17 +306,18 @@ class Editor:
       noise: optional initial latents, one unit-variance ``[h, w, C]`` array per image (see
         `noise_shape`), in place of the seeds' draws.
       output_type: "pil" or "np".
+      names: what errors call each image (default: its path, or "image <j>").
     """
     jobs, empty = self._prepare(images, instructions, steps=steps, text_guidance=text_guidance,
                                 image_guidance=image_guidance, resolution=resolution, seed=seed,
                                 sampler=sampler, schedule=schedule, batch_size=batch_size,
-                                noise=noise, output_type=output_type)
+                                noise=noise, output_type=output_type, names=names)
     grid = schedules.make(schedule, steps, self.scheduler_config)
     return self._generate(jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
                           output_type)
 
   def _prepare(self, images, instructions, *, steps, text_guidance, image_guidance, resolution,
-               seed, sampler, schedule, batch_size, noise, output_type):
+               seed, sampler, schedule, batch_size, noise, output_type, names):
     """Checks arguments and inputs; → (jobs to sample, jobs with empty instructions)."""
     _check_int("steps", steps, 1)
     if resolution is not None:
@@ -319,20 +341,21 @@ class Editor:
       raise InputError(f"{len(images)} images and {len(instructions)} instructions: give as many "
                        "of each, or one of either")
     images, instructions = images * (n // len(images)), instructions * (n // len(instructions))
-    if seed is None:
-      seed = secrets.randbelow(MAX_SEED + 2 - n)
-    _check_int("seed", seed, 0)
-    if seed + n - 1 > MAX_SEED:
-      raise ConfigError(f"seed {seed} + {n - 1} edits passes the largest seed {MAX_SEED}")
+    seeds = _seeds(seed, n)
     if noise is not None and len(noise) != n:
       raise InputError(f"{len(noise)} noise arrays for {n} edits")
-    loaded = {}
+    if names is not None and len(names) != n:
+      raise InputError(f"{len(names)} names for {n} edits")
+    loaded, checked = {}, set()
     jobs, empty = [], []
     for j, (item, instruction) in enumerate(zip(images, instructions)):
-      name = _describe(item, j)
+      name = names[j] if names is not None else _describe(item, j)
       if not isinstance(instruction, str):
         raise InputError(f"{name}: the instruction must be text, got "
                          f"{type(instruction).__name__} {instruction!r:.60}")
+      if instruction not in checked:
+        checked.add(instruction)
+        self._warn_if_cut(instruction)
       key = id(item)
       if key not in loaded:
         image = (load_image(item) if isinstance(item, (str, os.PathLike))
@@ -352,7 +375,7 @@ class Editor:
           raise InputError(f"{name}: noise of shape {job_noise.shape}; its {image.size[0]}×"
                            f"{image.size[1]} edit needs {want}")
       (empty if instruction == "" else jobs).append(
-          _Job(j, image, instruction, seed + j, job_noise))
+          _Job(j, name, image, instruction, seeds[j], job_noise))
     return jobs, empty
 
   def _generate(self, jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
@@ -375,12 +398,24 @@ class Editor:
         drawn = (np.asarray(editing.initial_noise(seeds, shape=shape))
                  if any(j.noise is None for j in padded) else None)
         noise = np.stack([drawn[b] if j.noise is None else j.noise for b, j in enumerate(padded)])
-        out = np.asarray(_edit_batch(
+        out, finite = jax.device_get(_edit_batch(
             self._states, images, input_ids, noise, seeds, grid, text_scale, image_scale,
             graphdefs=self._graphdefs, method=sampler, scaling_factor=self._scaling_factor,
             prediction_type=self.scheduler_config.prediction_type))
+        self._check_finite(finite, batch)
         for b, job in enumerate(batch):
           yield job.index, _output(out[b], output_type)
+
+  def _check_finite(self, finite: np.ndarray, batch: Sequence[_Job]) -> None:
+    """Stops at the first stage whose output held NaN or inf (the later ones only inherit it)."""
+    if finite.all():
+      return
+    stage = editing.STAGES[int(np.argmin(finite))]
+    where = self.pipeline.folder or "the model"
+    raise CheckpointError(
+        f"{where}: the {stage} produced NaN or inf (editing {', '.join(j.name for j in batch)}); "
+        "its weights may hold NaN/inf: convert or export the model again (in bfloat16, try "
+        "float32)")
 
 
 def _output(pixels: np.ndarray, output_type: str):
@@ -388,6 +423,25 @@ def _output(pixels: np.ndarray, output_type: str):
   if output_type == "np":
     return pixels
   return Image.fromarray(np.round(pixels * 255).astype(np.uint8), "RGB")
+
+
+def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
+  """The seeds of n edits: ``seed + j`` (random ``seed`` when None), or ``seed`` itself when it
+  is a sequence of n."""
+  if seed is None:
+    seed = secrets.randbelow(MAX_SEED + 2 - n)
+  if isinstance(seed, (Sequence, np.ndarray)) and not isinstance(seed, str):
+    if len(seed) != n:
+      raise ConfigError(f"{len(seed)} seeds for {n} edits")
+    for value in seed:
+      _check_int("seed", value, 0)
+    seeds = [int(value) for value in seed]
+  else:
+    _check_int("seed", seed, 0)
+    seeds = [seed + j for j in range(n)]
+  if max(seeds) > MAX_SEED:
+    raise ConfigError(f"seed {max(seeds)} passes the largest seed {MAX_SEED}")
+  return seeds
 
 
 def _check_int(key: str, value: Any, least: int) -> None:

@@ -18,3 +18,8 @@ class CheckpointError(Jip2pError):
 
 class InputError(Jip2pError, ValueError):
   """An image, instruction, prompt file or dataset record cannot be used."""
+
+
+class Jip2pWarning(UserWarning):
+  """An input was used other than as given (an instruction cut to the text encoder's length, an
+  animated image's first frame); entry points print it as one line."""

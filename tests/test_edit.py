@@ -6,15 +6,21 @@ import math
 import struct
 import zlib
 
+import warnings
+
 import diffusers
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 from skimage import data as skdata
 
-from jip2p import edit
-from jip2p.errors import CheckpointError, ConfigError, InputError
+from flax import nnx
+
+from jip2p import checkpoints, edit
+from jip2p.errors import CheckpointError, ConfigError, InputError, Jip2pWarning
 from tests.reference import save_torch_pipeline
 
 STEPS = 3
@@ -94,6 +100,19 @@ def test_seeds_are_deterministic_and_per_image(editor, photos):
   assert np.abs(first[0] - first[1]).std() > 0.01
   pil = editor(photos, "make it snowy", seed=5, steps=2, resolution=64)
   np.testing.assert_array_equal(np.asarray(pil[1]), np.round(first[1] * 255).astype(np.uint8))
+
+
+def test_seeds_can_be_given_one_per_image(editor, photos):
+  """A list of seeds redoes chosen edits of a run: seed [6, 5] swaps what seed 5 gives."""
+  kw = dict(steps=2, resolution=64, output_type="np")
+  run = editor(photos, "make it snowy", seed=5, **kw)
+  swapped = editor(photos[::-1], "make it snowy", seed=[6, 5], **kw)
+  np.testing.assert_array_equal(run[0], swapped[1])
+  np.testing.assert_array_equal(run[1], swapped[0])
+  with pytest.raises(ConfigError, match="1 seeds for 2 edits"):
+    editor(photos, "x", seed=[1], **kw)
+  with pytest.raises(ConfigError, match="seed"):
+    editor(photos, "x", seed=[1, -1], **kw)
 
 
 def test_padded_batches_do_not_change_results(editor, photos):
@@ -290,3 +309,42 @@ def test_text_to_image_model_is_refused_with_the_way_out(tmp_path):
     edit.Editor.from_pretrained(str(tmp_path))
   with pytest.raises(CheckpointError, match="jip2p-convert"):
     edit.Editor.from_pretrained(str(tmp_path / "sd" / "model_index.json"))
+
+
+# ------------------------------------------------------------------------------ non-finite, warnings
+
+
+def nan_weights(module) -> None:
+  """Sets every parameter of ``module`` to NaN, in place."""
+  params = nnx.state(module, nnx.Param)
+  nnx.update(module, jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params))
+
+
+@pytest.mark.parametrize("part,stage", [
+    (lambda p: p.text_encoder, "text encoder"), (lambda p: p.vae.encoder, "VAE encoder"),
+    (lambda p: p.unet, "UNet/sampler"), (lambda p: p.vae.decoder, "VAE decoder")])
+def test_nan_weights_stop_the_edit_naming_the_stage(folder, photos, part, stage):
+  """The first stage whose output is not finite is named (later stages only inherit the NaN)."""
+  pipeline = checkpoints.load_pipeline(folder)
+  nan_weights(part(pipeline))
+  broken = edit.Editor(pipeline)
+  with pytest.raises(CheckpointError, match=f"the {stage} produced NaN or inf") as e:
+    broken(photos, "make it snowy", steps=2, resolution=64, batch_size=2)
+  assert "image 0, image 1" in str(e.value)
+
+
+def test_long_instructions_and_animated_images_warn_once_each(editor, photos, tmp_path):
+  frames = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (0, 255)]
+  gif = tmp_path / "blink.gif"
+  frames[0].save(gif, save_all=True, append_images=frames[1:])
+  long = "make it " + "very " * 80 + "snowy"
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    [first] = editor([str(gif)], [""], resolution=64, output_type="np")
+    editor(photos + photos, [long, "short", long, "short"], steps=1, resolution=64)
+  messages = [str(w.message) for w in caught if w.category is Jip2pWarning]
+  assert len(messages) == 2, messages
+  assert messages[0] == f"{gif}: an animated image of 2 frames; editing its first frame"
+  tokens = len(editor.pipeline.tokenizer.encode(long))
+  assert tokens > 75 and f"has {tokens} tokens; the text encoder reads the first 75" in messages[1]
+  assert first.max() == 0  # the first frame (black), not the second

@@ -3,12 +3,14 @@
     jip2p-app --model DIR                       # http://127.0.0.1:7860, this machine only
     jip2p-app --model DIR --host 0.0.0.0        # reachable from the network: mind who can use it
 
-One edit runs at a time; others wait in a queue of ``--max-queue``.
+One edit runs at a time; others wait in a queue of ``--max-queue``. The address is checked free
+and the model folder loaded before the server starts, so either problem is one line, exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from collections.abc import Sequence
 
@@ -35,12 +37,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
+def check_address(host: str, port: int) -> None:
+  """Refuses an address the server could not listen on (in use, unknown host) before any work."""
+  try:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    with socket.socket(family, kind, proto) as probe:
+      probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      probe.bind(address)
+  except OSError as e:
+    raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another "
+                      "--port or --host") from None
+
+
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   for name, least in (("resolution", 64), ("steps", 1), ("max_queue", 1), ("port", 1)):
     if getattr(args, name) < least:
       raise ConfigError(f"--{name.replace('_', '-')} must be ≥ {least}, got "
                         f"{getattr(args, name)}")
+  if args.port > 65535:
+    raise ConfigError(f"--port must be ≤ 65535, got {args.port}")
+  check_address(args.host, args.port)
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                        attention_impl=args.attention_impl)
   from jip2p import app  # Gradio loads only once the model did.

@@ -5,21 +5,21 @@
     jip2p-edit --model DIR --jsonl edits.jsonl --output edits/
 
 A JSONL file holds one ``{"image": PATH, "instruction": TEXT}`` object per line, image paths
-relative to the file's folder. Every input is read and checked, and every output name too, before
-the model is loaded and before anything is written; one bad input stops the run with its name and
-exit status 2. Edits are PNGs carrying the instruction, seed, guidance scales, steps, sampler and
-model in their text metadata; edit j of a run uses seed ``--seed + j``, so any one can be redone
-alone.
+relative to the file's folder. Edits are PNGs carrying the instruction, seed, guidance scales,
+steps, sampler and model in their text metadata; edit j of a run uses seed ``--seed + j``, so any
+one can be redone alone. `RULES` (printed by --help) says what is checked before any work and how
+a rerun finishes an interrupted run.
 """
-
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import secrets
 import sys
+import tempfile
 from collections.abc import Sequence
 
 from PIL import PngImagePlugin
@@ -32,11 +32,22 @@ from jip2p.models.attention import IMPLEMENTATIONS
 
 PROG = "jip2p-edit"
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+RULES = """\
+Before the model is loaded, every input image is read in full, every JSONL line parsed, and the
+output folder checked to be writable: if any of them is bad, the run stops with one line naming
+every bad file or line (exit status 2) and edits nothing. Each edit is written under a temporary
+name and renamed when complete, so an output PNG that exists is whole. An existing output is
+refused unless --overwrite (redo it) or --skip-existing (keep it); after an interrupted run (a full
+disk, Ctrl-C), rerun with --skip-existing and the same --seed to finish it as one run would have.
+An instruction longer than the text encoder reads (77 tokens) and an animated image (its first
+frame is edited) each print a warning. An edit whose latents or pixels hold NaN or inf stops the
+run naming the model part that produced them (text encoder, VAE, UNet/sampler)."""
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog=PROG, description="Edit images by written instructions with an InstructPix2Pix model.")
+      prog=PROG, description="Edit images by written instructions with an InstructPix2Pix model.",
+      epilog=RULES, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, metavar="DIR",
                       help="diffusers-format InstructPix2Pix folder (see jip2p-convert)")
   parser.add_argument("--input", nargs="+", metavar="PATH",
@@ -63,7 +74,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       help="compute dtype (parameters stay float32)")
   parser.add_argument("--attention-impl", choices=IMPLEMENTATIONS, default="xla",
                       help="cudnn: the fused flash kernel on NVIDIA GPUs")
-  parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  existing = parser.add_mutually_exclusive_group()
+  existing.add_argument("--overwrite", action="store_true", help="replace existing output files")
+  existing.add_argument("--skip-existing", action="store_true",
+                        help="keep existing output files and edit the rest (finishes a run)")
   args = parser.parse_args(argv)
   if args.jsonl is None and not args.input:
     parser.error("--instruction needs --input")
@@ -91,39 +105,68 @@ def list_inputs(paths: Sequence[str]) -> list[str]:
 
 
 def read_jsonl(path: str) -> list[tuple[str, str]]:
-  """(image path, instruction) pairs of a JSONL file; image paths relative to its folder."""
+  """(image path, instruction) pairs of a JSONL file; image paths relative to its folder. Every
+  bad line is named in one `InputError`."""
   try:
     with open(path, encoding="utf-8") as f:
       lines = f.read().splitlines()
   except (OSError, UnicodeDecodeError) as e:
     raise InputError(f"{path}: cannot read it ({e})") from None
   folder = os.path.dirname(os.path.abspath(path))
-  pairs = []
+  pairs, problems = [], []
   for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    where = f"{path}:{number}"
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise InputError(f"{where}: not JSON ({e})") from None
-    if not isinstance(record, dict) or "image" not in record or "instruction" not in record:
-      raise InputError(f'{where}: expected an object with "image" and "instruction"')
-    image, instruction = record["image"], record["instruction"]
-    if not isinstance(image, str) or not image:
-      raise InputError(f"{where}: the image must be a path, got {image!r:.60}")
-    if not isinstance(instruction, str):
-      raise InputError(f"{where}: the instruction must be text, got "
-                       f"{type(instruction).__name__} {instruction!r:.60}")
-    pairs.append((os.path.join(folder, image), instruction))
+    if line.strip():
+      try:
+        pairs.append(_parse_line(line, folder, f"{path}:{number}"))
+      except InputError as e:
+        problems.append(str(e))
+  refuse_if_any(problems, len(problems) + len(pairs), "lines")
   if not pairs:
     raise InputError(f"{path}: no edits in the file")
   return pairs
 
 
-def output_paths(output: str, inputs: Sequence[str], overwrite: bool) -> list[str]:
+def _parse_line(line: str, folder: str, where: str) -> tuple[str, str]:
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError as e:
+    raise InputError(f"{where}: not JSON ({e})") from None
+  if not isinstance(record, dict) or "image" not in record or "instruction" not in record:
+    raise InputError(f'{where}: expected an object with "image" and "instruction"')
+  image, instruction = record["image"], record["instruction"]
+  if not isinstance(image, str) or not image:
+    raise InputError(f"{where}: the image must be a path, got {image!r:.60}")
+  if not isinstance(instruction, str):
+    raise InputError(f"{where}: the instruction must be text, got "
+                     f"{type(instruction).__name__} {instruction!r:.60}")
+  return os.path.join(folder, image), instruction
+
+
+def refuse_if_any(problems: Sequence[str], total: int, what: str) -> None:
+  """One `InputError` naming every problem (one line), so a rerun does not find them one by one."""
+  if len(problems) == 1:
+    raise InputError(problems[0])
+  if problems:
+    raise InputError(f"{len(problems)} of {total} {what} cannot be used, nothing was edited: "
+                     + "; ".join(problems))
+
+
+def load_images(paths: Sequence[str]) -> dict[str, object]:
+  """Each distinct path → its RGB image, read in full (truncation shows only then); every bad
+  file is named in one `InputError`."""
+  loaded, problems = {}, []
+  for path in dict.fromkeys(paths):
+    try:
+      loaded[path] = edit.load_image(path)
+    except InputError as e:
+      problems.append(str(e))
+  refuse_if_any(problems, len(loaded) + len(problems), "images")
+  return loaded
+
+
+def output_paths(output: str, inputs: Sequence[str], keep_existing: bool) -> list[str]:
   """One PNG path per edit: ``output`` itself, or ``output/<input stem>.png`` (``-<j>`` appended
-  where stems repeat). Existing files are refused unless ``overwrite``."""
+  where stems repeat). Existing files are refused unless ``keep_existing``."""
   stem, ext = os.path.splitext(output)
   if not os.path.isdir(output) and ext.lower() in IMAGE_EXTENSIONS:
     if ext.lower() != ".png":
@@ -138,22 +181,66 @@ def output_paths(output: str, inputs: Sequence[str], overwrite: bool) -> list[st
     counts = collections.Counter(stems)
     paths = [os.path.join(output, s if counts[s] == 1 else f"{s}-{j}") + ".png"
              for j, s in enumerate(stems)]
-  if not overwrite:
+  if not keep_existing:
     for path in paths:
       if os.path.exists(path):
-        raise InputError(f"{path} exists; pass --overwrite to replace it")
+        raise InputError(f"{path} exists; pass --overwrite to replace it or --skip-existing to "
+                         "keep it")
   return paths
 
 
+def resize_images(loaded: dict[str, object], resolution: int, multiple: int) -> dict[str, object]:
+  """`edit.preprocess` of each image; every one that cannot be edited is named in one error."""
+  resized, problems = {}, []
+  for path, image in loaded.items():
+    try:
+      resized[path] = edit.preprocess(image, resolution, path, multiple)
+    except InputError as e:
+      problems.append(str(e))
+  refuse_if_any(problems, len(loaded), "images")
+  return resized
+
+
+def check_writable(folder: str) -> None:
+  """Refuses a folder that cannot be created or written in (under a regular file, on a read-only
+  file system), by writing and removing a probe file; leaves nothing behind."""
+  existing = os.path.abspath(folder)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise InputError(f"{folder}: cannot create the output folder, {existing} is a file")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=f".{PROG}-probe-", dir=existing)
+    os.close(fd)
+    os.remove(probe)
+  except OSError as e:
+    raise InputError(f"{folder}: cannot write the output there ({e.strerror or e}: "
+                     f"{existing})") from None
+
+
 def write_png(image, path: str, metadata: dict[str, str]) -> None:
-  """Writes atomically (a temporary sibling, then a rename)."""
+  """Writes atomically (a hidden temporary sibling, then a rename), so an existing output is
+  whole; on any failure the temporary file is removed and the error passed on."""
   info = PngImagePlugin.PngInfo()
   for key, value in metadata.items():
     info.add_text(key, value)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  image.save(tmp, format="PNG", pnginfo=info)
-  os.replace(tmp, path)
+  folder, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+  try:
+    os.makedirs(folder, exist_ok=True)
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.remove(tmp)
+    raise
+
+
+def read_jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
+  """(image path, instruction) per edit, from --jsonl or --input and --instruction."""
+  if args.jsonl is not None:
+    return read_jsonl(args.jsonl)
+  return [(path, args.instruction) for path in list_inputs(args.input)]
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -163,49 +250,53 @@ def _main(argv: Sequence[str] | None) -> int:
     least = 8 if key == "resolution" else 1
     if getattr(args, key) < least:
       raise ConfigError(f"--{key.replace('_', '-')} must be ≥ {least}, got {getattr(args, key)}")
-  if args.jsonl is not None:
-    jobs = read_jsonl(args.jsonl)
-  else:
-    jobs = [(path, args.instruction) for path in list_inputs(args.input)]
+  jobs = read_jobs(args)
   if args.seed is not None and not 0 <= args.seed <= edit.MAX_SEED - len(jobs) + 1:
     raise ConfigError(f"--seed must be in [0, {edit.MAX_SEED - len(jobs) + 1}] for "
                       f"{len(jobs)} edits, got {args.seed}")
-  outputs = output_paths(args.output, [path for path, _ in jobs], args.overwrite)
-
-  # Every image is read in full (truncation shows only then) before the model is loaded.
-  loaded = {}
-  for path, _ in jobs:
-    if path not in loaded:
-      loaded[path] = edit.load_image(path)
+  outputs = output_paths(args.output, [path for path, _ in jobs],
+                         args.overwrite or args.skip_existing)
+  todo = [j for j, path in enumerate(outputs) if not (args.skip_existing and os.path.exists(path))]
+  if not todo:
+    print(f"{PROG}: all {len(jobs)} edits exist in {args.output}; nothing to do")
+    return 0
+  loaded = load_images([jobs[j][0] for j in todo])
+  check_writable(os.path.dirname(outputs[0]) or ".")
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                        attention_impl=args.attention_impl)
   if args.resolution < editor.size_multiple:
     raise ConfigError(f"--resolution must be ≥ {editor.size_multiple} for this model, got "
                       f"{args.resolution}")
-  resized = {path: edit.preprocess(image, args.resolution, path, editor.size_multiple)
-             for path, image in loaded.items()}
+  resized = resize_images(loaded, args.resolution, editor.size_multiple)
 
   seed = args.seed
   if seed is None:
     seed = secrets.randbelow(edit.MAX_SEED - len(jobs) + 2)
     print(f"{PROG}: seed {seed} (pass --seed {seed} to repeat this run)")
   edits = editor.edits(
-      [resized[path] for path, _ in jobs], [instruction for _, instruction in jobs],
-      steps=args.steps, text_guidance=args.text_guidance, image_guidance=args.image_guidance,
-      resolution=None, seed=seed, sampler=args.sampler, schedule=args.schedule,
-      batch_size=args.batch_size)
+      [resized[jobs[j][0]] for j in todo], [jobs[j][1] for j in todo], steps=args.steps,
+      text_guidance=args.text_guidance, image_guidance=args.image_guidance, resolution=None,
+      seed=[seed + j for j in todo], sampler=args.sampler, schedule=args.schedule,
+      batch_size=args.batch_size, names=[jobs[j][0] for j in todo])
   settings = {"text_guidance": str(args.text_guidance),
               "image_guidance": str(args.image_guidance), "steps": str(args.steps),
               "sampler": args.sampler, "schedule": args.schedule,
               "resolution": str(args.resolution), "dtype": args.dtype,
               "model": os.path.abspath(args.model), "software": "jip2p"}
-  with tqdm(total=len(jobs), desc=PROG, unit="image", file=sys.stderr) as bar:
-    for j, image in edits:
+  with tqdm(total=len(todo), desc=PROG, unit="image", file=sys.stderr) as bar:
+    for done, (k, image) in enumerate(edits):
+      j = todo[k]
       path, instruction = jobs[j]
-      write_png(image, outputs[j], {"instruction": instruction, "seed": str(seed + j),
-                                    "input": path, **settings})
+      try:
+        write_png(image, outputs[j], {"instruction": instruction, "seed": str(seed + j),
+                                      "input": path, **settings})
+      except OSError as e:
+        raise InputError(
+            f"{outputs[j]}: cannot write it ({e.strerror or e}); {len(jobs) - len(todo) + done} "
+            f"of {len(jobs)} edits are written: make room, then rerun with --skip-existing "
+            f"--seed {seed} to finish") from None
       bar.update()
-  print(f"{PROG}: wrote {len(jobs)} edit{'s' if len(jobs) != 1 else ''} to {args.output}")
+  print(f"{PROG}: wrote {len(todo)} edit{'s' if len(todo) != 1 else ''} to {args.output}")
   return 0
 
 

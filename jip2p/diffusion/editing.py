@@ -7,6 +7,10 @@ Example b of a batch draws everything from ``seeds[b]`` alone: its initial noise
 half of ``split(key(seed))`` (`initial_noise`), its ancestral noise of step i from the second half
 folded with i. An edit therefore does not depend on the batch it lands in, and its seed reproduces
 it on its own.
+
+`edit` also returns whether each stage's output is all finite, computed inside the same program:
+a model with NaN weights (or a float overflow) then stops the caller with the stage that went
+wrong, at the cost of a few reductions and no extra host sync.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import jax.numpy as jnp
 
 from jip2p.diffusion import guidance, samplers
 from jip2p.diffusion.schedules import Schedule
+
+STAGES = ("text encoder", "VAE encoder", "UNet/sampler", "VAE decoder")
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
@@ -34,7 +40,8 @@ def _per_example_noise(keys: jax.Array, i: jax.Array, shape: tuple) -> jax.Array
 
 def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
          noise: jax.Array | None, seeds: jax.Array, schedule: Schedule, text_scale,
-         image_scale, *, method: str, scaling_factor: float, prediction_type: str) -> jax.Array:
+         image_scale, *, method: str, scaling_factor: float,
+         prediction_type: str) -> tuple[jax.Array, jax.Array]:
   """Edits a batch of B images with B instructions.
 
   Args:
@@ -50,7 +57,9 @@ def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
     scaling_factor: the VAE's latent scale; prediction_type: the UNet's ("epsilon", "v_prediction").
 
   Returns:
-    float32 [B, H, W, 3] in [-1, 1].
+    (pixels float32 [B, H, W, 3] in [-1, 1], finite bool [len(STAGES)]): finite[k] is whether
+    every output of stage STAGES[k] (text states, image latents, sampled latents, decoded pixels)
+    is finite; the first False names the stage that produced NaN or inf.
   """
   image_latents = vae.encode(images).mode()
   embeddings = text_encoder(input_ids)
@@ -61,4 +70,6 @@ def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
   step_keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s))[1])(seeds)
   latents = samplers.sample(eps_fn, noise, schedule, step_keys, method=method,
                             noise_fn=_per_example_noise, prediction_type=prediction_type)
-  return jnp.clip(vae.decode(latents / scaling_factor), -1.0, 1.0)
+  pixels = vae.decode(latents / scaling_factor)
+  finite = jnp.stack([jnp.isfinite(x).all() for x in (embeddings, image_latents, latents, pixels)])
+  return jnp.clip(pixels, -1.0, 1.0), finite

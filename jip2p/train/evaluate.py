@@ -38,10 +38,11 @@ def make_edit_fn(unet_def, vae_def, text_def, *, schedule: Schedule, scaling_fac
     unet = nnx.merge(unet_def, params)
     vae = nnx.merge(vae_def, frozen["vae"])
     text_encoder = nnx.merge(text_def, frozen["text_encoder"])
-    return editing.edit(unet, vae, text_encoder, batch["input"], batch["input_ids"], None,
-                        batch["seeds"], schedule, text_scale, image_scale,
-                        method="euler_ancestral", scaling_factor=scaling_factor,
-                        prediction_type=prediction_type)
+    pixels, _ = editing.edit(unet, vae, text_encoder, batch["input"], batch["input_ids"],
+                             None, batch["seeds"], schedule, text_scale, image_scale,
+                             method="euler_ancestral", scaling_factor=scaling_factor,
+                             prediction_type=prediction_type)
+    return pixels
 
   return edit
 

@@ -2,6 +2,7 @@
 original app draws them, the checks on typed values, the examples, and ``jip2p-app``'s errors."""
 
 import random
+import socket
 
 import gradio as gr
 import numpy as np
@@ -9,7 +10,9 @@ import pytest
 from PIL import Image
 
 from jip2p import app as web
+from jip2p import checkpoints, edit
 from jip2p.cli import app as app_cli
+from tests.test_edit import nan_weights
 
 
 def test_fixed_values_pass_through():
@@ -58,3 +61,46 @@ def test_cli_reports_problems_in_one_line(tmp_path, capsys):
   assert "--resolution must be ≥ 64, got 32" in capsys.readouterr().err
   assert app_cli.main(["--model", str(tmp_path / "missing")]) == 2
   assert "jip2p-app: error:" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_address_in_use_before_loading_the_model(tmp_path, capsys):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    assert app_cli.main(["--model", str(tmp_path / "missing"), "--port", str(port)]) == 2
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+  assert f"jip2p-app: error: cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+  assert app_cli.main(["--model", str(tmp_path), "--host", "no-such-host.invalid"]) == 2
+  assert "cannot listen on no-such-host.invalid:7860" in capsys.readouterr().err
+  assert app_cli.main(["--model", str(tmp_path), "--port", "70000"]) == 2
+  assert "--port must be ≤ 65535" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+  return checkpoints.create_random_pipeline(str(tmp_path_factory.mktemp("model") / "m"), "tiny")
+
+
+def test_an_animated_upload_and_a_long_instruction_show_warnings(tiny_folder, tmp_path,
+                                                                 monkeypatch):
+  shown = []
+  monkeypatch.setattr(gr, "Warning", shown.append)
+  frames = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (40, 200)]
+  frames[0].save(tmp_path / "blink.gif", save_all=True, append_images=frames[1:])
+  editor = edit.Editor.from_pretrained(tiny_folder)
+  result = web.edit_one(editor, str(tmp_path / "blink.gif"), "make it " + "very " * 80 + "red",
+                        web.Values(1, 7.5, 1.5, 1), 64)
+  assert result.size == (64, 64) and len(shown) == 2, shown
+  assert "an animated image of 2 frames; editing its first frame" in shown[0]
+  assert "the text encoder reads the first 75" in shown[1]
+
+
+def test_a_model_giving_nan_shows_a_message_naming_the_stage(tiny_folder, tmp_path):
+  pipeline = checkpoints.load_pipeline(tiny_folder)
+  nan_weights(pipeline.vae.decoder)
+  Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(tmp_path / "grey.png")
+  with pytest.raises(gr.Error, match="the VAE decoder produced NaN or inf"):
+    web.edit_one(edit.Editor(pipeline), str(tmp_path / "grey.png"), "x",
+                 web.Values(1, 7.5, 1.5, 1), 64)

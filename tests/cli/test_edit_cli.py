@@ -1,6 +1,7 @@
 """``jip2p-edit`` end to end on scikit-image's photos, and every refusal: exit status 2, the
 culprit named, nothing written. Uses torch (to build the model folder), never TensorFlow."""
 
+import errno
 import json
 import os
 import re
@@ -12,10 +13,10 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from jip2p import edit
+from jip2p import checkpoints, edit
 from jip2p.cli.edit import main
 from tests.reference import save_torch_pipeline
-from tests.test_edit import bad_files
+from tests.test_edit import bad_files, nan_weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PHOTOS = {"astronaut": skdata.astronaut, "chelsea": skdata.chelsea, "coffee": skdata.coffee,
@@ -104,15 +105,126 @@ def test_each_bad_image_is_named_and_nothing_is_written(model, photos, tmp_path,
     assert "Traceback" not in err and not out.exists(), what
 
 
-def test_a_bad_file_in_a_folder_stops_the_whole_run(model, photos, tmp_path, capsys):
+@pytest.fixture
+def no_model(monkeypatch):
+  """Fails the test if the model is loaded: the refusals under test come before it."""
+  def load(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+  monkeypatch.setattr(edit.Editor, "from_pretrained", load)
+
+
+def test_every_bad_file_in_a_folder_is_named_and_none_is_edited(model, photos, tmp_path, capsys,
+                                                                no_model):
   folder = tmp_path / "mixed"
   folder.mkdir()
   Image.fromarray(skdata.coffee()).save(folder / "a_good.png")
   (folder / "b_truncated.jpg").write_bytes((photos / "astronaut.jpg").read_bytes()[:3000])
+  (folder / "c_text.png").write_text("not an image\n")
+  Image.fromarray(skdata.rocket()).save(folder / "d_good.png")
   out = tmp_path / "out"
   code, err = run_cli(["--model", model, "--input", str(folder), "--instruction", "x",
                        "--output", str(out)], capsys)
-  assert code == 2 and "b_truncated.jpg" in err and not out.exists()
+  assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+  assert "2 of 4 images cannot be used, nothing was edited" in err
+  assert f"{folder / 'b_truncated.jpg'}: not a readable image" in err
+  assert f"{folder / 'c_text.png'}: not a readable image" in err
+  assert not out.exists()
+
+
+def test_every_bad_jsonl_line_is_named(model, tmp_path, capsys, no_model):
+  Image.fromarray(skdata.rocket()).save(tmp_path / "photo.png")
+  jsonl = tmp_path / "edits.jsonl"
+  jsonl.write_text('{"image": "photo.png", "instruction": 5}\n'
+                   '{"image": "photo.png", "instruction": "fine"}\n{"image": "photo.png"\n')
+  code, err = run_cli(["--model", model, "--jsonl", str(jsonl), "--output",
+                       str(tmp_path / "out")], capsys)
+  assert code == 2 and len(err.splitlines()) == 1 and "2 of 3 lines cannot be used" in err, err
+  assert f"{jsonl}:1: the instruction must be text" in err and f"{jsonl}:3: not JSON" in err
+  assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("output", ["{file}/edits", "{file}/deeper/edits", "{file}/one.png"])
+def test_an_output_under_a_regular_file_is_refused_before_the_model_loads(
+    model, photos, tmp_path, capsys, no_model, output):
+  """Root ignores chmod, so the unwritable folder here is one whose parent is a regular file."""
+  (tmp_path / "file").write_text("a regular file\n")
+  output = output.format(file=tmp_path / "file")
+  code, err = run_cli(["--model", model, "--input", str(photos / "rocket.png"), "--instruction",
+                       "x", "--output", output], capsys)
+  assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+  assert f"cannot create the output folder, {tmp_path / 'file'} is a file" in err
+  assert sorted(os.listdir(tmp_path)) == ["file"]
+
+
+def test_a_full_disk_leaves_whole_edits_and_a_rerun_finishes_the_run(model, photos, tmp_path,
+                                                                     capsys, monkeypatch):
+  """The full disk is injected in-process: the second PNG's write puts a few bytes down and then
+  fails with ENOSPC, as a real full disk does (mounting a tmpfs needs privileges tests lack)."""
+  real_save, saved = Image.Image.save, []
+
+  def full_disk(self, fp, *args, **kwargs):
+    saved.append(fp)
+    if len(saved) == 2:
+      with open(fp, "wb") as f:
+        f.write(b"\x89PNG\r\n")
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    return real_save(self, fp, *args, **kwargs)
+
+  out, whole = tmp_path / "out", tmp_path / "whole"
+  args = ["--model", model, "--input", str(photos), "--instruction", "make it snowy", "--steps",
+          "1", "--resolution", "64", "--seed", "3"]
+  monkeypatch.setattr(Image.Image, "save", full_disk)
+  code, err = run_cli(args + ["--output", str(out)], capsys)
+  monkeypatch.setattr(Image.Image, "save", real_save)
+  assert code == 2 and "Traceback" not in err, err
+  [line] = [l for l in err.splitlines() if "error" in l]
+  assert f"{out / 'chelsea.png'}: cannot write it (No space left on device)" in line
+  assert "1 of 4 edits are written" in line and "--skip-existing --seed 3" in line
+  assert os.listdir(out) == ["astronaut.png"]  # whole, and no temporary file left
+  first = (out / "astronaut.png").read_bytes()
+
+  assert main(args + ["--output", str(out)]) == 2  # refuses the existing edit by default
+  assert "--skip-existing" in capsys.readouterr().err
+  assert main(args + ["--output", str(out), "--skip-existing"]) == 0
+  assert main(args + ["--output", str(whole)]) == 0  # the same run, uninterrupted
+  assert sorted(os.listdir(out)) == sorted(os.listdir(whole)) == sorted(
+      f"{name}.png" for name in PHOTOS)
+  assert (out / "astronaut.png").read_bytes() == first
+  for name in os.listdir(whole):
+    with Image.open(out / name) as a, Image.open(whole / name) as b:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert main(args + ["--output", str(out), "--skip-existing"]) == 0
+  assert "all 4 edits exist" in capsys.readouterr().out
+
+
+def test_a_model_with_nan_weights_stops_naming_the_unet(model, photos, tmp_path, capsys):
+  pipeline = checkpoints.load_pipeline(model)
+  nan_weights(pipeline.unet)
+  broken = str(tmp_path / "nan-model")
+  checkpoints.save_pipeline(pipeline, broken)
+  out = tmp_path / "out"
+  code, err = run_cli(["--model", broken, "--input", str(photos / "rocket.png"),
+                       "--instruction", "x", "--output", str(out), "--steps", "1",
+                       "--resolution", "64"], capsys)
+  assert code == 2 and "Traceback" not in err, err
+  assert f"{broken}: the UNet/sampler produced NaN or inf (editing {photos / 'rocket.png'})" in err
+  assert not out.exists()
+
+
+def test_cut_instructions_and_animated_images_warn_once_each(model, photos, tmp_path, capsys):
+  frames = [Image.fromarray(np.full((64, 64, 3), v, np.uint8)) for v in (40, 200)]
+  frames[0].save(tmp_path / "blink.gif", save_all=True, append_images=frames[1:])
+  long = "make it " + "very " * 80 + "snowy"
+  code, err = run_cli(["--model", model, "--input", str(tmp_path / "blink.gif"),
+                       str(photos / "rocket.png"), "--instruction", long, "--output",
+                       str(tmp_path / "out"), "--steps", "1", "--resolution", "64"], capsys)
+  assert code == 0 and "Traceback" not in err, err
+  warned = [l for l in err.splitlines() if l.startswith("jip2p-edit: warning: ")]
+  assert len(warned) == 2, err
+  assert warned[0].endswith(f"{tmp_path / 'blink.gif'}: an animated image of 2 frames; editing "
+                            "its first frame")
+  assert "the text encoder reads the first 75, the rest is ignored" in warned[1]
+  assert sorted(os.listdir(tmp_path / "out")) == ["blink.png", "rocket.png"]
 
 
 @pytest.mark.parametrize("line,words", [
