@@ -225,6 +225,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in ``workdir`` was started with, validated."""
+  if not epath.Path(workdir).is_dir():
+    state = "is not a folder" if epath.Path(workdir).exists() else "does not exist"
+    raise CheckpointError(f"the work directory {workdir} {state}")
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise CheckpointError(f"{path} does not exist: is {workdir} a jip2p-train work directory?")
