@@ -16,7 +16,9 @@ when the manager next opens. Saves run in a background thread; `wait` blocks unt
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -108,6 +110,7 @@ class Checkpointer:
     try:
       return self.manager.restore(step, args=args)
     except Exception as e:  # orbax and tensorstore raise ValueError, OSError, their own errors…
+      _silence_orphaned_reads()
       while e.__cause__ is not None:  # the innermost error names the file
         e = e.__cause__
       reason = next((line.strip() for line in str(e).splitlines() if line.strip()),
@@ -143,3 +146,17 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+
+
+def _silence_orphaned_reads() -> None:
+  """After a failed restore, orbax's other reads of the checkpoint are still in flight; they fail
+  in turn on a closed event loop, each printing a traceback of the error already reported (as
+  asyncio's "Task exception was never retrieved" or through sys.excepthook)."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  previous = sys.excepthook
+
+  def hook(kind, value, traceback):
+    if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+      previous(kind, value, traceback)
+
+  sys.excepthook = hook
