@@ -8,7 +8,8 @@ here, each correct on both:
   * `local_copy`: a remote folder copied once per host into a local cache (models are read with
     libraries that need local files: safetensors maps them);
   * `AppendedText`: a text file that each start of a program appends to (a local file is
-    appended in place; a remote one is rewritten whole, its earlier text kept).
+    appended in place; a remote one is rewritten whole, its earlier text kept);
+  * `check_writable`: a local output path checked before the work that fills it starts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import shutil
 import tempfile
 
 from etils import epath
+
+from jip2p.errors import InputError
 
 CACHE_ENV = "JIP2P_MODEL_CACHE"
 _CHUNK = 64 << 20
@@ -59,6 +62,25 @@ def umask() -> int:
   mask = os.umask(0)
   os.umask(mask)
   return mask
+
+
+def check_writable(path: str, what: str) -> None:
+  """Raises `InputError` naming ``path`` unless a folder can be created (or written) there: checked
+  before any work starts, with a probe file in the nearest existing ancestor that is removed at
+  once. A remote path is not probed (its store reports its own errors)."""
+  if is_remote(path):
+    return
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise InputError(f"{what} {path} cannot be created: {existing} is a file, not a folder")
+  try:
+    fd, probe = tempfile.mkstemp(prefix=".probe-", dir=existing)
+  except OSError as e:
+    raise InputError(f"{what} {path} cannot be written: {e.strerror} ({existing})") from None
+  os.close(fd)
+  os.remove(probe)
 
 
 def cache_root() -> str:

@@ -16,7 +16,9 @@ when the manager next opens. Saves run in a background thread; `wait` blocks unt
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from typing import Any
 
 import jax
@@ -88,7 +90,7 @@ class Checkpointer:
     """(state, data position) at ``step`` (default: latest), laid out like ``abstract`` (a
     `TrainState` of `jax.ShapeDtypeStruct`s carrying shardings)."""
     step = self.resolve_step(step)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+    restored = self._read(step, ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
         ema=ocp.args.StandardRestore(abstract.ema),
         train=ocp.args.StandardRestore({"opt_state": abstract.opt_state, "step": abstract.step,
@@ -103,9 +105,29 @@ class Checkpointer:
   def restore_weights(self, which: str, abstract_params: Any, step: int | None = None) -> Any:
     """Only the ``"params"`` or ``"ema"`` item (for export), laid out like ``abstract_params``."""
     step = self.resolve_step(step)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
+    restored = self._read(step, ocp.args.Composite(
         **{which: ocp.args.StandardRestore(abstract_params)}))
     return restored[which]
+
+  def _read(self, step: int, args: ocp.args.Composite):
+    """orbax's restore of ``step``; a checkpoint it cannot read (a truncated or corrupt file) as
+    a `CheckpointError` naming the step, orbax's first line (the file) and the way out."""
+    try:
+      return self.manager.restore(step, args=args)
+    except Exception as e:  # orbax and tensorstore raise ValueError, OSError, their own errors…
+      _silence_orphaned_reads()
+      while e.__cause__ is not None:  # the innermost error names the file
+        e = e.__cause__
+      reason = next((line.strip() for line in str(e).splitlines() if line.strip()),
+                    type(e).__name__).split(" [tensorstore_spec")[0]
+      earlier = [s for s in self.all_steps() if s < step]
+      way_out = (f"move {self.directory / str(step)} out of the way to resume training from "
+                 f"step {max(earlier)}, or export that step with --step={max(earlier)}"
+                 if earlier else
+                 f"no earlier checkpoint is left; move {self.directory / str(step)} out of the "
+                 "way to start again from step 0")
+      raise CheckpointError(f"the checkpoint of step {step} cannot be read ({reason}); "
+                            f"{way_out}") from None
 
   def resolve_step(self, step: int | None) -> int:
     """``step`` checked to exist, or the latest when None."""
@@ -129,3 +151,17 @@ class Checkpointer:
   def close(self) -> None:
     self.wait()
     self.manager.close()
+
+
+def _silence_orphaned_reads() -> None:
+  """After a failed restore, orbax's other reads of the checkpoint are still in flight; they fail
+  in turn on a closed event loop, each printing a traceback of the error already reported (as
+  asyncio's "Task exception was never retrieved" or through sys.excepthook)."""
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  previous = sys.excepthook
+
+  def hook(kind, value, traceback):
+    if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
+      previous(kind, value, traceback)
+
+  sys.excepthook = hook

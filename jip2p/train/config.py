@@ -99,13 +99,15 @@ def load(spec: str) -> ml_collections.ConfigDict:
     raise ConfigError(f"config file not found: {path}")
   module_spec = importlib.util.spec_from_file_location("jip2p_config_file", path)
   module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"{path} has no get_config()")
-  try:
+  try:  # A config file is the user's code: whatever it raises is a problem with the config.
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError(f"{path} has no get_config()")
     return module.get_config(arg or None)
-  except (TypeError, ValueError, KeyError, AttributeError) as e:  # e.g. a value of another type
-    raise ConfigError(f"{path}: {e}") from None
+  except ConfigError as e:
+    raise ConfigError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+  except Exception as e:  # e.g. a syntax error, a value of another type
+    raise ConfigError(f"{path}: {type(e).__name__}: {' '.join(str(e).split())}") from None
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -223,6 +225,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in ``workdir`` was started with, validated."""
+  if not epath.Path(workdir).is_dir():
+    state = "is not a folder" if epath.Path(workdir).exists() else "does not exist"
+    raise CheckpointError(f"the work directory {workdir} {state}")
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise CheckpointError(f"{path} does not exist: is {workdir} a jip2p-train work directory?")

@@ -15,8 +15,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from jip2p import checkpoints
-from jip2p.errors import ConfigError
+from jip2p import checkpoints, storage
+from jip2p.errors import CheckpointError, ConfigError
 from jip2p.train import config as config_lib
 from jip2p.train import models
 from jip2p.train.checkpointing import Checkpointer
@@ -53,6 +53,9 @@ def export_from_workdir(workdir: str, out: str, *, weights: str = "ema", step: i
   if weights not in config_lib.EXPORT_WEIGHTS:
     raise ConfigError(f"weights={weights!r}; choose one of {config_lib.EXPORT_WEIGHTS}")
   checkpoints.check_save_dtype(dtype)  # before the checkpoint is read, not after
+  if epath.Path(out).exists() and not overwrite:
+    raise CheckpointError(f"{out} exists; pass --overwrite to replace it")
+  storage.check_writable(out, "--out")
   config = config_lib.read_config(workdir)
   pipeline = models.build_pipeline(config)
   checkpointer = Checkpointer(workdir, read_only=True)
@@ -62,6 +65,9 @@ def export_from_workdir(workdir: str, out: str, *, weights: str = "ema", step: i
                           nnx.state(pipeline.unet, nnx.Param))
   params = checkpointer.restore_weights("params" if weights == "raw" else "ema", abstract, step)
   checkpointer.close()
-  save_trained(pipeline, nnx.graphdef(pipeline.unet), params, out, overwrite=overwrite,
-               dtype=dtype)
+  try:
+    save_trained(pipeline, nnx.graphdef(pipeline.unet), params, out, overwrite=overwrite,
+                 dtype=dtype)
+  except OSError as e:  # e.g. a full disk; save_pipeline leaves no part of the folder behind
+    raise CheckpointError(f"writing {out} failed: {e.strerror or e}; nothing was written") from None
   return step

@@ -17,6 +17,7 @@ The loop turns them into one global array with `jax.make_array_from_process_loca
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
@@ -87,6 +88,10 @@ class TFRecordSource:
         min_resize=resize_min, max_resize=resize_max, flip_prob=0.5 if flip else 0.0, seed=seed,
         shuffle_buffer=shuffle_buffer)
     self._hosts = dict(process_index=process_index, process_count=process_count)
+    damaged = damaged_shards(path)
+    if damaged:  # The reader counts their lost records only when it reaches the epoch's end.
+      logging.warning("data: %d damaged shard(s), records past the damage will be skipped and "
+                      "counted as unreadable: %s", len(damaged), "; ".join(damaged))
     self._it = reader.make_iterator(path, self._config, tokenize=tokenizer, **self._hosts)
 
   def __iter__(self):
@@ -111,6 +116,25 @@ class TFRecordSource:
                                             process_index=0, process_count=1))
     index = np.arange(n) % len(batch["input_ids"])
     return {k: v[index] for k, v in batch.items()}
+
+
+def damaged_shards(path: str, split: str = "train") -> list[str]:
+  """The shards of the jip2p dataset at ``path`` whose file is missing or not of the size its
+  manifest lists, each as "file (why)": one stat per shard, so a truncated shard shows at the
+  start of a run, not only when the reader reaches the cut."""
+  from jip2p.data import writer
+  from jip2p.data.tf_setup import import_tf
+  tf = import_tf()
+  if not tf.io.gfile.exists(f"{path}/{writer.MANIFEST}"):
+    return []  # TFDS metadata: no sizes to compare
+  out = []
+  for shard in writer.read_manifest(path)["splits"].get(split, {}).get("shards", []):
+    file = f"{path.rstrip('/')}/{shard['file']}"
+    size = tf.io.gfile.stat(file).length if tf.io.gfile.exists(file) else None
+    if size != shard["num_bytes"]:
+      why = "missing" if size is None else f"{size} of {shard['num_bytes']} bytes"
+      out.append(f"{file} ({why})")
+  return out
 
 
 def make_source(config, *, tokenizer: CLIPTokenizer, process_index: int, process_count: int):

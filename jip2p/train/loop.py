@@ -1,9 +1,11 @@
-"""The InstructPix2Pix training loop, top to bottom: config, mesh, model, input, optimizer,
-sharding, step, checkpoint, evals, loop.
+"""The InstructPix2Pix training loop, top to bottom: config, mesh, model, input, work directory,
+optimizer, sharding, step, checkpoint, evals, loop.
 
 Every process runs this same code. Process 0 alone writes logs, the saved config and exports;
-checkpoints are written by all processes together (each its shards). A run resumes from the latest
-checkpoint in its work directory, and on SIGTERM or a preemption notice it saves and returns.
+checkpoints are written by all processes together (each its shards). Nothing is written to the
+work directory before the config, the model and the data have been checked. A run resumes from the
+latest checkpoint in its work directory, and on SIGTERM or a preemption notice it saves and
+returns.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jip2p import storage
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError
 from jip2p.train import checkpointing, distributed, evaluate, exporting, metrics, models
@@ -68,16 +71,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   num_devices, process_count = jax.device_count(), jax.process_count()
   data_size, fsdp_size = config_lib.mesh_shape(config, num_devices, process_count)
   primary = jax.process_index() == 0
-  workdir_path = epath.Path(workdir)
-  if primary:
-    config_lib.write_config(config, workdir)
-  writer = metrics.workdir_writer(workdir, enabled=primary)
+  storage.check_writable(workdir, "the work directory")
 
   # ------------------------------------------------------------------ mesh
   mesh = sharding.make_mesh(data_size, fsdp_size, dcn_data=config.mesh.dcn_data)
-  replicated = sharding.replicated(mesh)
-  writer.text(f"{process_count} process(es), {num_devices} device(s) "
-              f"({jax.devices()[0].device_kind}); mesh data={data_size} fsdp={fsdp_size}")
+  replicated, batch_sharding = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
   # ------------------------------------------------------------------ model
   pipeline = models.build_pipeline(config)
@@ -90,13 +88,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   source = input_lib.make_source(config, tokenizer=pipeline.tokenizer,
                                  process_index=jax.process_index(), process_count=process_count)
   step_frozen, micro_shapes = models.step_models(config, source, pipeline, frozen, replicated)
-  batch_sharding = sharding.batch_sharding(mesh)
+
+  # ------------------------------------------------------------------ work directory
+  if primary:
+    config_lib.write_config(config, workdir)
+  writer = metrics.workdir_writer(workdir, enabled=primary)
+  writer.text(f"{process_count} process(es), {num_devices} device(s) "
+              f"({jax.devices()[0].device_kind}); mesh data={data_size} fsdp={fsdp_size}")
 
   # ------------------------------------------------------------------ optimizer
   o = config.optimizer
   optimizer = step_lib.make_optimizer(o.lr, b1=o.b1, b2=o.b2, eps=o.eps,
-                                      weight_decay=o.weight_decay,
-                                      grad_clip_norm=o.grad_clip_norm)
+                                      weight_decay=o.weight_decay, grad_clip_norm=o.grad_clip_norm)
   init_fn = lambda p: step_lib.init_state(p, optimizer, config.seed)
 
   # ------------------------------------------------------------------ sharding
@@ -141,7 +144,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       jax.jit(edit_fn, in_shardings=(state_shardings.ema, replicated, replicated),
               out_shardings=replicated),
       source, num_images=e.num_images, seed=config.seed + 1, tokenizer=pipeline.tokenizer,
-      mesh=mesh, writer=writer, folder=workdir_path / "samples" if primary else None)
+      mesh=mesh, writer=writer, folder=epath.Path(workdir) / "samples" if primary else None)
 
   # ------------------------------------------------------------------ loop
   log = metrics.StepLog(config, writer, checkpointer, functools.partial(
@@ -151,7 +154,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   start = step = int(state.step)
   preempted = False
   writer.text(f"training steps {start + 1}..{config.total_steps} of {config.batch_size} examples")
-  profiler = profiler_lib.StepProfiler(str(workdir_path / "profile"), first_step=start + 1,
+  profiler = profiler_lib.StepProfiler(str(epath.Path(workdir) / "profile"), first_step=start + 1,
                                        steps=config.profile.steps, skip=config.profile.skip)
   try:
     for step in range(start + 1, config.total_steps + 1):

@@ -1,0 +1,110 @@
+"""Bad input to jip2p-train and jip2p-export: one line naming the problem, exit 2, no traceback,
+and nothing left in the work directory or at --out."""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+
+import pytest
+
+from jip2p.cli import export as export_cli
+from jip2p.cli import train as train_cli
+from tests.train.helpers import run_trainer
+
+TINY = str(pathlib.Path(__file__).resolve().parents[2] / "configs" / "tiny.py")
+
+
+def _one_line_error(code: int, err: str, *needles: str) -> None:
+  assert code == 2, err
+  assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+  for needle in needles:
+    assert needle in err, err
+
+
+def test_help_lists_flags_configs_and_how_to_show_a_config(capsys):
+  assert train_cli.main(["--help"]) == 0
+  out = capsys.readouterr().out
+  for needle in ("--workdir", "--config", "--show_config", "tiny.py: A tiny random",
+                 "ip2p_sd15.py: InstructPix2Pix as in the paper"):
+    assert needle in out
+  assert "generate_tiny.py" not in out  # a generation config, not a training one
+  assert train_cli.main([f"--config={TINY}:steps=3", "--config.optimizer.lr=0.5",
+                         "--show_config"]) == 0
+  out = capsys.readouterr().out
+  assert "total_steps: 3" in out and "lr: 0.5" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([f"--config={TINY}/nope.py"], "config file not found"),
+    ([f"--config={TINY}:stpes=4"], "unknown config argument 'stpes'"),
+    ([f"--config={TINY}", "--config.optimizer.lrr=1"],
+     "--config.optimizer.lrr: the config has no key 'lrr'; did you mean 'lr'?"),
+    ([f"--config={TINY}", "--config.optimizer.lr=abc"], "could not convert string to float"),
+    ([f"--config={TINY}", "--config.data.res=7"], "config.data.res=7 must be a multiple of 4"),
+])
+def test_config_errors_are_one_line_and_write_nothing(args, needle, tmp_path, capsys):
+  workdir = tmp_path / "run"
+  code = train_cli.main([*args, f"--workdir={workdir}"])
+  _one_line_error(code, capsys.readouterr().err, needle)
+  assert not workdir.exists()
+
+
+def test_work_dir_that_cannot_be_created(tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  for workdir in (blocker, blocker / "run"):
+    code = train_cli.main([f"--config={TINY}", f"--workdir={workdir}"])
+    _one_line_error(code, capsys.readouterr().err, f"{blocker} is a file, not a folder")
+  assert blocker.read_text() == "" and os.listdir(tmp_path) == ["file"]
+
+
+@pytest.fixture(scope="module")
+def corrupt_run(micro_folder, compile_cache, tmp_path_factory) -> str:
+  """A 2-step run with checkpoints 1 and 2, the weights of step 2 then truncated."""
+  workdir = str(tmp_path_factory.mktemp("corrupt") / "run")
+  result = run_trainer(f"steps=2,batch=8,init={micro_folder}", workdir,
+                       "--config.checkpoint.every_steps=1", "--config.eval.every_steps=0",
+                       "--config.export.at_end=", cache_dir=compile_cache)
+  assert result.returncode == 0, result.stderr[-3000:]
+  files = glob.glob(f"{workdir}/checkpoints/2/params/**/d/*", recursive=True)
+  assert files
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(10)
+  return workdir
+
+
+def test_resume_from_a_corrupt_checkpoint_names_step_file_and_way_out(corrupt_run, micro_folder,
+                                                                      compile_cache):
+  result = run_trainer(f"steps=3,batch=8,init={micro_folder}", corrupt_run,
+                       "--config.checkpoint.every_steps=1", "--config.eval.every_steps=0",
+                       "--config.export.at_end=", cache_dir=compile_cache)
+  _one_line_error(result.returncode, result.stderr, "the checkpoint of step 2 cannot be read",
+                  f"{corrupt_run}/checkpoints/2/params", "to resume training from step 1")
+  assert "Event loop is closed" not in result.stderr
+  assert sorted(os.listdir(f"{corrupt_run}/checkpoints")) == ["1", "2"]
+
+
+def test_export_errors_are_one_line_and_write_nothing(corrupt_run, tmp_path, capsys):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  out = tmp_path / "out"
+  cases = [
+      ([f"--workdir={tmp_path}/missing"], f"the work directory {tmp_path}/missing does not exist"),
+      ([f"--workdir={blocker}"], f"the work directory {blocker} is not a folder"),
+      ([f"--workdir={tmp_path}"], f"{tmp_path}/config.json does not exist"),
+      ([f"--workdir={corrupt_run}", "--step=7"], "no checkpoint for step 7"),
+      ([f"--workdir={corrupt_run}", "--step=2", "--weights=raw"],
+       "the checkpoint of step 2 cannot be read"),
+  ]
+  for args, needle in cases:
+    code = export_cli.main([*args, f"--out={out}"])
+    _one_line_error(code, capsys.readouterr().err.replace(
+        "WARNING:absl:Given directory is read only", "").strip(), needle)
+  code = export_cli.main([f"--workdir={corrupt_run}", f"--out={blocker}/model"])
+  _one_line_error(code, capsys.readouterr().err, f"{blocker} is a file, not a folder")
+  assert sorted(os.listdir(tmp_path)) == ["file"]
+  assert export_cli.main([f"--workdir={corrupt_run}", f"--out={out}", "--step=1"]) == 0
+  assert (out / "model_index.json").is_file()
