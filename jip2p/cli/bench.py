@@ -4,6 +4,7 @@
   jip2p-bench --cases train_full_256_b64,edit_512_s20_b1 --json out.json --markdown out.md
   jip2p-bench --preset tiny --cases train_full_32_b2 --iters 2 --warmup 0   # CPU smoke run
   jip2p-bench --cases train_unet_256_b64@150,edit_512_s20_b1@90 --budget 420  # a short call
+  jip2p-bench --memory configs/ip2p_sd15.py --preset sd15   # what fits where (CPU estimate)
 
 Each (side, case, variant) runs in its own process on the same device, with identical shapes and
 random weights of the same configs (a preset of `jip2p.checkpoints.PRESETS`, or --model-configs);
@@ -13,6 +14,9 @@ markdown table; --json and --markdown also write the records and the table, rewr
 process, so that a run cut short leaves what it finished. A failing process (e.g. out of memory)
 becomes a "failed" row, one that --budget leaves no time for a "not run" row, and the others still
 run.
+
+--memory CONFIG compiles a training config's train step instead (no device is used; see
+`jip2p.bench.memory`) and prints per-device bytes and the largest micro-batch per chip.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--cases", default=",".join(cases_lib.DEFAULT_CASES),
                  help="comma-separated case names (see jip2p.bench.cases); default: all")
   models = p.add_mutually_exclusive_group()
-  models.add_argument("--preset", default=None, help="model shapes: sd15 (default), sd21, tiny")
+  models.add_argument("--preset", default=None,
+                      help="model shapes: sd15 (default), sd21, tiny; with --memory: instead of "
+                           "the config's model.init")
   models.add_argument("--model-configs", default=None,
                       help="JSON file {unet, vae, text_encoder, scheduler} of diffusers configs")
   p.add_argument("--sides", default="jax,torch", help="jax, torch or both")
@@ -75,6 +81,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--json", default=None, help="write the records here")
   p.add_argument("--markdown", default=None, help="write the table here")
   p.add_argument("-v", "--verbose", action="store_true", help="show the side processes' output")
+  mem = p.add_argument_group("memory", "--memory CONFIG: per-device bytes of the compiled train "
+                             "step (only --preset, --json and --markdown of the above apply)")
+  mem.add_argument("--memory", metavar="CONFIG", default=None,
+                   help="a training config, path.py[:args] as jip2p-train's --config")
+  mem.add_argument("--fsdp", default="1,4,8,64", help="FSDP device counts to compile for")
+  mem.add_argument("--memory-remat", default="off,on",
+                   help="UNet rematerialisation settings to compile: off, on or off,on")
+  mem.add_argument("--chips", default=None,
+                   help="NAME=GiB,… to fit (default: TPU v5e=16,TPU v4=32,H100=80,TPU v5p=95)")
   return p.parse_args(argv)
 
 
@@ -229,10 +244,53 @@ def _side_by_side(args, command: str, log) -> int:
   return 0
 
 
+def _memory(args, command: str, log) -> int:
+  fsdp = _positive_ints(args.fsdp, "--fsdp")
+  modes = {"off": False, "on": True}
+  names = [m.strip() for m in args.memory_remat.split(",") if m.strip()]
+  if not names or set(names) - set(modes):
+    raise ConfigError(f"--memory-remat={args.memory_remat!r}: off, on or off,on")
+  # Before JAX starts: as many fake CPU devices as the largest mesh.
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count="
+                                              f"{max(fsdp)}"])
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  from jip2p.bench import memory
+  chips = memory.parse_chips(args.chips) if args.chips else memory.CHIPS
+  config, configs = memory.load(args.memory, args.preset)
+  memory.check_devices(max(fsdp))
+  rows = memory.analyse(config, configs, fsdp=fsdp, remat=[modes[m] for m in names],
+                        chips=chips, log=log)
+  c = config.model
+  title = (f"{args.memory}: {args.preset or c.init or '?'}, {config.data.res} px, "
+           f"{c.compute_dtype}, {c.attention_impl} attention, grad_accum {config.grad_accum}")
+  text = memory.markdown(rows, title=title, command=command, chips=chips)
+  print(text)
+  if args.markdown:
+    report.write_text(args.markdown, text + "\n")
+  if args.json:
+    report.write_text(args.json, json.dumps({"command": command, "title": title,
+                                             "chips_gib": dict(chips), "rows": rows}, indent=1))
+  return 0
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+  try:
+    values = [int(v) for v in text.split(",") if v.strip()]
+  except ValueError:
+    values = []
+  if not values or min(values) < 1:
+    raise ConfigError(f"{flag}={text!r}: comma-separated counts ≥ 1")
+  return values
+
+
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   log = lambda message: print(f"{PROG}: {message}", file=sys.stderr, flush=True)
   command = " ".join([PROG] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+  if args.memory:
+    return _memory(args, command, log)
   return _side_by_side(args, command, log)
 
 
