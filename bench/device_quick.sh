@@ -30,7 +30,7 @@ while [[ $# -gt 0 && $1 == --* ]]; do
     *) echo "device_quick.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
-out="${1:-${OUT:-$repo/bench/out/quick-$(hostname)-$(date +%Y%m%d-%H%M)}}"
+out="${1:-${OUT:-$repo/bench/out/quick-$(uname -n)-$(date +%Y%m%d-%H%M)}}"
 wheels="${JIP2P_WHEELS:-$repo/.whl}"
 python="${PYTHON:-python3}"
 if ! compgen -G "$wheels/*.whl" >/dev/null; then
@@ -61,7 +61,7 @@ export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2 PYTHONUNBUFFERED=1
 
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(hostname)  wheels: $wheels -> $site"
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)  host: $(uname -n)  wheels: $wheels -> $site"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   fi
