@@ -14,8 +14,10 @@ grad_accum of them. Per device:
   temporaries                        XLA's temporary buffers (activations, gradients, …)
   total                              arguments + outputs − donated (aliased) + temporaries
 
-b = 1 and b = 2 are compiled and a line through them predicts the largest b that fits each chip;
-one more compile at the largest prediction checks the line.
+b = 1 and b = 2 are compiled and a line through them predicts the largest b that fits each chip.
+One more compile at the largest prediction checks it, and the table's batches come from the line
+through b = 1 and that compile, never beyond it: interpolation between compiled programs (at SD
+1.5 shapes the line through 1 and 2 runs a few percent under the compiled bytes at b ≈ 60).
 
 **These are the CPU compiler's estimates.** The mesh is N fake CPU devices
 (``--xla_force_host_platform_device_count``), so the program is the same sharded program the
@@ -186,8 +188,9 @@ def analyse(config: ml_collections.ConfigDict, configs: dict[str, dict], *,
             fsdp: Sequence[int], remat: Sequence[bool],
             chips: Sequence[tuple[str, float]] = CHIPS,
             log: Callable[[str], None] = lambda _: None) -> list[dict]:
-  """One row per (remat, fsdp): bytes per device at b = 1 and 2, the largest b per chip
-  (``fits``), and ``check``: the compile at the largest prediction (b, its bytes, the line's)."""
+  """One row per (remat, fsdp): bytes per device at b = 1 and 2, ``check``: the compile at the
+  largest b the line through them predicts (b, its bytes, the line's), and ``fits``: the largest
+  b per chip on the line through b = 1 and the check, at most the check's b."""
   rows = []
   for on in remat:
     models = abstract_models(configs, config, remat=on)
@@ -197,16 +200,19 @@ def analyse(config: ml_collections.ConfigDict, configs: dict[str, dict], *,
         at[b] = compile_step(models, config, n, b)
         log(f"remat {'on' if on else 'off'}, {n} device(s), micro-batch {b}: "
             f"{at[b]['total'] / GIB:.3f} GiB per device (compiled in {at[b]['seconds']:.0f} s)")
-      t1, t2 = at[1]["total"], at[2]["total"]
-      fits = {chip: largest_batch(t1, t2, gib * GIB) for chip, gib in chips}
+      t1, per_example = at[1]["total"], at[2]["total"] - at[1]["total"]
+      fits = {chip: largest_batch(t1, t1 + per_example, gib * GIB) for chip, gib in chips}
       check = None
       top = max(fits.values())
       if top > 2:
         compiled = compile_step(models, config, n, top)
         log(f"  check at micro-batch {top}: {compiled['total'] / GIB:.3f} GiB per device")
-        check = {"batch": top, "total": compiled["total"], "line": t1 + (top - 1) * (t2 - t1)}
+        check = {"batch": top, "total": compiled["total"], "line": t1 + (top - 1) * per_example}
+        per_example = (compiled["total"] - t1) / (top - 1)
+        fits = {chip: min(top, largest_batch(t1, t1 + per_example, gib * GIB))
+                for chip, gib in chips}
       rows.append({"remat": on, "devices": n, "b1": at[1], "b2": at[2],
-                   "per_example": t2 - t1, "fits": fits, "check": check})
+                   "per_example": per_example, "fits": fits, "check": check})
   return rows
 
 
@@ -220,9 +226,10 @@ def markdown(rows: Sequence[dict], *, title: str, command: str,
   chip_heads = " | ".join(f"{name} {gib:g}" for name, gib in chips)
   lines = [f"### {title}", "", f"`{command}`", "",
            "GiB per device, **the CPU compiler's estimate** (XLA:CPU buffer assignment of the "
-           "same sharded program, on fake CPU devices); b = per-device micro-batch; chip columns: "
-           "the largest b that fits its GiB (a line through b = 1 and 2; check: one compile at "
-           "the largest).", "",
+           "same sharded program, on fake CPU devices); b = per-device micro-batch; check: one "
+           "compile at the largest b the line through b = 1 and 2 predicts (and that line's "
+           "GiB there); chip columns: the largest b that fits the chip's GiB on the line through "
+           "b = 1 and the check.", "",
            f"| remat | FSDP devices | params | optimizer | EMA | frozen + batch (b=1) "
            f"| temporaries b=1 | total b=1 | + per example | {chip_heads} | check |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * len(chips) + "---|"]
