@@ -1,13 +1,13 @@
 """The PyTorch baseline of docs/design.md §3: diffusers' InstructPix2Pix on one GPU, SD 1.5 shapes.
 
-  python bench/torch_baseline.py flops train edit    # the baseline's figures (the default)
+  python bench/torch_baseline.py train edit          # the baseline's figures (the default)
   python bench/torch_baseline.py compile             # the full step with the UNet compiled
 
 Groups of figures:
-  flops    the UNet's training FLOPs per image at 256 and 512 px (FlopCounterMode)
   train    the train step of diffusers' train_instruct_pix2pix.py, eager, no EMA: from pixels
            at 256 px, batch 32 / 64 / 128, and 512 px, batch 32; from precomputed latents and
-           text at 256 px, batch 64
+           text at 256 px, batch 64; each eager record also carries the UNet's training FLOPs
+           per image at its resolution (``torch_unet_flops_per_image``, FlopCounterMode)
   compile  the full step at 256 px, batch 64, with the UNet under torch.compile
   edit     StableDiffusionInstructPix2PixPipeline, 512 px, 20 and 100 Euler-a steps, float16
 
@@ -29,7 +29,6 @@ import sys
 import tempfile
 
 GROUPS = {
-    "flops": [["--flops", "256"], ["--flops", "512"]],
     "train": [["--case", c] for c in ("train_full_256_b32", "train_full_256_b64",
                                       "train_full_256_b128", "train_unet_256_b64",
                                       "train_full_512_b32")],
@@ -42,12 +41,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("groups", nargs="*", metavar="GROUP",
-                 help=f"any of {', '.join(GROUPS)} (default: flops train edit)")
+                 help=f"any of {', '.join(GROUPS)} (default: train edit)")
   p.add_argument("--preset", default="sd15", help="model shapes (jip2p.checkpoints.PRESETS)")
   p.add_argument("--warmup", type=int, default=None, help="untimed runs (default: the case's)")
   p.add_argument("--iters", type=int, default=None, help="timed runs (default: the case's)")
   args = p.parse_args(argv)
-  args.groups = args.groups or ["flops", "train", "edit"]
+  args.groups = args.groups or ["train", "edit"]
   unknown = [g for g in args.groups if g not in GROUPS]
   if unknown:
     p.error(f"unknown group(s) {', '.join(unknown)}: choose from {', '.join(GROUPS)}")
@@ -72,9 +71,8 @@ def main(argv=None) -> int:
       json.dump(shapes, f)
     for group in args.groups:
       for figure in GROUPS[group]:
-        extra = (runs + ["--no-ema"]) if figure[0] == "--case" else []
         command = [sys.executable, "-m", "jip2p.bench.torch_side", *figure, "--configs", configs]
-        if subprocess.run(command + extra).returncode:
+        if subprocess.run(command + runs + ["--no-ema"]).returncode:
           failed.append(" ".join(figure))
   for figure in failed:
     print(f"torch_baseline: {figure} failed (its output is above)", file=sys.stderr)

@@ -103,14 +103,20 @@ def test_case_names():
     cases.parse("train_full_256")
 
 
+def _row(case, side, variant, **figures):
+  return dict(side=side, variant=variant, case=case, kind="train", items=64, first_s=60.0,
+              device="NVIDIA H100 80GB HBM3", iters=10, **figures)
+
+
 def test_failed_process_becomes_a_failed_row():
   records = report.derive([
-      {"side": "jax", "variant": "jax", "case": "train_full_256_b128", "kind": "train",
-       "items": 128, "time_s": 0.5, "first_s": 60.0, "device": "NVIDIA H100 80GB HBM3",
-       "iters": 10},
+      _row("train_full_256_b128", "jax", "jax", time_s=0.5),
+      _row("train_unet_256_b64", "torch", "eager", time_s=0.4, torch_unet_flops_per_image=541.7e9),
       {"side": "torch", "variant": "eager", "case": "train_full_256_b128", "kind": "train",
-       "error": "out of memory: CUDA out of memory"}], {256: 541.7e9})
-  assert records[0]["mfu"] == pytest.approx(256 * 541.7e9 / 989e12)
+       "error": "out of memory: CUDA out of memory"}])
+  # The FLOP count of any PyTorch eager row at 256 px serves every row at 256 px.
+  assert records[0]["mfu"] == pytest.approx(64 / 0.5 * 541.7e9 / 989e12)
+  assert records[0]["flops_source"] == "torch FlopCounterMode"
   md = report.table(records)
   assert "failed: out of memory" in md
   rows = [l for l in md.splitlines() if l.startswith("|")]
@@ -126,17 +132,57 @@ def test_the_baseline_script_runs_the_torch_side_without_ema(monkeypatch, capfd)
   named = [f[1] for group in baseline.GROUPS.values() for f in group if f[0] == "--case"]
   assert {cases.parse(name).kind for name in named} == {"train", "edit"}
   monkeypatch.setenv("PYTHONPATH", str(REPO))
-  monkeypatch.setitem(baseline.GROUPS, "flops", [["--flops", "32"]])
   monkeypatch.setitem(baseline.GROUPS, "train", [["--case", "train_full_32_b2"]])
-  assert baseline.main(["--preset", "tiny", "--warmup", "0", "--iters", "1", "flops",
-                        "train"]) == 0
+  assert baseline.main(["--preset", "tiny", "--warmup", "0", "--iters", "1", "train"]) == 0
   records = [json.loads(line[len("BENCH "):]) for line in capfd.readouterr().out.splitlines()
              if line.startswith("BENCH ")]
-  flops, train = records
-  assert flops["what"] == "unet_train_flops_per_image" and flops["flops_per_image"] > 0
+  [train] = records
+  assert train["torch_unet_flops_per_image"] > 0
   assert (train["case"], train["ema"], train["iters"]) == ("train_full_32_b2", False, 1)
-  assert baseline.main(["--preset", "nonsense", "flops"]) == 2
+  assert baseline.main(["--preset", "nonsense", "train"]) == 2
   with pytest.raises(SystemExit) as exit_:
     baseline.main(["nonsense"])
   assert exit_.value.code == 2
   assert "unknown group(s) nonsense" in capfd.readouterr().err
+
+
+def test_table_keeps_cases_together_when_torch_compile_runs_last():
+  records = report.derive([
+      _row("train_unet_256_b64", "jax", "jax", time_s=0.3),
+      _row("train_unet_256_b64", "torch", "eager", time_s=0.6),
+      _row("train_full_256_b64", "jax", "jax", time_s=0.5),
+      {"side": "torch", "variant": "eager", "case": "train_full_256_b64", "kind": "train",
+       "error": "the run's 420 s budget was spent", "not_run": True},
+      _row("train_unet_256_b64", "torch", "compile", time_s=0.4)])
+  rows = [l for l in report.table(records).splitlines() if l.startswith("| train")]
+  assert [r.split(" | ")[:2] for r in rows] == [
+      ["| train_unet_256_b64", "JAX"], ["| train_unet_256_b64", "PyTorch eager"],
+      ["| train_unet_256_b64", "PyTorch compile"], ["| train_full_256_b64", "JAX"],
+      ["| train_full_256_b64", "PyTorch eager"]]
+  assert "| not run: the run's 420 s budget was spent |" in rows[-1]
+  assert records[4]["speedup"] == pytest.approx(0.4 / 0.3)
+
+
+def test_case_time_budgets():
+  unet, edit = cases.parse_list("train_unet_256_b64@150,edit_512_s20_b1")
+  assert (unet.name, unet.limit_s, edit.limit_s) == ("train_unet_256_b64", 150.0, None)
+  for bad in ("train_unet_256_b64@", "train_unet_256_b64@0", "train_unet_256_b64@soon"):
+    with pytest.raises(ConfigError, match="seconds > 0"):
+      cases.parse_list(bad)
+
+
+def test_nothing_starts_once_the_budget_is_spent(tmp_path):
+  """Under 10 s of --budget left no process starts: every row says so, and the files are
+  written."""
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  done = subprocess.run(
+      [sys.executable, "-m", "jip2p.cli.bench", "--preset", "tiny", "--cases",
+       "train_full_32_b2,p2p_64_s1_k1", "--budget", "5", "--json", str(tmp_path / "b.json"),
+       "--markdown", str(tmp_path / "b.md")],
+      capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+  assert done.returncode == 0, done.stderr[-2000:]
+  records = json.loads((tmp_path / "b.json").read_text())["records"]
+  assert [(r["case"], r["side"]) for r in records] == [
+      ("train_full_32_b2", "jax"), ("train_full_32_b2", "torch"), ("p2p_64_s1_k1", "jax")]
+  assert all(r["not_run"] and "5 s budget" in r["error"] for r in records)
+  assert (tmp_path / "b.md").read_text().count("| not run: the run's 5 s budget was spent") == 3

@@ -11,6 +11,9 @@ Cases are named by their shapes, so a run at other sizes is just other names:
   p2p_{res}_s{N}_k{K}        paired generation (Prompt-to-Prompt data, attention sharing): K
                              candidates of two res² images, N steps; the JAX side only
 
+A name may end in ``@S``: each of that case's processes may run S seconds (its time budget, so
+that one slow case cannot eat a short run's time; `jip2p-bench --timeout` otherwise).
+
 Figures: step/edit time is the median of `ITERS` device-synchronised runs after `WARMUP` more;
 the first run (compilation included) is timed alone. FLOPs are the UNet's training FLOPs per image
 (forward + backward), counted by PyTorch's FlopCounterMode as the baseline counts them (matmul,
@@ -59,6 +62,7 @@ class Case:
   steps: int = 0  # edit, p2p: sampling steps
   warmup: int = 0  # untimed runs after the first
   iters: int = 1  # timed runs
+  limit_s: float | None = None  # seconds each of the case's processes may run (``name@S``)
 
   @property
   def unit(self) -> str:
@@ -92,11 +96,23 @@ def parse(name: str, *, warmup: int | None = None, iters: int | None = None) -> 
 
 
 def parse_list(names: str, **runs) -> list[Case]:
-  """Comma-separated case names, in order, duplicates dropped; ``runs`` as `parse`'s."""
+  """Comma-separated case names (each optionally ``name@seconds``), in order, duplicates dropped;
+  ``runs`` as `parse`'s."""
   out: list[Case] = []
-  for name in filter(None, (n.strip() for n in names.split(","))):
-    if name not in [c.name for c in out]:
-      out.append(parse(name, **runs))
+  for item in filter(None, (n.strip() for n in names.split(","))):
+    name, at, limit = item.partition("@")
+    if name in [c.name for c in out]:
+      continue
+    case = parse(name, **runs)
+    if at:
+      try:
+        seconds = float(limit)
+      except ValueError:
+        seconds = 0.0
+      if not seconds > 0:
+        raise ConfigError(f"case {item!r}: the time budget after @ must be seconds > 0")
+      case = dataclasses.replace(case, limit_s=seconds)
+    out.append(case)
   if not out:
     raise ConfigError("no benchmark cases given")
   return out

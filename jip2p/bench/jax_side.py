@@ -85,14 +85,8 @@ def random_module(config: dict, *, dtype, attention: str, seed: int, remat: bool
   from flax import nnx
 
   from jip2p.checkpoints.folders import build_component
-  from jip2p.models import unet as unet_lib
-  if remat:
-    parsed = unet_lib.UNetConfig.from_dict(config)
-    model = nnx.eval_shape(lambda: unet_lib.UNet2DCondition(
-        parsed, dtype=dtype, attention_impl=attention, remat=True, rngs=nnx.Rngs(seed)))
-  else:
-    model = build_component(config, dtype=dtype, attention_impl=attention, abstract=True,
-                            seed=seed)
+  model = build_component(config, dtype=dtype, attention_impl=attention, abstract=True, seed=seed,
+                          remat=remat)
   rng = np.random.default_rng(seed)
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     shape, leaf = var.get_value().shape, path[-1]

@@ -1,16 +1,26 @@
 """The side-by-side table (markdown) and the JSON document of a `jip2p-bench` run.
 
-Input: the ``BENCH`` records of the side processes (one per case and variant, or a failure record
-with ``error``), and PyTorch's FLOP counts per resolution. Derived here, identically for both
+Input: the ``BENCH`` records of the side processes (one per case and variant, or a record with
+``error``: a process that failed, or, with ``not_run``, one the run's time budget left out). PyTorch's
+eager train records carry its FLOP count at their resolution. Derived here, identically for both
 sides: items/s, achieved TFLOP/s (UNet training FLOPs per image × images/s), MFU against the
 device's dense bf16 peak, and the JAX speed-up over each PyTorch variant.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 
 SINGLE = "†"
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``path`` whole or not at all (a temporary sibling, then a rename)."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def _peak(device: str) -> float | None:
@@ -18,9 +28,16 @@ def _peak(device: str) -> float | None:
   return peak_flops(device or "")
 
 
-def derive(records: Sequence[dict], torch_flops: Mapping[int, float]) -> list[dict]:
+def torch_flops(records: Sequence[dict]) -> dict[int, float]:
+  """{resolution: the UNet's training FLOPs per image} as PyTorch's FlopCounterMode counted them."""
+  return {int(r["case"].split("_")[2]): r["torch_unet_flops_per_image"] for r in records
+          if r.get("torch_unet_flops_per_image")}
+
+
+def derive(records: Sequence[dict]) -> list[dict]:
   """Each record with ``items_per_s``, ``flops_per_image`` (and its ``flops_source``),
   ``tflops``, ``mfu`` and ``speedup`` (JAX over this record, on PyTorch rows) filled in."""
+  counted = torch_flops(records)
   xla_flops = {r["case"]: r["xla_unet_flops_per_image"] for r in records
                if r.get("xla_unet_flops_per_image")}
   jax_rows = {r["case"]: r for r in records if r["side"] == "jax" and "time_s" in r}
@@ -31,8 +48,8 @@ def derive(records: Sequence[dict], torch_flops: Mapping[int, float]) -> list[di
       r["items_per_s"] = r["items"] / r["time_s"]
       if r["kind"] == "train":
         res = int(r["case"].split("_")[2])
-        if res in torch_flops:
-          r["flops_per_image"], r["flops_source"] = torch_flops[res], "torch FlopCounterMode"
+        if res in counted:
+          r["flops_per_image"], r["flops_source"] = counted[res], "torch FlopCounterMode"
         elif r["case"] in xla_flops:
           r["flops_per_image"], r["flops_source"] = xla_flops[r["case"]], "XLA cost analysis"
         if r.get("flops_per_image"):
@@ -55,7 +72,8 @@ def _f(value, fmt: str, single: bool = False) -> str:
 
 def _side(r: dict) -> str:
   if r["side"] == "jax":
-    return f"JAX ({r.get('dtype', '?')}, {r.get('attention', '?')})"
+    settings = ", ".join(r[k] for k in ("dtype", "attention") if r.get(k))
+    return f"JAX ({settings})" if settings else "JAX"
   return f"PyTorch {r.get('variant', '?')}"
 
 
@@ -63,11 +81,23 @@ def _runs(r: dict) -> str:
   return f"{r['iters']}" if "iters" in r else "—"
 
 
+def _problem(r: dict) -> str:
+  return f"{'not run' if r.get('not_run') else 'failed'}: {r['error']}"
+
+
+def _in_case_order(rows: Sequence[dict]) -> list[dict]:
+  """Rows grouped by case, cases in the order they first appear (a run does torch.compile last)."""
+  order = {}
+  for r in rows:
+    order.setdefault(r["case"], len(order))
+  return sorted(rows, key=lambda r: order[r["case"]])
+
+
 def table(records: Sequence[dict], second_start: Mapping[str, float] | None = None) -> str:
   """Markdown: one table per kind of case, one row per (case, side)."""
   second_start = second_start or {}
   lines = []
-  train = [r for r in records if r["kind"] == "train"]
+  train = _in_case_order([r for r in records if r["kind"] == "train"])
   if train:
     lines += ["### Train step", "",
               "| case | side | img/s | step (ms) | runs | peak GiB " + SINGLE + " | TFLOP/s | MFU "
@@ -75,7 +105,7 @@ def table(records: Sequence[dict], second_start: Mapping[str, float] | None = No
               "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in train:
       if "error" in r:
-        lines.append(f"| {r['case']} | {_side(r)} | failed: {r['error']} |||||||||")
+        lines.append(f"| {r['case']} | {_side(r)} | {_problem(r)} |||||||||")
         continue
       lines.append(
           f"| {r['case']} | {_side(r)} | {_f(r['items_per_s'], '.1f')} "
@@ -96,7 +126,7 @@ def table(records: Sequence[dict], second_start: Mapping[str, float] | None = No
               "| JAX ÷ this |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
       if "error" in r:
-        lines.append(f"| {r['case']} | {_side(r)} | failed: {r['error']} ||||||")
+        lines.append(f"| {r['case']} | {_side(r)} | {_problem(r)} ||||||")
         continue
       lines.append(
           f"| {r['case']} | {_side(r)} | {_f(r['time_s'], '.3f')} | {_f(r['items_per_s'], '.2f')} "
@@ -119,9 +149,10 @@ def environment(records: Sequence[dict]) -> dict:
   return env
 
 
-def markdown(records: Sequence[dict], *, title: str, command: str, torch_flops: Mapping[int, float],
+def markdown(records: Sequence[dict], *, title: str, command: str,
              second_start: Mapping[str, float] | None = None) -> str:
   env = environment(records)
+  counted = torch_flops(records)
   lines = [f"## {title}", "", f"`{command}`", ""]
   for side, name in (("jax", "JAX"), ("torch", "PyTorch")):
     if side in env:
@@ -130,8 +161,8 @@ def markdown(records: Sequence[dict], *, title: str, command: str, torch_flops: 
       lines.append(f"- {name} side: {e['device']} ({e['platform']}); {versions}")
   if "jax" in env:
     lines.append(f"- XLA_FLAGS: `{env['jax']['xla_flags'] or '(none)'}`")
-  if torch_flops:
-    counts = ", ".join(f"{res} px: {f / 1e9:.1f} GFLOP" for res, f in sorted(torch_flops.items()))
+  if counted:
+    counts = ", ".join(f"{res} px: {f / 1e9:.1f} GFLOP" for res, f in sorted(counted.items()))
     lines.append(f"- UNet training FLOPs per image (torch FlopCounterMode): {counts}")
   lines += [
       f"- Times are medians of the `runs` timed runs after warm-up runs (both excluded from the "

@@ -2,16 +2,17 @@
 
   python -m jip2p.bench.torch_side --case train_full_256_b64 --configs CONFIGS.json
       [--variant eager|compile] [--no-ema]
-  python -m jip2p.bench.torch_side --flops 256 --configs CONFIGS.json
 
 What a user would otherwise run, as docs/design.md §3 defines the baseline: the step of diffusers'
 ``examples/instruct_pix2pix/train_instruct_pix2pix.py`` (VAE and text encoder frozen in bf16, UNet
 float32 under bf16 autocast, SDPA attention, fused AdamW, conditioning dropout, and the script's
 ``--use_ema`` EMAModel step, foreach) eager or with the UNet under ``torch.compile``;
 ``StableDiffusionInstructPix2PixPipeline`` in float16 (float32 on CPU, which lacks fast float16
-kernels) with precomputed prompt embeddings. Random weights at the given configs' shapes. This
-module never imports JAX or TensorFlow. ``bench/torch_baseline.py`` produces the baseline's
-figures with it (EMA off); `jip2p-bench` runs it beside the JAX side.
+kernels) with precomputed prompt embeddings. Random weights at the given configs' shapes. An eager
+train case also counts the UNet's training FLOPs per image at its resolution (after its peak
+memory is read), so that no extra process is started for the count. This module never imports
+JAX or TensorFlow. ``bench/torch_baseline.py`` produces the baseline's figures with it (EMA off);
+`jip2p-bench` runs it beside the JAX side.
 """
 
 from __future__ import annotations
@@ -26,10 +27,7 @@ from jip2p.bench import cases, timing
 
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="python -m jip2p.bench.torch_side", description=__doc__)
-  what = p.add_mutually_exclusive_group(required=True)
-  what.add_argument("--case")
-  what.add_argument("--flops", type=int, metavar="RES",
-                    help="count the UNet's training FLOPs per image at RES pixels")
+  p.add_argument("--case", required=True)
   p.add_argument("--configs", required=True, help="JSON: unet, vae, text_encoder, scheduler")
   p.add_argument("--warmup", type=int, default=None, help="untimed runs (default: the case's)")
   p.add_argument("--iters", type=int, default=None, help="timed runs (default: the case's)")
@@ -48,26 +46,24 @@ def main(argv=None) -> int:
   dev = "cuda" if torch.cuda.is_available() else "cpu"
   torch.backends.cuda.matmul.allow_tf32 = True
   torch.backends.cudnn.allow_tf32 = True
-  if args.flops is not None:
-    record = {"side": "torch", "what": "unet_train_flops_per_image", "res": args.flops,
-              "flops_per_image": _unet_flops(configs, args.flops, dev)}
+  case = cases.parse(args.case, warmup=args.warmup, iters=args.iters)
+  if dev == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  if case.kind == "train":
+    record = _train(case, configs, dev, compile_unet=args.variant == "compile", ema=args.ema)
+    record.update(variant=args.variant, ema=args.ema, dtype="bf16 autocast")
+  elif case.kind == "edit":
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    record = _edit(case, configs, dev, dtype)
+    record.update(variant=str(dtype).replace("torch.", ""), dtype=str(dtype))
   else:
-    case = cases.parse(args.case, warmup=args.warmup, iters=args.iters)
-    if dev == "cuda":
-      torch.cuda.reset_peak_memory_stats()
-    if case.kind == "train":
-      record = _train(case, configs, dev, compile_unet=args.variant == "compile", ema=args.ema)
-      record.update(variant=args.variant, ema=args.ema, dtype="bf16 autocast")
-    elif case.kind == "edit":
-      dtype = torch.float16 if dev == "cuda" else torch.float32
-      record = _edit(case, configs, dev, dtype)
-      record.update(variant=str(dtype).replace("torch.", ""), dtype=str(dtype))
-    else:
-      raise SystemExit(f"case {case.name}: diffusers has no paired (Prompt-to-Prompt) generator; "
-                       "the PyTorch side has no such case")
-    peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
-    record.update(side="torch", case=case.name, kind=case.kind, unit=case.unit,
-                  peak_gib=None if peak is None else peak / 2**30)
+    raise SystemExit(f"case {case.name}: diffusers has no paired (Prompt-to-Prompt) generator; "
+                     "the PyTorch side has no such case")
+  peak = torch.cuda.max_memory_allocated() if dev == "cuda" else None
+  record.update(side="torch", case=case.name, kind=case.kind, unit=case.unit,
+                peak_gib=None if peak is None else peak / 2**30)
+  if case.kind == "train" and args.variant == "eager":
+    record["torch_unet_flops_per_image"] = _unet_flops(configs, case.res, dev)
   record.update(device=torch.cuda.get_device_name(0) if dev == "cuda" else platform.processor()
                 or "cpu", platform=dev, versions=_versions())
   timing.emit(record)

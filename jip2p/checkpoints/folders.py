@@ -112,17 +112,19 @@ def read_weights(folder: str, stem: str) -> dict[str, np.ndarray]:
 
 def build_component(config: dict, *, dtype=jnp.float32, attention_impl: str = "xla",
                     abstract: bool = False, seed: int = 0, where: str = "config",
-                    embedding_std: dict[str, float] | None = None):
+                    embedding_std: dict[str, float] | None = None, remat: bool = False):
   """A jip2p module from a config.json dict: abstract (shapes only, to be loaded) or randomly
-  initialised by `random_init` (``embedding_std`` passed on)."""
+  initialised by `random_init` (``embedding_std`` passed on); ``remat``: a UNet that
+  rematerialises its blocks in training."""
   name = class_name(config, where)
   config_cls, module_cls, _ = COMPONENT_CLASSES[name]
   try:
     parsed = config_cls.from_dict(config)
   except ConfigError as e:
     raise ConfigError(f"{where}: {e}") from None
+  extra = {"remat": True} if remat else {}
   model = nnx.eval_shape(lambda: module_cls(parsed, dtype=dtype, attention_impl=attention_impl,
-                                            rngs=nnx.Rngs(seed)))
+                                            rngs=nnx.Rngs(seed), **extra))
   if not abstract:
     random_init(model, seed, embedding_std=embedding_std)
   return model
