@@ -156,12 +156,10 @@ class Checkpointer:
 def _silence_orphaned_reads() -> None:
   """After a failed restore, orbax's other reads of the checkpoint are still in flight; they fail
   in turn on a closed event loop, each printing a traceback of the error already reported (as
-  asyncio's "Task exception was never retrieved" or through sys.excepthook)."""
+  asyncio's "Task exception was never retrieved", or through sys.excepthook or
+  sys.unraisablehook)."""
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-  previous = sys.excepthook
-
-  def hook(kind, value, traceback):
-    if not (isinstance(value, RuntimeError) and "Event loop is closed" in str(value)):
-      previous(kind, value, traceback)
-
-  sys.excepthook = hook
+  orphan = lambda e: isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
+  excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
+  sys.excepthook = lambda kind, e, tb: None if orphan(e) else excepthook(kind, e, tb)
+  sys.unraisablehook = lambda u: None if orphan(u.exc_value) else unraisablehook(u)
