@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from PIL import PngImagePlugin
 from tqdm import tqdm
 
-from jip2p import edit, runtime
+from jip2p import edit, runtime, storage
 from jip2p.cli import run
 from jip2p.errors import ConfigError, InputError
 from jip2p.models.attention import IMPLEMENTATIONS
@@ -201,23 +201,6 @@ def resize_images(loaded: dict[str, object], resolution: int, multiple: int) -> 
   return resized
 
 
-def check_writable(folder: str) -> None:
-  """Refuses a folder that cannot be created or written in (under a regular file, on a read-only
-  file system), by writing and removing a probe file; leaves nothing behind."""
-  existing = os.path.abspath(folder)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise InputError(f"{folder}: cannot create the output folder, {existing} is a file")
-  try:
-    fd, probe = tempfile.mkstemp(prefix=f".{PROG}-probe-", dir=existing)
-    os.close(fd)
-    os.remove(probe)
-  except OSError as e:
-    raise InputError(f"{folder}: cannot write the output there ({e.strerror or e}: "
-                     f"{existing})") from None
-
-
 def write_png(image, path: str, metadata: dict[str, str]) -> None:
   """Writes atomically (a hidden temporary sibling, then a rename), so an existing output is
   whole; on any failure the temporary file is removed and the error passed on."""
@@ -261,7 +244,7 @@ def _main(argv: Sequence[str] | None) -> int:
     print(f"{PROG}: all {len(jobs)} edits exist in {args.output}; nothing to do")
     return 0
   loaded = load_images([jobs[j][0] for j in todo])
-  check_writable(os.path.dirname(outputs[0]) or ".")
+  storage.check_writable(os.path.dirname(outputs[0]) or ".", "the output folder")
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                        attention_impl=args.attention_impl)
   if args.resolution < editor.size_multiple:

@@ -152,7 +152,7 @@ def test_an_output_under_a_regular_file_is_refused_before_the_model_loads(
   code, err = run_cli(["--model", model, "--input", str(photos / "rocket.png"), "--instruction",
                        "x", "--output", output], capsys)
   assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
-  assert f"cannot create the output folder, {tmp_path / 'file'} is a file" in err
+  assert f"cannot be created: {tmp_path / 'file'} is a file, not a folder" in err
   assert sorted(os.listdir(tmp_path)) == ["file"]
 
 
