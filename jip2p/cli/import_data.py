@@ -98,13 +98,16 @@ def _rows(args: argparse.Namespace):
 
 def _check_same_import(out: str, metadata: dict) -> None:
   """A rerun resumes by row number, so it must be the same import: a `ConfigError` naming what
-  differs from the run that wrote ``out`` (keys it did not record are not compared)."""
+  differs from the run that stored rows in ``out`` (keys it did not record are not compared)."""
   from jip2p.data import writer
   from jip2p.data.tf_setup import import_tf
   try:
-    stored = writer.read_manifest(out).get("metadata") or {}
+    manifest = writer.read_manifest(out)
   except (InputError, import_tf().errors.OpError):
     return  # no dataset there yet, or one the writer will name the problem of
+  if not any(info["shards"] for info in manifest["splits"].values()):
+    return  # nothing stored: nothing to mix
+  stored = manifest.get("metadata") or {}
   changed = [k for k, v in metadata.items() if k in stored and stored[k] != v]
   if changed:
     raise ConfigError(
