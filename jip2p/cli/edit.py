@@ -19,7 +19,6 @@ import json
 import os
 import secrets
 import sys
-import tempfile
 from collections.abc import Sequence
 
 from PIL import PngImagePlugin
