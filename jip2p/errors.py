@@ -18,3 +18,7 @@ class CheckpointError(Jip2pError):
 
 class InputError(Jip2pError, ValueError):
   """An image, instruction, prompt file or dataset record cannot be used."""
+
+
+class OutputError(Jip2pError):
+  """An output cannot be written: its folder is a file, not writable, or the disk is full."""

@@ -22,10 +22,9 @@ import secrets
 import sys
 from collections.abc import Sequence
 
-from PIL import PngImagePlugin
 from tqdm import tqdm
 
-from jip2p import edit, runtime
+from jip2p import edit, files, runtime
 from jip2p.cli import run
 from jip2p.errors import ConfigError, InputError
 from jip2p.models.attention import IMPLEMENTATIONS
@@ -92,11 +91,7 @@ def list_inputs(paths: Sequence[str]) -> list[str]:
 
 def read_jsonl(path: str) -> list[tuple[str, str]]:
   """(image path, instruction) pairs of a JSONL file; image paths relative to its folder."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise InputError(f"{path}: cannot read it ({e})") from None
+  lines = files.read_lines(path, "JSONL file")
   folder = os.path.dirname(os.path.abspath(path))
   pairs = []
   for number, line in enumerate(lines, 1):
@@ -147,13 +142,8 @@ def output_paths(output: str, inputs: Sequence[str], overwrite: bool) -> list[st
 
 def write_png(image, path: str, metadata: dict[str, str]) -> None:
   """Writes atomically (a temporary sibling, then a rename)."""
-  info = PngImagePlugin.PngInfo()
-  for key, value in metadata.items():
-    info.add_text(key, value)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp-{os.getpid()}"
-  image.save(tmp, format="PNG", pnginfo=info)
-  os.replace(tmp, path)
+  files.save_png(image, path, metadata)
 
 
 def _main(argv: Sequence[str] | None) -> int:
