@@ -23,3 +23,7 @@ class InputError(Jip2pError, ValueError):
 class Jip2pWarning(UserWarning):
   """An input was used other than as given (an instruction cut to the text encoder's length, an
   animated image's first frame); entry points print it as one line."""
+
+
+class OutputError(Jip2pError):
+  """An output cannot be written: its folder is a file, not writable, or the disk is full."""

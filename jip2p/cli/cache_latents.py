@@ -7,6 +7,10 @@ of its horizontal flip, and the instruction's text-encoder output (``--text embe
 ids (``--text ids``); see `jip2p.data.latents`. The model must be the one training starts from
 (its VAE and text encoder are frozen): a diffusers-format folder, or ``random:<preset>`` for
 smoke runs.
+
+The input split, the output folder (writable, no finished cache in it) and the model are checked
+before any work: one line and exit status 2, nothing written. Shards are written under temporary
+names and ``latents.json`` last; rerunning an interrupted run writes the cache again.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   from jip2p.data import latents
 
+  latents.check_target(args.data, args.out, args.split)
   pipeline = load_model(args.model, args.compute_dtype)
   start = time.perf_counter()
 

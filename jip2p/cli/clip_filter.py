@@ -8,19 +8,26 @@ without a prompt index is its own group); each group keeps its pairs that pass t
 best ``sim_direction`` first, at most ``top-k``. The kept records are written with their new
 scores to ``--out``; every record's scores go to ``OUT/scores.jsonl`` (``index`` is its position
 in the input), so other thresholds can be tried later. Rerunning after a crash resumes.
+
+Checked before the sidecar starts, each with one line and exit status 2, nothing written: the
+input datasets (they exist and hold the split), the output folder (writable, not an input; a
+dataset there must be this tool's), then the CLIP weights. An image that does not decode stops
+the run naming its record; a run that keeps no record exits 2, its dataset left incomplete.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 
 import numpy as np
 
 from jip2p.cli import run
+from jip2p.errors import ConfigError, InputError
 
 PROG = "jip2p-clip-filter"
 SCORES_FILE = "scores.jsonl"
@@ -62,109 +69,116 @@ def _groups(triplets):
     yield first, group
 
 
-def _decode(data: bytes) -> np.ndarray:
-  from PIL import Image
-  with Image.open(io.BytesIO(data)) as image:
-    return np.asarray(image.convert("RGB"))
-
-
-def _score(scorer, triplets) -> dict[str, np.ndarray]:
-  """Scores of every triplet, requests of one image size at a time."""
+def _score(scorer, triplets, indices) -> dict[str, np.ndarray]:
+  """Scores of every triplet (``indices``: their input positions, to name a bad image), requests
+  of one image size at a time."""
+  from jip2p.eval.sets import decode
   from jip2p.sidecar import SCORE_KEYS
-  pairs = [(_decode(t.input_image), _decode(t.edited_image)) for t in triplets]
+  pairs = [(decode(t.input_image, f"input record {i} input_image"),
+            decode(t.edited_image, f"input record {i} edited_image"))
+           for i, t in zip(indices, triplets)]
   out = {k: np.zeros(len(triplets), np.float32) for k in SCORE_KEYS}
   by_shape = {}
   for n, (a, b) in enumerate(pairs):
     by_shape.setdefault((a.shape, b.shape), []).append(n)
-  for indices in by_shape.values():
-    scores = scorer.score(np.stack([pairs[n][0] for n in indices]),
-                          np.stack([pairs[n][1] for n in indices]),
-                          [triplets[n].input_caption for n in indices],
-                          [triplets[n].edited_caption for n in indices])
+  for group in by_shape.values():
+    scores = scorer.score(np.stack([pairs[n][0] for n in group]),
+                          np.stack([pairs[n][1] for n in group]),
+                          [triplets[n].input_caption for n in group],
+                          [triplets[n].edited_caption for n in group])
     for k in SCORE_KEYS:
-      out[k][indices] = scores[k]
+      out[k][group] = scores[k]
   return out
+
+
+def _check(args: argparse.Namespace) -> None:
+  """What can be wrong before the sidecar starts and before the output folder is made."""
+  from jip2p import files
+  from jip2p.data.reader import list_shards
+  from jip2p.p2p.dataset import check_resumable
+  for name in ("batch_size", "examples_per_shard"):
+    if getattr(args, name) < 1:
+      raise ConfigError(f"--{name.replace('_', '-')} must be ≥ 1, got {getattr(args, name)}")
+  if any(os.path.abspath(d) == os.path.abspath(args.out) for d in args.data_dirs):
+    raise ConfigError(f"--out {args.out} is one of the input datasets; choose another folder")
+  files.check_output_dir(args.out)
+  list_shards(args.data_dirs, args.split)  # the inputs exist and hold records of the split
+  check_resumable(args.out, "filter", PROG)
+
+
+def _filter(args, config, scorer, writer) -> tuple[int, int]:
+  """Scores and filters the input into ``writer``, resuming; (records written, kept this run)."""
+  from jip2p.data.reader import iter_triplets
+  from jip2p.p2p import filter as filter_lib
+  from jip2p.p2p.dataset import reopen_scores, resume_point
+  from jip2p.sidecar import SCORE_KEYS
+  written = kept_total = 0
+  # The cursor names the input index of a group's first record.
+  first, skip = resume_point(writer.cursor(args.split))
+  pending = []
+
+  def flush():
+    nonlocal written, kept_total
+    flat = [(start + n, t) for start, group in pending for n, t in enumerate(group)]
+    if not flat:
+      return
+    scores = _score(scorer, [t for _, t in flat], [i for i, _ in flat])
+    offset = 0
+    for start, group in pending:
+      table = {k: v[offset:offset + len(group)] for k, v in scores.items()}
+      offset += len(group)
+      kept = filter_lib.select(table, config)
+      for n, t in enumerate(group):
+        row = {"index": start + n, "prompt_index": t.prompt_index,
+               "source_id": t.source_id, **{k: float(table[k][n]) for k in SCORE_KEYS},
+               "kept": bool(n in kept)}
+        scores_file.write(json.dumps(row) + "\n")
+      scores_file.flush()  # before the group's records can be committed
+      for j, n in enumerate(kept):
+        kept_total += 1
+        if start == first and j < skip:
+          continue
+        t = dataclasses.replace(
+            group[n], clip_sim_0=float(table["sim_0"][n]), clip_sim_1=float(table["sim_1"][n]),
+            clip_sim_direction=float(table["sim_direction"][n]),
+            clip_sim_image=float(table["sim_image"][n]))
+        writer.write(t, args.split, cursor={"prompt": start, "written": j + 1, "of": len(kept)})
+        written += 1
+    pending.clear()
+
+  with reopen_scores(f"{writer.directory}/{SCORES_FILE}", first, "index") as scores_file:
+    for start, group in _groups(iter_triplets(args.data_dirs, args.split)):
+      if start < first:
+        continue
+      pending.append((start, group))
+      if sum(len(g) for _, g in pending) >= args.batch_size:
+        flush()
+    flush()
+  return written, kept_total
 
 
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
-  import dataclasses
-
-  from jip2p.data.reader import iter_triplets
-  from jip2p.data.tf_setup import import_tf
   from jip2p.data.writer import DatasetWriter
   from jip2p.p2p import filter as filter_lib
-  from jip2p.p2p.dataset import resume_point
-  from jip2p.sidecar import SCORE_KEYS, ClipScorer
+  from jip2p.sidecar import ClipScorer
 
   config = filter_lib.FilterConfig(
       min_sim_image=args.min_sim_image, min_sim_direction=args.min_sim_direction,
       min_sim_0=args.min_sim_0, min_sim_1=args.min_sim_1, top_k=args.top_k or None)
-  tf = import_tf()
+  _check(args)
   scorer = ClipScorer(args.clip_weights, model=args.clip_model, config=args.clip_config,
                       device=args.device, precision=args.precision, batch_size=args.batch_size)
-  written = kept_total = 0
-  with scorer:
-    metadata = {"filter": PROG, "inputs": list(args.data_dirs),
-                "thresholds": dataclasses.asdict(config), "clip_weights": args.clip_weights}
-    with DatasetWriter(args.out, examples_per_shard=args.examples_per_shard,
-                       metadata=metadata) as writer:
-      # The cursor names the input index of a group's first record.
-      first, skip = resume_point(writer.cursor(args.split))
-      scores_path = f"{writer.directory}/{SCORES_FILE}"
-      lines = []
-      if first >= 0 and tf.io.gfile.exists(scores_path):
-        with tf.io.gfile.GFile(scores_path) as f:
-          for line in f.read().splitlines():
-            try:
-              row = json.loads(line)
-            except ValueError:
-              continue
-            if row["index"] < first:
-              lines.append(line)
-      with tf.io.gfile.GFile(scores_path, "w") as scores_file:
-        for line in lines:
-          scores_file.write(line + "\n")
-        pending = []
-
-        def flush():
-          nonlocal written, kept_total
-          flat = [t for _, group in pending for t in group]
-          if not flat:
-            return
-          scores = _score(scorer, flat)
-          offset = 0
-          for start, group in pending:
-            table = {k: v[offset:offset + len(group)] for k, v in scores.items()}
-            offset += len(group)
-            kept = filter_lib.select(table, config)
-            for n, t in enumerate(group):
-              row = {"index": start + n, "prompt_index": t.prompt_index,
-                     "source_id": t.source_id, **{k: float(table[k][n]) for k in SCORE_KEYS},
-                     "kept": bool(n in kept)}
-              scores_file.write(json.dumps(row) + "\n")
-            scores_file.flush()  # before the group's records can be committed
-            for j, n in enumerate(kept):
-              kept_total += 1
-              if start == first and j < skip:
-                continue
-              t = dataclasses.replace(
-                  group[n], clip_sim_0=float(table["sim_0"][n]),
-                  clip_sim_1=float(table["sim_1"][n]),
-                  clip_sim_direction=float(table["sim_direction"][n]),
-                  clip_sim_image=float(table["sim_image"][n]))
-              writer.write(t, args.split, cursor={"prompt": start, "written": j + 1,
-                                                  "of": len(kept)})
-              written += 1
-          pending.clear()
-
-        for start, group in _groups(iter_triplets(args.data_dirs, args.split)):
-          if start < first:
-            continue
-          pending.append((start, group))
-          if sum(len(g) for _, g in pending) >= args.batch_size:
-            flush()
-        flush()
+  metadata = {"filter": PROG, "inputs": list(args.data_dirs),
+              "thresholds": dataclasses.asdict(config), "clip_weights": args.clip_weights}
+  with scorer, DatasetWriter(args.out, examples_per_shard=args.examples_per_shard,
+                             metadata=metadata) as writer:
+    stored = writer.committed(args.split)
+    written, kept_total = _filter(args, config, scorer, writer)
+    if not stored + written:
+      # Left incomplete (no split), so that training cannot take it for a finished dataset.
+      raise InputError(f"no record passed the thresholds; every score is in "
+                       f"{args.out}/{SCORES_FILE}: choose lower ones and run again")
   print(f"{PROG}: {written} records written ({kept_total} kept this run); scores in "
         f"{args.out}/{SCORES_FILE}")
   return 0

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import secrets
 import sys
 from collections.abc import Sequence
 
-from PIL import PngImagePlugin
 from tqdm import tqdm
 
-from jip2p import edit, runtime, storage
+from jip2p import edit, files, runtime, storage
 from jip2p.cli import run
-from jip2p.errors import ConfigError, InputError
+from jip2p.errors import ConfigError, InputError, OutputError
 from jip2p.models.attention import IMPLEMENTATIONS
 
 PROG = "jip2p-edit"
@@ -106,11 +104,7 @@ def list_inputs(paths: Sequence[str]) -> list[str]:
 def read_jsonl(path: str) -> list[tuple[str, str]]:
   """(image path, instruction) pairs of a JSONL file; image paths relative to its folder. Every
   bad line is named in one `InputError`."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
-  except (OSError, UnicodeDecodeError) as e:
-    raise InputError(f"{path}: cannot read it ({e})") from None
+  lines = files.read_lines(path, "JSONL file")
   folder = os.path.dirname(os.path.abspath(path))
   pairs, problems = [], []
   for number, line in enumerate(lines, 1):
@@ -201,21 +195,9 @@ def resize_images(loaded: dict[str, object], resolution: int, multiple: int) -> 
 
 
 def write_png(image, path: str, metadata: dict[str, str]) -> None:
-  """Writes atomically (a hidden temporary sibling, then a rename), so an existing output is
-  whole; on any failure the temporary file is removed and the error passed on."""
-  info = PngImagePlugin.PngInfo()
-  for key, value in metadata.items():
-    info.add_text(key, value)
-  folder, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-  try:
-    os.makedirs(folder, exist_ok=True)
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
+  """Writes atomically (a temporary sibling, then a rename)."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  files.save_png(image, path, metadata)
 
 
 def read_jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -272,9 +254,9 @@ def _main(argv: Sequence[str] | None) -> int:
       try:
         write_png(image, outputs[j], {"instruction": instruction, "seed": str(seed + j),
                                       "input": path, **settings})
-      except OSError as e:
-        raise InputError(
-            f"{outputs[j]}: cannot write it ({e.strerror or e}); {len(jobs) - len(todo) + done} "
+      except OutputError as e:
+        raise OutputError(
+            f"{e}; {len(jobs) - len(todo) + done} "
             f"of {len(jobs)} edits are written: make room, then rerun with --skip-existing "
             f"--seed {seed} to finish") from None
       bar.update()

@@ -14,7 +14,10 @@ confidence interval and n of each metric), ``tradeoff.png`` / ``tradeoff.svg`` (
 against image CLIP similarity, one labelled point per setting) when CLIP is given, and
 ``run.json``. Rerun the same command to resume an interrupted run; add settings to extend a sweep.
 CLIP and DINO run in the sidecar process (PyTorch); without ``--clip-weights`` / ``--dino-weights``
-their metrics are skipped.
+their metrics are skipped. The options, the output folder (writable; a run there must be this
+one), the set's files, the model and the metric weights are checked before the first edit (one
+line, exit status 2); an image that does not decode stops the run naming it, and a rerun after
+fixing it resumes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jip2p import edit
+from jip2p import edit, files
 from jip2p.cli import run
 from jip2p.errors import ConfigError
 from jip2p.eval import sets, sweep
@@ -42,9 +45,12 @@ TABLE_METRICS = ("clip_dir", "clip_img", "clip_out", "l1", "dino", "l1_gt", "l2_
 
 def _floats(text: str) -> list[float]:
   try:
-    return [float(v) for v in text.split(",") if v.strip()]
+    values = [float(v) for v in text.split(",") if v.strip()]
   except ValueError:
-    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    values = []
+  if not values:
+    raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+  return values
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -165,6 +171,7 @@ def _main(argv: Sequence[str] | None) -> int:
                      batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
                      threshold=args.threshold, threshold_radius=args.threshold_radius)
   config.validate()
+  files.check_output_dir(args.output)
   settings = sweep.settings(args.sweep, text_guidance=args.text_guidance,
                             image_guidance=args.image_guidance, image_values=args.image_values,
                             text_values=args.text_values)

@@ -12,6 +12,11 @@ line's own ``"p2p"`` object over them (bad objects skip the line, counted by lin
 batch of candidates is sharded over this host's devices (batch_size a multiple of their count).
 ``--show-attention PROMPT`` saves one heat map per token of PROMPT (and the image) under
 OUT/attention. This process runs JAX and TensorFlow; the CLIP model runs in the torch sidecar.
+
+Checked before any work, each with one line and exit status 2, nothing written: the config, the
+model folder, the output folder (writable; a dataset there must be this tool's), the prompts file
+(UTF-8, at least one usable line for this partition), the CLIP weights. A run in which no
+candidate passes the filter also exits 2, its dataset left incomplete (no split) beside the scores.
 """
 
 from __future__ import annotations
@@ -55,18 +60,39 @@ def _load_pipeline(c):
   return load_pipeline(c.model, dtype=getattr(jnp, c.compute_dtype))
 
 
+def _read_prompts(path: str, model: str, options, index: int, total: int) -> list:
+  """The usable prompts of partition ``index`` of ``total`` (their report on stderr); a file or
+  partition without any is an error, found before any work."""
+  from jip2p import files
+  from jip2p.p2p import dataset
+  from jip2p.tokenizer import load_tokenizer
+  prompts, report = dataset.read_prompts(files.read_lines(path, "prompts file"),
+                                         load_tokenizer(model),
+                                         p2p=options.p2p if options.mode == "p2p" else None)
+  print(f"{PROG}: prompts: {report.summary()}", file=sys.stderr, flush=True)
+  if not prompts:
+    raise InputError(f"{path}: no usable prompt ({report.summary()})")
+  mine = dataset.partition(prompts, index, total)
+  if not mine:
+    raise ConfigError(f"partition {index} of {total} gets none of the {len(prompts)} usable "
+                      f"prompts (line number mod {total}); use fewer partitions")
+  return mine
+
+
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
+  from jip2p import files
   from jip2p.p2p import generation_config
   from jip2p.train import config as config_lib
   c = config_lib.load(args.config)
   generation_config.validate(c, scoring=args.show_attention is None)
   if args.show_attention is not None:
     from jip2p.p2p import sampling
-    paths = sampling.show_attention(_load_pipeline(c), args.show_attention,
-                                    os.path.join(args.out, "attention"), seed=c.seed,
+    out = os.path.join(args.out, "attention")
+    files.check_output_dir(out)
+    paths = sampling.show_attention(_load_pipeline(c), args.show_attention, out, seed=c.seed,
                                     steps=c.show_attention_steps, height=c.height, width=c.width)
-    print(f"wrote {len(paths)} images to {os.path.dirname(paths[0])}")
+    print(f"wrote {len(paths)} images to {out}")
     return 0
 
   import jax
@@ -75,20 +101,16 @@ def _main(argv: Sequence[str] | None) -> int:
   from jip2p.data.writer import DatasetWriter
   from jip2p.p2p import dataset, sampling
   from jip2p.sidecar import ClipScorer
-  from jip2p.tokenizer import load_tokenizer
 
   options = generation_config.from_config(c)
   total = args.num_partitions * jax.process_count()
   index = args.partition * jax.process_count() + jax.process_index()
   if not 0 <= args.partition < args.num_partitions:
     raise ConfigError(f"--partition {args.partition} must be in [0, {args.num_partitions})")
-  if not os.path.isfile(args.prompts):
-    raise InputError(f"prompts file not found: {args.prompts}")
-  with open(args.prompts, encoding="utf-8") as f:
-    prompts, prompt_report = dataset.read_prompts(
-        f, load_tokenizer(c.model), p2p=options.p2p if options.mode == "p2p" else None)
-  print(f"{PROG}: prompts: {prompt_report.summary()}", file=sys.stderr, flush=True)
-  prompts = dataset.partition(prompts, index, total)
+  out = args.out if total == 1 else os.path.join(args.out, f"part-{index:05d}-of-{total:05d}")
+  files.check_output_dir(out)
+  dataset.check_resumable(out)
+  prompts = _read_prompts(args.prompts, c.model, options, index, total)
   devices = jax.local_device_count()
   if options.batch_size % devices:
     print(f"{PROG}: batch_size {options.batch_size} is not a multiple of the {devices} devices: "
@@ -104,7 +126,6 @@ def _main(argv: Sequence[str] | None) -> int:
   with scorer:
     generator = sampling.PairGenerator(_load_pipeline(c), steps=c.steps, height=c.height,
                                        width=c.width)
-    out = args.out if total == 1 else os.path.join(args.out, f"part-{index:05d}-of-{total:05d}")
     metadata = {"generator": PROG, "config": c.to_dict(), "prompts": os.path.abspath(args.prompts),
                 "partition": index, "num_partitions": total}
     writer = DatasetWriter(out, name=c.output.name,
@@ -116,9 +137,16 @@ def _main(argv: Sequence[str] | None) -> int:
         bar.set_postfix(throughput.postfix(report), refresh=False)
 
       first, _ = dataset.resume_point(writer.cursor(options.split))
+      stored = writer.committed(options.split)
       bar.update(sum(p.index < first for p in prompts))
       report = dataset.generate_dataset(generator, scorer, prompts, writer, options,
                                         progress=progress)
+      if not stored + report.written:
+        # Left incomplete (no split), so that training cannot take it for a finished dataset.
+        raise InputError(f"no candidate of the {report.prompts} prompts passed the CLIP filter "
+                         f"({c.filter.to_dict()}); every score is in "
+                         f"{out}/{dataset.SCORES_FILE}: lower config.filter's thresholds and "
+                         "run again")
   rate = report.passed / report.candidates if report.candidates else 0.0
   resumed = (f", resumed at prompt line {report.resumed_after + 1}"
              if report.resumed_after is not None else "")

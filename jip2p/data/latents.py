@@ -25,10 +25,11 @@ Training from it needs no change to the train step (`jip2p.train.step.make_loss_
 ``z = mean + std·ε`` with its own key exactly as it samples a fresh encoding, so a cached run
 equals an image run with the same crop and flip.
 
-A cache folder holds ``{name}-{split}.tfrecord-NNNNN`` shards, ``validation.npz`` (the first few
-examples' crops and instructions: the trainer's validation grid needs images) and ``latents.json``,
-written last (a folder without it is unfinished). `LatentSource` reads it per host: shuffled,
-repeated, one random flip per example, resumable from the number of batches taken.
+A cache folder holds ``{name}-{split}.tfrecord-NNNNN`` shards (each written under a temporary
+name, then renamed), ``validation.npz`` (the first few examples' crops and instructions: the
+trainer's validation grid needs images) and ``latents.json``, written last (a folder without it
+is unfinished: a rerun writes it again). `LatentSource` reads it per host: shuffled, repeated,
+one random flip per example, resumable from the number of batches taken.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jip2p import files
 from jip2p.data import reader, writer
 from jip2p.data.tf_setup import import_tf
 from jip2p.errors import ConfigError, InputError
@@ -220,6 +222,47 @@ def _serialize(tf, row: dict[str, np.ndarray], dtype: str) -> bytes:
   return example.SerializeToString(deterministic=True)
 
 
+def check_target(data_dirs: str | Sequence[str], out_dir: str, split: str) -> None:
+  """What `write_cache` checks before any work (and `jip2p-cache-latents` before it loads the
+  model): ``split`` of the input holds records, and ``out_dir`` is writable and holds no finished
+  cache. An unfinished one (no ``latents.json``: an interrupted run) is written again."""
+  reader.list_shards(data_dirs, split)
+  files.check_output_dir(out_dir, "cache folder")
+  if import_tf().io.gfile.exists(os.path.join(out_dir, MANIFEST)):
+    raise ConfigError(f"{out_dir} already holds a latent cache ({MANIFEST}); choose another "
+                      "folder or delete it")
+
+
+class _Shards:
+  """Serialized records into shards of ``per_shard``, each written under a temporary name and
+  renamed once closed; the folder is made at the first record. ``done``: (file name, records)."""
+
+  def __init__(self, tf, out_dir: str, name: str, split: str, per_shard: int):
+    self._tf, self._out_dir, self._name, self._split = tf, out_dir, name, split
+    self._per_shard = per_shard
+    self._file, self._count, self._path = None, 0, ""
+    self.done: list[tuple[str, int]] = []
+
+  def write(self, data: bytes) -> None:
+    if self._file is None:
+      self._tf.io.gfile.makedirs(self._out_dir)
+      self._path = os.path.join(self._out_dir,
+                                writer.shard_filename(self._name, self._split, len(self.done)))
+      self._file = self._tf.io.TFRecordWriter(self._path + ".incomplete")
+    self._file.write(data)
+    self._count += 1
+    if self._count == self._per_shard:
+      self.close()
+
+  def close(self) -> None:
+    if self._file is None:
+      return
+    self._file.close()
+    self._tf.io.gfile.rename(self._path + ".incomplete", self._path, overwrite=True)
+    self.done.append((os.path.basename(self._path), self._count))
+    self._file, self._count = None, 0
+
+
 def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split: str = "train",
                 resolution: int = 256, resize: int | None = None, text: str = "embeddings",
                 dtype: str = "float32", batch_size: int = 32, examples_per_shard: int = 1024,
@@ -238,10 +281,7 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
   factor = pipeline.vae.config.downscale
   if resolution % factor:
     raise ConfigError(f"resolution={resolution} is not a multiple of the VAE's downscale {factor}")
-  if tf.io.gfile.exists(os.path.join(out_dir, MANIFEST)):
-    raise ConfigError(f"{out_dir} already holds a latent cache ({MANIFEST}); choose another "
-                      "folder or delete it")
-  tf.io.gfile.makedirs(out_dir)
+  check_target(data_dirs, out_dir, split)
 
   vae_def, vae_state = nnx.split(pipeline.vae)
   text_def, text_state = nnx.split(pipeline.text_encoder)
@@ -250,9 +290,8 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
   ds = crop_dataset(data_dirs, split=split, resolution=resolution, resize=resize,
                     max_examples=max_examples).batch(batch_size).prefetch(2)
 
-  name = writer.DEFAULT_NAME.replace("triplets", "latents")
-  shards: list[tuple[str, int]] = []
-  shard_writer, in_shard = None, 0
+  shards = _Shards(tf, out_dir, writer.DEFAULT_NAME.replace("triplets", "latents"), split,
+                   examples_per_shard)
   validation = {"input": [], "edited": [], "instruction": []}
   total = sum(n for _, n in reader.list_shards(data_dirs, split))
   seen = total if max_examples is None else min(total, max_examples)
@@ -267,15 +306,7 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
     for i in range(n):
       row = {k: v[i] for k, v in out.items()}
       row.update(index=batch["index"][i], instruction=batch["instruction"][i], input_ids=ids[i])
-      if shard_writer is None:
-        shard_name = writer.shard_filename(name, split, len(shards))
-        shard_writer = tf.io.TFRecordWriter(os.path.join(out_dir, shard_name))
-      shard_writer.write(_serialize(tf, row, dtype))
-      in_shard += 1
-      if in_shard == examples_per_shard:
-        shard_writer.close()
-        shards.append((shard_name, in_shard))
-        shard_writer, in_shard = None, 0
+      shards.write(_serialize(tf, row, dtype))
       if len(validation["instruction"]) < num_validation:
         to_uint8 = lambda x: np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
         validation["input"].append(to_uint8(batch["input"][i]))
@@ -284,9 +315,7 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
     written += n
     if log:
       log(f"cached {written} examples")
-  if shard_writer is not None:
-    shard_writer.close()
-    shards.append((shard_name, in_shard))
+  shards.close()
   if not written:
     raise InputError(f"split {split!r} of {data_dirs} has no usable example to cache")
   buffer = io.BytesIO()  # np.savez seeks, which a GFile being written cannot.
@@ -299,7 +328,7 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
   info = CacheInfo(resolution=resolution, resize=resize, latent_shape=(h, w, c), text=text,
                    text_shape=tuple(int(x) for x in text_shape), dtype=dtype,
                    scaling_factor=float(pipeline.vae.config.scaling_factor), model=model_name,
-                   split=split, shards=tuple(shards), skipped=seen - written)
+                   split=split, shards=tuple(shards.done), skipped=seen - written)
   tmp = os.path.join(out_dir, MANIFEST + ".tmp")
   with tf.io.gfile.GFile(tmp, "w") as f:
     f.write(info.to_json())

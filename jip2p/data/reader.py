@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from jip2p.data import schema, writer
-from jip2p.data.tf_setup import import_tf
+from jip2p.data.tf_setup import import_tf, op_error_text
 from jip2p.errors import ConfigError, InputError
 
 COUNTERS = ("records", "ok", "unreadable", "undecodable", "missing_field", "empty_instruction")
@@ -130,6 +130,10 @@ def list_shards(data_dirs: str | Sequence[str], split: str) -> list[tuple[str, i
   shards = []
   for directory in [data_dirs] if isinstance(data_dirs, str) else data_dirs:
     directory = directory.rstrip("/")
+    if not tf.io.gfile.isdir(directory):
+      problem = "is not a folder" if tf.io.gfile.exists(directory) else "does not exist"
+      raise InputError(f"{directory} {problem}: expected a dataset folder (manifest.json or TFDS "
+                       "dataset_info.json)")
     if tf.io.gfile.exists(f"{directory}/{writer.MANIFEST}"):
       manifest = writer.read_manifest(directory)
       if split not in manifest["splits"]:
@@ -510,7 +514,7 @@ def iter_triplets(data_dirs: str | Sequence[str], split: str = "train"):
       except StopIteration:
         break
       except tf.errors.OpError as e:
-        raise InputError(f"{path}, record {index}: {e.message}") from None
+        raise InputError(f"{path}, record {index}: {op_error_text(e)}") from None
       yield schema.from_record(record)
       index += 1
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 
 
 @functools.cache
@@ -29,3 +30,11 @@ def import_tf():
       logging.warning("TensorFlow was initialised with GPUs visible before jip2p.data hid them; "
                       "call jip2p.data.tf_setup.import_tf() before any other TensorFlow use.")
   return tf
+
+
+def op_error_text(error) -> str:
+  """A `tf.errors.OpError`'s message as one line for a user: without the wrapped function's name
+  and the ``[Op:…]`` suffix that eager iteration adds."""
+  text = re.sub(r"\{\{function_node [^}]*\}\}", "", error.message)
+  text = re.sub(r"\[Op:\w+\].*", "", text, flags=re.S)
+  return " ".join(text.split())

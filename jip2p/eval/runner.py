@@ -31,10 +31,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from jip2p import edit
+from jip2p import edit, files
 from jip2p.errors import ConfigError, InputError
 from jip2p.eval import multiturn, paper_metrics, sets, world_metrics
 
@@ -100,6 +99,7 @@ def evaluate(editor, eval_set: sets.EvalSet, settings: Sequence[Setting], out_di
     raise ConfigError("no guidance settings to evaluate")
   if len({s.key for s in settings}) != len(settings):
     raise ConfigError(f"repeated guidance settings: {[s.label for s in settings]}")
+  files.check_output_dir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   check_run_info(out_dir, eval_set, config, run_info or {})
   path = os.path.join(out_dir, RESULTS)
@@ -210,7 +210,7 @@ def _save_images(out_dir: str, setting: Setting, new) -> None:
   os.makedirs(folder, exist_ok=True)
   for row, image in new:
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in row["key"])
-    Image.fromarray(image).save(os.path.join(folder, f"{name}.png"))
+    files.save_png(image, os.path.join(folder, f"{name}.png"))
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -319,16 +319,26 @@ def check_run_info(out_dir: str, eval_set: sets.EvalSet, config: RunConfig, extr
           **{k: v for k, v in dataclasses.asdict(config).items() if k != "batch_size"}}
   path = os.path.join(out_dir, RUN_INFO)
   if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      previous = json.load(f)
+    text = files.read_text(path, "run record")
+    try:
+      previous = json.loads(text)
+    except ValueError as e:
+      raise InputError(f"{path} is damaged ({e}); it names the settings of the run whose "
+                       "results are in that folder: choose another output folder") from None
+    if not isinstance(previous, dict):
+      raise InputError(f"{path} holds no run record (a JSON object); choose another output "
+                       "folder")
     diff = sorted(k for k in set(info) | set(previous) if info.get(k) != previous.get(k))
     if diff:
       changes = ", ".join(f"{k} {previous.get(k)!r} there, {info.get(k)!r} now" for k in diff)
       raise ConfigError(f"{out_dir} holds results of another run ({changes}); rerun with its "
                         "arguments to resume, or choose another output folder")
     return
+  if os.path.exists(os.path.join(out_dir, RESULTS)):  # run.json is written before any result
+    raise InputError(f"{out_dir} holds {RESULTS} but no {RUN_INFO}: results of another tool or "
+                     "run; choose another output folder")
   if write:
-    with open(path, "w", encoding="utf-8") as f:
+    with files.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
       json.dump(info, f, indent=2)
 
 
@@ -342,10 +352,8 @@ def _complete_sessions(path: str, eval_set: sets.EvalSet) -> list[dict]:
     counts[r["setting"], r["session"]] = counts.get((r["setting"], r["session"]), 0) + 1
   kept = [r for r in rows if counts[r["setting"], r["session"]] == expected.get(r["session"])]
   if len(kept) != len(rows) or not clean:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with files.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
   return kept
 
 
@@ -355,11 +363,15 @@ def _read_rows(path: str) -> tuple[list[dict], bool]:
     return [], True
   rows = []
   with open(path, "rb") as f:
-    for line in f:
+    for number, line in enumerate(f, 1):
       try:
-        rows.append(json.loads(line))
+        row = json.loads(line)
       except ValueError:
         return rows, False
       if not line.endswith(b"\n"):
         return rows, False
+      if not isinstance(row, dict) or not {"setting", "session"} <= set(row):
+        raise InputError(f"{path}, line {number}: not a result row of jip2p-eval; choose "
+                         "another output folder")
+      rows.append(row)
   return rows, True

@@ -27,17 +27,22 @@ import dataclasses
 import io
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
+from jip2p import files
 from jip2p.data import synthetic
 from jip2p.errors import ConfigError, InputError
 
 SETS = ("world", "tfrecords", "emu_edit", "magicbrush")
-EMU_EDIT_COLUMNS = ("instruction", "image", "task", "input_caption", "output_caption")
-MAGICBRUSH_COLUMNS = ("img_id", "turn_index", "source_img", "instruction", "target_img")
+# Required columns and their kind: text (strings or nulls), int, image (bytes, or HF `Image`
+# structs of bytes and path), any.
+EMU_EDIT_COLUMNS = {"instruction": "text", "image": "image", "task": "text",
+                    "input_caption": "text", "output_caption": "text"}
+MAGICBRUSH_COLUMNS = {"img_id": "any", "turn_index": "int", "source_img": "image",
+                      "instruction": "text", "target_img": "image"}
 MAGICBRUSH_MODES = ("single", "multi")
 
 
@@ -169,17 +174,22 @@ def list_parquet(paths: str | Sequence[str]) -> list[str]:
 class _ParquetImages:
   """Image cells of one parquet file, read a row group at a time (sessions read in file order)."""
 
-  def __init__(self, path: str, required: Sequence[str]):
+  def __init__(self, path: str, required: Mapping[str, str]):
     import pyarrow.parquet as pq
     try:
       self._file = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own error types for non-parquet files
       raise InputError(f"{path}: not a readable parquet file ({type(e).__name__}: {e})") from None
     self.path = path
-    names = self._file.schema_arrow.names
+    schema = self._file.schema_arrow
+    names = schema.names
     missing = [c for c in required if c not in names]
     if missing:
       raise InputError(f"{path}: missing columns {missing} (has {names})")
+    wrong = [f"{c} is {schema.field(c).type}, not {kind}" for c, kind in required.items()
+             if not _column_is(kind, schema.field(c).type)]
+    if wrong:
+      raise InputError(f"{path}: wrong column types ({'; '.join(wrong)})")
     self.names = names
     starts = np.cumsum([0] + [self._file.metadata.row_group(i).num_rows
                               for i in range(self._file.num_row_groups)])
@@ -210,6 +220,18 @@ class _ParquetImages:
     if not value:
       raise InputError(f"{self.path}, row {row}: the {column} cell holds no image")
     return value
+
+
+def _column_is(kind: str, t) -> bool:
+  import pyarrow as pa
+  if kind == "text":
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+  if kind == "int":
+    return pa.types.is_integer(t)
+  if kind == "image":
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t)
+            or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0))
+  return True
 
 
 def emu_edit_set(paths: str | Sequence[str], *, limit: int | None = None) -> EvalSet:
@@ -263,11 +285,9 @@ def magicbrush_set(paths: str | Sequence[str], mode: str = "single", *,
 
 
 def _read_captions(path: str) -> dict[str, dict[str, str]]:
+  text = files.read_text(path, "captions file")
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-  except OSError as e:
-    raise InputError(f"{path}: cannot read the captions ({e.strerror})") from None
+    data = json.loads(text)
   except ValueError as e:
     raise InputError(f"{path}: the captions file is not JSON ({e})") from None
   if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):

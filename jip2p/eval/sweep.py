@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jip2p import files
 from jip2p.errors import ConfigError
 from jip2p.eval import paper_metrics
 from jip2p.eval.runner import METRICS, Setting
@@ -83,14 +84,12 @@ def write_csv(table: Sequence[dict], path: str) -> None:
   if not table:
     raise ConfigError("nothing to write: the summary table is empty")
   columns = list(table[0])
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", newline="", encoding="utf-8") as f:
+  with files.replacing(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
     writer = csv.DictWriter(f, columns)
     writer.writeheader()
     for entry in table:
       writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v)
                        for k, v in entry.items()})
-  os.replace(tmp, path)
 
 
 # Axis label and range of the metrics a trade-off plot draws (others: the metric's name, auto).
@@ -139,7 +138,8 @@ def plot_tradeoff(table: Sequence[dict], paths: Sequence[str], *, title: str = "
   fig.tight_layout()
   with plt.rc_context({"svg.fonttype": "none"}):  # SVG text stays text: searchable, editable
     for path in paths:
-      fig.savefig(path)
+      with files.replacing(path) as tmp:
+        fig.savefig(tmp, format=os.path.splitext(path)[1][1:])
   plt.close(fig)
   return True
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 
 from jip2p.data import schema
+from jip2p.data import writer as writer_lib
 from jip2p.errors import ConfigError, InputError
 from jip2p.p2p import filter as filter_lib
 from jip2p.p2p import sampling
@@ -174,6 +175,40 @@ def resume_point(cursor) -> tuple[int, int]:
   return cursor["prompt"], cursor["written"]
 
 
+def check_resumable(directory: str, key: str = "generator", producer: str = SOURCE) -> None:
+  """Before any work: a dataset already at ``directory`` must be one that ``producer`` wrote (its
+  manifest's ``metadata[key]``), to be resumed. Read without opening a `DatasetWriter`, which
+  would mark another tool's dataset incomplete; `InputError` naming the folder otherwise."""
+  if not _tf().io.gfile.exists(f"{directory.rstrip('/')}/{writer_lib.MANIFEST}"):
+    return
+  metadata = writer_lib.read_manifest(directory).get("metadata") or {}
+  if metadata.get(key) != producer:
+    raise InputError(f"{directory} holds a dataset that {producer} did not write; choose another "
+                     "output folder")
+
+
+def reopen_scores(path: str, first: int, key: str):
+  """The scores JSONL at ``path`` open for appending, holding only the lines of an earlier run
+  whose ``key`` is below ``first`` (a resumed run writes the rest again; a torn or foreign line
+  is dropped). The kept lines are written under a temporary name and renamed over the file, so
+  a crash in between loses none of them."""
+  tf = _tf()
+  kept = []
+  if first >= 0 and tf.io.gfile.exists(path):
+    with tf.io.gfile.GFile(path, "r") as f:
+      for line in f.read().splitlines():
+        try:
+          row = json.loads(line)
+        except ValueError:
+          continue
+        if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] < first:
+          kept.append(line)
+  with tf.io.gfile.GFile(path + ".incomplete", "w") as f:
+    f.write("".join(line + "\n" for line in kept))
+  tf.io.gfile.rename(path + ".incomplete", path, overwrite=True)
+  return tf.io.gfile.GFile(path, "a")
+
+
 def generate_dataset(generator, scorer, prompts: Sequence[Prompt], writer,
                      config: GenerationConfig, *,
                      progress: Callable[[RunReport], None] | None = None) -> RunReport:
@@ -182,42 +217,19 @@ def generate_dataset(generator, scorer, prompts: Sequence[Prompt], writer,
   generator: a `sampling.PairGenerator`; scorer: a started `jip2p.sidecar.ClipScorer`;
   writer: an open `DatasetWriter` (its directory also gets ``candidates.jsonl``).
   """
-  tf = _tf()
   report = RunReport()
   first, skip_records = resume_point(writer.cursor(config.split))
   todo = [p for p in prompts if p.index >= first]
   if first >= 0:
     report.resumed_after = first
-  scores_path = f"{writer.directory}/{SCORES_FILE}"
-  kept_lines = _kept_score_lines(tf, scores_path, first)
-  scores_file = tf.io.gfile.GFile(scores_path, "w")
+  scores_file = reopen_scores(f"{writer.directory}/{SCORES_FILE}", first, "prompt_index")
   try:
-    for line in kept_lines:
-      scores_file.write(line + "\n")
-    scores_file.flush()
     state = _Run(generator, scorer, writer, scores_file, config, report, progress)
     state.skip_records = {todo[0].index: skip_records} if todo else {}
     state.go(todo)
   finally:
     scores_file.close()
   return report
-
-
-def _kept_score_lines(tf, path: str, first: int) -> list[str]:
-  """Lines of an earlier run's candidates.jsonl for prompts before ``first`` (a torn last line
-  dropped)."""
-  if first < 0 or not tf.io.gfile.exists(path):
-    return []
-  kept = []
-  with tf.io.gfile.GFile(path, "r") as f:
-    for line in f.read().splitlines():
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue
-      if row.get("prompt_index", first) < first:
-        kept.append(line)
-  return kept
 
 
 class _Run:

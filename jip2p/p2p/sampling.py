@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jip2p import files
 from jip2p.diffusion import guidance, samplers, schedules
 from jip2p.errors import ConfigError, InputError
 from jip2p.p2p import align, control
@@ -559,7 +560,7 @@ def show_attention(pipeline, prompt: str, out_dir: str | os.PathLike, *, seed: i
          tokenizer.eos_id]
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, "image.png")]
-  Image.fromarray(image).save(paths[0])
+  files.save_png(image, paths[0])
   size = (image.shape[1], image.shape[0])
   tiles = []
   for position, token_id in enumerate(ids):
@@ -571,7 +572,7 @@ def show_attention(pipeline, prompt: str, out_dir: str | os.PathLike, *, seed: i
     text = token_text(tokenizer, token_id)
     name = "".join(c if c.isalnum() else "_" for c in text.strip("<|>")) or "token"
     paths.append(os.path.join(out_dir, f"{position:02d}_{name}.png"))
-    Image.fromarray(overlay).save(paths[-1])
+    files.save_png(overlay, paths[-1])
     tile = Image.new("RGB", (size[0], size[1] + 14), "white")
     tile.paste(Image.fromarray(overlay), (0, 0))
     ImageDraw.Draw(tile).text((2, size[1]), text, fill="black")
@@ -580,5 +581,5 @@ def show_attention(pipeline, prompt: str, out_dir: str | os.PathLike, *, seed: i
   for n, tile in enumerate(tiles):
     grid.paste(tile, (n * size[0], 0))
   paths.append(os.path.join(out_dir, "attention.png"))
-  grid.save(paths[-1])
+  files.save_png(grid, paths[-1])
   return paths

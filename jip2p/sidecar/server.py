@@ -40,6 +40,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import zipfile
 
@@ -124,6 +125,17 @@ def dino_config(weights: str, config: str | None) -> dict:
   return {**DINO_VITS16, **cfg}
 
 
+def load_failure(error: Exception) -> str:
+  """Why a weights file did not load, in one line. torch's weights-only refusal is told without
+  its advice to retry with ``weights_only=False``: that runs the file's code, never an option."""
+  text = str(error).strip()
+  if isinstance(error, pickle.UnpicklingError) and "WeightsUnpickler error:" in text:
+    detail = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+    return ("not a file of weights (the weights-only unpickler refused it: "
+            f"{' '.join(detail.split())}); jip2p never unpickles code")
+  return f"{type(error).__name__}: {(text.splitlines() or [''])[0]}"
+
+
 def _is_torchscript(path: str) -> bool:
   if not zipfile.is_zipfile(path):
     return False
@@ -161,9 +173,8 @@ class Scorer:
     except Jip2pError:
       raise
     except Exception as e:
-      first_line = (str(e).strip().splitlines() or [""])[0]
       raise Jip2pError(f"cannot load CLIP weights {weights} as {model_name}: "
-                       f"{type(e).__name__}: {first_line}") from None
+                       f"{load_failure(e)}") from None
     self.model = model.eval().requires_grad_(False)
     self.tokenizer = tokenizer
     self.model_name = model_name
@@ -301,9 +312,7 @@ def _dino_state_dict(weights: str) -> dict:
     else:
       state = torch.load(weights, map_location="cpu", weights_only=True)
   except Exception as e:
-    first_line = (str(e).strip().splitlines() or [""])[0]
-    raise Jip2pError(f"cannot read DINO weights {weights}: {type(e).__name__}: "
-                     f"{first_line}") from None
+    raise Jip2pError(f"cannot read DINO weights {weights}: {load_failure(e)}") from None
   for key in ("teacher", "state_dict", "model"):
     if isinstance(state, dict) and isinstance(state.get(key), dict):
       state = state[key]

@@ -178,7 +178,7 @@ def test_a_full_disk_leaves_whole_edits_and_a_rerun_finishes_the_run(model, phot
   monkeypatch.setattr(Image.Image, "save", real_save)
   assert code == 2 and "Traceback" not in err, err
   [line] = [l for l in err.splitlines() if "error" in l]
-  assert f"{out / 'chelsea.png'}: cannot write it (No space left on device)" in line
+  assert f"cannot write {out / 'chelsea.png'}: No space left on device" in line
   assert "1 of 4 edits are written" in line and "--skip-existing --seed 3" in line
   assert os.listdir(out) == ["astronaut.png"]  # whole, and no temporary file left
   first = (out / "astronaut.png").read_bytes()

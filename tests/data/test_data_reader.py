@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -236,12 +237,32 @@ def test_reader_names_what_is_wrong_with_its_input(tmp_path, dataset):
   with pytest.raises(InputError, match="neither manifest.json nor dataset_info.json"):
     reader.make_iterator(str(tmp_path), reader.ReaderConfig(batch_size=1), process_index=0,
                          process_count=1)
+  with pytest.raises(InputError, match=re.escape(f"{tmp_path}/missing does not exist: expected "
+                                                 "a dataset folder")):
+    reader.list_shards([dataset, str(tmp_path / "missing")], "train")
+  (tmp_path / "a_file").write_text("x")
+  with pytest.raises(InputError, match=re.escape(f"{tmp_path}/a_file is not a folder")):
+    reader.list_shards(str(tmp_path / "a_file"), "train")
   with pytest.raises(InputError, match="no split 'validation'"):
     reader.make_iterator(dataset, reader.ReaderConfig(batch_size=1, split="validation"),
                          process_index=0, process_count=1)
   with pytest.raises(ConfigError, match="min_resize"):
     reader.make_iterator(dataset, reader.ReaderConfig(batch_size=1, resolution=300),
                          process_index=0, process_count=1)
+
+
+def test_iter_triplets_names_a_cut_record_in_one_line(tmp_path):
+  directory = str(tmp_path)
+  with writer.DatasetWriter(directory, examples_per_shard=10) as w:
+    w.write(fx.triplet(0))
+  good = [writer.serialize(schema.to_record(fx.triplet(i))) for i in range(1, 4)]
+  add_bad_shard(directory, good, truncate_to=lambda n: n * 5 // 6)  # cut in its third record
+  with pytest.raises(InputError) as e:
+    list(reader.iter_triplets(directory))
+  shard = writer.shard_filename("jip2p_triplets", "train", 1)
+  message = str(e.value)
+  assert message.startswith(f"{directory}/{shard}, record 2: ") and "truncated record" in message
+  assert "\n" not in message and "{{" not in message and "[Op:" not in message
 
 
 def test_missing_shard_counts_as_unreadable(tmp_path):

@@ -4,6 +4,7 @@ with the VAE sampling noise drawn from the same key."""
 
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -25,6 +26,8 @@ from jip2p.train import step as step_lib  # noqa: E402
 pytestmark = pytest.mark.tf
 
 RES, RESIZE, N = 32, 40, 6
+ARGS = ["--model", "random:tiny", "--resolution", str(RES), "--resize", str(RESIZE),
+        "--batch-size", "4", "--examples-per-shard", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +45,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cache(dataset, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("cache") / "latents")
-  code = cache_latents.main(["--data", dataset, "--model", "random:tiny", "--out", out,
-                             "--resolution", str(RES), "--resize", str(RESIZE), "--batch-size",
-                             "4", "--examples-per-shard", "4"])
-  assert code == 0
+  assert cache_latents.main(["--data", dataset, "--out", out, *ARGS]) == 0
   return out
 
 
@@ -70,6 +70,64 @@ def test_cache_layout(cache, dataset):
   np.testing.assert_allclose(validation["edited"], -validation["input"], atol=1.5 / 127.5)
   again = cache_latents.main(["--data", dataset, "--model", "random:tiny", "--out", cache])
   assert again == 2  # refuses to overwrite
+
+
+def run_cli(argv, capsys) -> tuple[int, str]:
+  code = cache_latents.main(argv)
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  return code, err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("case", ["missing data", "no such split", "output under a file",
+                                  "finished cache"])
+def test_bad_input_and_output_are_named_before_the_model_loads(case, cache, dataset, tmp_path,
+                                                                capsys, monkeypatch):
+  # The tests run as root, for whom chmod does not make a folder unwritable: a target under a
+  # regular file stands for a folder that cannot be written.
+  monkeypatch.setattr(cache_latents, "load_model", lambda *_: pytest.fail("the model loaded"))
+  (tmp_path / "a_file").write_text("x")
+  data, out, extra = [dataset], str(tmp_path / "out"), []
+  if case == "missing data":
+    data, words = [dataset, str(tmp_path / "nope")], f"{tmp_path}/nope does not exist"
+  elif case == "no such split":
+    extra, words = ["--split", "test"], "has no split 'test' (it has ['train'])"
+  elif case == "output under a file":
+    out = str(tmp_path / "a_file" / "cache")
+    words = f"cannot create the cache folder {out}: {tmp_path}/a_file is not a folder"
+  else:
+    out, words = cache, f"{cache} already holds a latent cache (latents.json)"
+  code, line = run_cli(["--data", *data, "--out", out, *ARGS, *extra], capsys)
+  assert code == 2 and line.startswith("jip2p-cache-latents: error: ") and words in line
+  assert os.listdir(tmp_path) == ["a_file"]
+
+
+def test_a_split_without_usable_records_leaves_nothing(tmp_path, capsys):
+  data = str(tmp_path / "data")
+  with writer.DatasetWriter(data, examples_per_shard=4) as w:
+    w.write(fx.triplet(1, size=48, instruction=" "))
+  code, line = run_cli(["--data", data, "--out", str(tmp_path / "cache"), *ARGS], capsys)
+  assert code == 2 and line.endswith(f"split 'train' of ['{data}'] has no usable example to cache")
+  assert os.listdir(tmp_path) == ["data"]
+
+
+def test_a_rerun_finishes_an_interrupted_cache(cache, dataset, tmp_path):
+  """What a kill leaves (a complete shard, one cut short under its temporary name, no
+  validation.npz nor latents.json) is written again, as an uninterrupted run writes it."""
+  out = tmp_path / "cache"
+  shutil.copytree(cache, out)
+  (out / latents.MANIFEST).unlink()
+  (out / latents.VALIDATION).unlink()
+  second = out / latents.CacheInfo.read(cache).shards[1][0]
+  (out / f"{second.name}.incomplete").write_bytes(second.read_bytes()[:100])
+  second.unlink()
+  assert cache_latents.main(["--data", dataset, "--out", str(out), *ARGS]) == 0
+  assert latents.CacheInfo.read(str(out)) == latents.CacheInfo.read(cache)
+  assert sorted(os.listdir(out)) == sorted(os.listdir(cache))
+  for got, want in zip(latents.iter_records(str(out)), latents.iter_records(cache), strict=True):
+    assert got.keys() == want.keys()
+    for key in got:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_crops_are_centre_crops_of_the_resized_images(dataset):

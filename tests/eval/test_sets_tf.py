@@ -1,6 +1,8 @@
 """The held-out split of our TFRecords as an evaluation set, and a run over it (TensorFlow side:
 the set reads through `jip2p.data.reader`; the scorer is a stand-in, so no torch here)."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -52,3 +54,17 @@ def test_a_perfect_editor_scores_zero_distance_to_the_targets(data_dir, tmp_path
     i = int(row["instruction"].split()[-1])
     want = np.abs((255 - fx.pattern(i, 64, 64)) / 255 - fx.pattern(i, 64, 64) / 255).mean()
     assert row["l1"] == pytest.approx(want)
+
+
+def test_jip2p_eval_names_a_data_folder_that_does_not_exist(tmp_path, capsys):
+  from jip2p.cli import eval as eval_cli
+  missing = tmp_path / "missing"
+  out = tmp_path / "out"
+  code = eval_cli.main(["--model", str(tmp_path / "model"), "--set", "tfrecords", "--data",
+                        str(missing), "--output", str(out)])
+  err = capsys.readouterr().err
+  assert code == 2 and "Traceback" not in err
+  assert err.strip().splitlines()[-1] == (f"jip2p-eval: error: {missing} does not exist: expected "
+                                          "a dataset folder (manifest.json or TFDS "
+                                          "dataset_info.json)")
+  assert os.listdir(tmp_path) == []

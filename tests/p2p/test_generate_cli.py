@@ -7,6 +7,7 @@ it and compares with an uninterrupted run. JAX's persistent compilation cache (a
 folder) spares the repeated compilations. About 2–3 minutes of CPU.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -204,3 +205,172 @@ def test_p2p_mode_checks_options_before_generating(assets, tmp_path, capsys):
   assert generate_cli.main(argv) == 2
   assert ("error: config.p2p: cross_replace_steps=(0.5, 2.0) must be a fraction"
           in capsys.readouterr().err)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit 2
+# The tests run as root, for whom chmod does not make a folder unwritable: an output under a
+# regular file stands for every folder that cannot be written.
+
+
+def run_cli(cli, argv, capsys) -> tuple[int, str]:
+  """(exit status, the last line of stderr); no traceback."""
+  code = cli.main(argv)
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  return code, err.strip().splitlines()[-1]
+
+
+def one_prompt(tmp_path) -> str:
+  path = tmp_path / "one.jsonl"
+  path.write_text(PROMPTS[0] + "\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("content,words", [
+    (PROMPTS[0].encode() + b"\n" + '{"input": "caf\xe9"}'.encode("latin-1") + b"\n",
+     "the prompts file is not UTF-8 text (byte 0xe9 on line 2)"),
+    (b"", "no usable prompt (0 lines)"),
+    (b"not json\n\n[1]\n", "no usable prompt (3 lines, skipped 1 (malformed JSON: lines 1), "
+                           "skipped 1 (not a JSON object: lines 3))"),
+])
+def test_a_prompts_file_with_nothing_to_generate(assets, tmp_path, capsys, content, words):
+  _, spec, _, _ = assets
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_bytes(content)
+  code, line = run_cli(generate_cli, ["--config", spec, "--prompts", str(prompts), "--out",
+                                      str(tmp_path / "out")], capsys)
+  assert code == 2 and line == f"jip2p-generate: error: {prompts}: {words}"
+  assert os.listdir(tmp_path) == ["prompts.jsonl"]
+
+
+def test_outputs_and_models_that_cannot_be_used(assets, uninterrupted, tmp_path, capsys):
+  root, spec, prompts, _ = assets
+  (tmp_path / "a_file").write_text("x")
+  (tmp_path / "empty_model").mkdir()
+  prog = "jip2p-generate: error:"
+  cases = [
+      (spec, ["--out", str(tmp_path / "a_file" / "out")],
+       f"{prog} cannot create the output folder {tmp_path}/a_file/out: {tmp_path}/a_file is not a "
+       "folder"),
+      (spec, ["--out", str(tmp_path / "out"), "--partition", "1", "--num-partitions", "9"],
+       f"{prog} partition 1 of 9 gets none of the 3 usable prompts (line number mod 9); use "
+       "fewer partitions"),
+      (spec.replace(str(root / "sd"), str(tmp_path / "empty_model")),
+       ["--out", str(tmp_path / "out")],
+       f"{prog} tokenizer file '{tmp_path}/empty_model/vocab.json' is missing (nor is there a "
+       "tokenizer.json)"),
+  ]
+  for config, extra, want in cases:
+    code, line = run_cli(generate_cli, ["--config", config, "--prompts", prompts, *extra], capsys)
+    assert code == 2 and line == want
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "empty_model"]
+  # A dataset another tool wrote is refused before it is touched (a writer would mark it
+  # incomplete).
+  other = tmp_path / "imported"
+  from jip2p.data.writer import DatasetWriter
+  from tests.data import triplet_fixtures as fx
+  with DatasetWriter(str(other), examples_per_shard=1) as w:
+    w.write(fx.triplet(0, size=32))
+  before = {p.name: p.read_bytes() for p in other.iterdir()}
+  code, line = run_cli(generate_cli, ["--config", spec, "--prompts", prompts, "--out",
+                                      str(other)], capsys)
+  assert code == 2 and line == (f"{prog} {other} holds a dataset that jip2p-generate did not "
+                                "write; choose another output folder")
+  assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+
+
+def test_no_candidate_passing_the_filter_exits_2_and_keeps_the_scores(assets, tmp_path, capsys):
+  root, spec, _, _ = assets
+  config = tmp_path / "strict.py"
+  config.write_text("import runpy\n\n\ndef get_config(arg=None):\n"
+                    f"  c = runpy.run_path({str(ROOT / 'configs/generate_tiny.py')!r})"
+                    "['get_config'](arg)\n  c.filter.min_sim_image = 2.0\n  return c\n")
+  out = tmp_path / "out"
+  argv = ["--config", f"{config}:" + spec.partition(":")[2], "--prompts", one_prompt(tmp_path),
+          "--out", str(out)]
+  code, line = run_cli(generate_cli, argv, capsys)
+  assert code == 2 and line.startswith("jip2p-generate: error: no candidate of the 1 prompts "
+                                       "passed the CLIP filter (")
+  assert line.endswith(f"every score is in {out}/candidates.jsonl: lower config.filter's "
+                       "thresholds and run again")
+  # Incomplete and without a split: training cannot take it for a finished dataset.
+  manifest = read_manifest(str(out))
+  assert not manifest["complete"] and manifest["splits"] == {}
+  assert sorted(os.listdir(out)) == ["candidates.jsonl", "manifest.json"]
+  [row] = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
+  assert row["prompt_index"] == 0 and len(row["sim_image"]) == 4 and row["kept"] == []
+
+
+def test_reopened_scores_keep_the_lines_before_the_resume_point(tmp_path):
+  from jip2p.p2p import dataset
+  path = tmp_path / "candidates.jsonl"
+  path.write_text('{"prompt_index": 0}\n{"prompt_index": 2}\n[3]\n{"prompt_index": 1}\n'
+                  '{"prompt_index": 4}\n{"prompt_in')
+  with dataset.reopen_scores(str(path), 2, "prompt_index") as f:
+    f.write('{"prompt_index": 2, "again": true}\n')
+  assert path.read_text() == ('{"prompt_index": 0}\n{"prompt_index": 1}\n'
+                              '{"prompt_index": 2, "again": true}\n')
+  with dataset.reopen_scores(str(path), -1, "prompt_index"):  # a fresh start keeps nothing
+    pass
+  assert path.read_text() == "" and os.listdir(tmp_path) == ["candidates.jsonl"]
+
+
+@pytest.mark.parametrize("case", ["missing input", "no such split", "output under a file",
+                                  "output is the input", "output of another tool", "no batch"])
+def test_clip_filter_checks_before_the_sidecar_starts(case, assets, uninterrupted, tmp_path,
+                                                      capsys, monkeypatch):
+  import jip2p.sidecar
+  monkeypatch.setattr(jip2p.sidecar, "ClipScorer", lambda *_, **__: pytest.fail("it started"))
+  (tmp_path / "a_file").write_text("x")
+  data, out, extra = [str(uninterrupted)], tmp_path / "out", []
+  if case == "missing input":
+    data, words = [*data, str(tmp_path / "nope")], f"{tmp_path}/nope does not exist"
+  elif case == "no such split":
+    extra, words = ["--split", "test"], "has no split 'test' (it has ['train'])"
+  elif case == "output under a file":
+    out = tmp_path / "a_file" / "out"
+    words = f"cannot create the output folder {out}: {tmp_path}/a_file is not a folder"
+  elif case == "no batch":
+    extra, words = ["--batch-size", "0"], "--batch-size must be ≥ 1, got 0"
+  elif case == "output is the input":
+    out, words = uninterrupted, f"--out {uninterrupted} is one of the input datasets"
+  else:
+    from jip2p.data.writer import DatasetWriter
+    with DatasetWriter(str(tmp_path / "a_dataset"), examples_per_shard=1):
+      pass
+    out = tmp_path / "a_dataset"
+    words = f"{out} holds a dataset that jip2p-clip-filter did not write"
+  listing = sorted(os.listdir(tmp_path))
+  code, line = run_cli(clip_filter_cli, [*data, "--out", str(out), "--clip-weights", "w.pt",
+                                         *extra], capsys)
+  assert code == 2 and line.startswith("jip2p-clip-filter: error: ") and words in line
+  assert sorted(os.listdir(tmp_path)) == listing
+
+
+def test_clip_filter_keeping_nothing_or_meeting_a_bad_image(assets, uninterrupted, tmp_path,
+                                                           capsys):
+  root, _, _, _ = assets
+  clip = ["--clip-weights", str(root / "tiny_clip.pt"), "--clip-config",
+          str(root / "tiny_clip.json"), "--device", "cpu"]
+  out = tmp_path / "none_kept"
+  code, line = run_cli(clip_filter_cli, [str(uninterrupted), "--out", str(out), *clip,
+                                         "--min-sim-image", "2"], capsys)
+  assert code == 2 and line == ("jip2p-clip-filter: error: no record passed the thresholds; "
+                                f"every score is in {out}/scores.jsonl: choose lower ones and "
+                                "run again")
+  manifest = read_manifest(str(out))
+  assert not manifest["complete"] and manifest["splits"] == {}
+  assert len((out / "scores.jsonl").read_text().splitlines()) == 6
+  # A PNG cut short is named by its position in the input.
+  from jip2p.data.writer import DatasetWriter
+  from tests.data import triplet_fixtures as fx
+  data = tmp_path / "cut"
+  with DatasetWriter(str(data)) as w:
+    w.write(fx.triplet(0, size=32))
+    good = fx.triplet(1, size=32)
+    w.write(dataclasses.replace(good, edited_image=good.edited_image[:200]))
+  code, line = run_cli(clip_filter_cli, [str(data), "--out", str(tmp_path / "out"), *clip],
+                       capsys)
+  assert code == 2
+  assert line.startswith("jip2p-clip-filter: error: input record 1 edited_image: not a readable "
+                         "image (")

@@ -1,6 +1,7 @@
 """`jip2p-generate --show-attention PROMPT` through the console entry point, on a tiny random
 (JAX-written) model folder: the per-token heat maps, and an empty prompt refused."""
 
+import os
 import pathlib
 
 import numpy as np
@@ -40,3 +41,17 @@ def test_empty_prompt_is_refused(config, tmp_path, capsys, prompt):
   assert generate_cli.main(argv) == 2
   assert "the prompt to show attention for is empty" in capsys.readouterr().err
   assert not (tmp_path / "attention").exists()
+
+
+def test_an_output_under_a_regular_file_is_refused_before_generating(config, tmp_path, capsys):
+  # As root, chmod does not make a folder unwritable: a regular file stands for one that is not.
+  (tmp_path / "a_file").write_text("x")
+  out = tmp_path / "a_file" / "maps"
+  argv = ["--config", config, "--show-attention", "a red car", "--out", str(out)]
+  assert generate_cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "Traceback" not in err
+  assert err.strip().splitlines()[-1] == (f"jip2p-generate: error: cannot create the output "
+                                          f"folder {out}/attention: {tmp_path}/a_file is not a "
+                                          "folder")
+  assert os.listdir(tmp_path) == ["a_file"]

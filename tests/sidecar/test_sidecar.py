@@ -8,6 +8,7 @@ the machine's load (2.5 min at load 8 on 2 cores).
 import io
 import os
 import pathlib
+import pickle
 import signal
 import subprocess
 import sys
@@ -176,6 +177,36 @@ def test_weights_that_do_not_fit_the_architecture(tmp_path, tiny):
   save_file(tiny_clip.tiny_model(config=other).state_dict(), weights)
   with pytest.raises(Jip2pError, match="cannot load CLIP weights .*other.safetensors as tiny_clip"):
     ClipScorer(weights, config=config, device="cpu", start_timeout=120).start()
+
+
+class _OpensAFile:
+  """A pickle that runs code when unpickled: it creates the file at ``path``."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return open, (self.path, "w")
+
+
+def test_a_file_that_is_not_weights_is_refused_without_running_it(tmp_path, tiny):
+  from jip2p.sidecar import server
+  config, _, _ = tiny
+  marker = tmp_path / "the_pickle_ran"
+  code = tmp_path / "code.pt"
+  code.write_bytes(pickle.dumps(_OpensAFile(str(marker))))
+  noise = tmp_path / "noise.pt"
+  noise.write_bytes(np.random.default_rng(0).bytes(4096))
+  for path in (code, noise):
+    for load in (lambda: server.Scorer(str(path), config=config, device="cpu"),
+                 lambda: server._dino_state_dict(str(path))):
+      with pytest.raises(Jip2pError) as e:
+        load()
+      message = str(e.value)
+      assert f"{path}: " in message or f"{path} as tiny_clip: " in message
+      assert "not a file of weights (the weights-only unpickler refused it" in message
+      assert "weights_only" not in message and "\n" not in message
+  assert not marker.exists()
 
 
 def fake_case(seed, first_caption="x"):
