@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from jip2p import demo_report
+from jip2p import demo_report, storage
 from jip2p.data import synthetic
 from jip2p.errors import CheckpointError, ConfigError
 from jip2p.eval import world_metrics
@@ -82,6 +82,10 @@ class Settings:
     if unknown or not self.families:
       raise ConfigError(f"demo: families {list(self.families)} must be a non-empty subset of "
                         f"{list(synthetic.FAMILIES)}")
+    if self.pretrained is not None and not os.path.isdir(self.pretrained):
+      raise CheckpointError(f"no model folder at {self.pretrained}; run without --pretrained to "
+                            "train one")
+    storage.check_writable(self.out, "the output folder")
 
 
 # ------------------------------------------------------------------------------ data
@@ -244,9 +248,6 @@ def edit_pretrained(s: Settings, timings: dict[str, float],
                     log: Callable[[str], None]) -> tuple[HeldOut, dict[str, Any]]:
   """Stage 3 with the model folder ``s.pretrained``: (the held-out edits, facts for the report)."""
   from jip2p.edit import Editor
-  if not os.path.isdir(s.pretrained):
-    raise CheckpointError(f"no model folder at {s.pretrained}; run without --pretrained to "
-                          "train one")
   editor = Editor.from_pretrained(s.pretrained)
   held_out = HeldOut(s, editor.pipeline.vae.config.sample_size, timings, log)
   held_out.evaluate(-1, editor)
