@@ -293,10 +293,8 @@ def test_no_candidate_passing_the_filter_exits_2_and_keeps_the_scores(assets, tm
                                        "passed the CLIP filter (")
   assert line.endswith(f"every score is in {out}/candidates.jsonl: lower config.filter's "
                        "thresholds and run again")
-  # Incomplete and without a split: training cannot take it for a finished dataset.
-  manifest = read_manifest(str(out))
-  assert not manifest["complete"] and manifest["splits"] == {}
-  assert sorted(os.listdir(out)) == ["candidates.jsonl", "manifest.json"]
+  # No dataset is left (no manifest: training cannot take the folder for one), only the scores.
+  assert sorted(os.listdir(out)) == ["candidates.jsonl"]
   [row] = [json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()]
   assert row["prompt_index"] == 0 and len(row["sim_image"]) == 4 and row["kept"] == []
 
@@ -358,8 +356,7 @@ def test_clip_filter_keeping_nothing_or_meeting_a_bad_image(assets, uninterrupte
   assert code == 2 and line == ("jip2p-clip-filter: error: no record passed the thresholds; "
                                 f"every score is in {out}/scores.jsonl: choose lower ones and "
                                 "run again")
-  manifest = read_manifest(str(out))
-  assert not manifest["complete"] and manifest["splits"] == {}
+  assert sorted(os.listdir(out)) == ["scores.jsonl"]  # no dataset left, only the scores
   assert len((out / "scores.jsonl").read_text().splitlines()) == 6
   # A PNG cut short is named by its position in the input.
   from jip2p.data.writer import DatasetWriter
