@@ -128,14 +128,16 @@ def _article(word: str) -> str:
   return "an" if word[0] in "aeiou" else "a"
 
 
-def caption(scene: Scene) -> str:
-  """'a red circle in the top left and a blue square in the centre, on a white background'."""
+def caption(scene: Scene, template_id: str = "caption/0") -> str:
+  """The whole scene in words, with one of `CAPTION_TEMPLATES` (by default 'a red circle in the
+  top left and a blue square in the centre, on a white background')."""
   background = f"{scene.background} background"
   if not scene.objects:
     return f"an empty {background}"
   parts = [f"{o.describe()} {PLACES[o.cell]}" for o in sorted(scene.objects, key=lambda o: o.cell)]
   listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-  return f"{listed}, on {_article(scene.background)} {background}"
+  template = {t.id: t for t in CAPTION_TEMPLATES}[template_id]
+  return template.text.format(objects=listed, a_background=f"{_article(background)} {background}")
 
 
 def references(scene: Scene, i: int) -> tuple[str, ...]:
@@ -376,9 +378,23 @@ TEMPLATES: dict[str, tuple[Template, ...]] = {
 }
 
 
+# Whole-scene captions: the prompts of a text-to-image model of the world and the texts of a world
+# CLIP. Every wording lists the same objects in the same order (by cell); the held-out ones
+# recombine the training ones' words.
+CAPTION_TEMPLATES: tuple[Template, ...] = _templates("caption", [
+    ("{objects}, on {a_background}", False),
+    ("on {a_background}, {objects}", False),
+    ("{a_background} with {objects}", False),
+    ("a picture of {objects} on {a_background}", False),
+    ("a picture of {a_background} with {objects}", True),
+    ("{objects} on {a_background}", True),
+])
+
+
 def templates(family: str, split: str) -> tuple[Template, ...]:
-  """The wordings ``split`` may use for ``family``."""
-  return tuple(t for t in TEMPLATES[family] if t.heldout == (split == "heldout"))
+  """The wordings ``split`` may use for ``family`` ("caption": `CAPTION_TEMPLATES`)."""
+  rows = CAPTION_TEMPLATES if family == "caption" else TEMPLATES[family]
+  return tuple(t for t in rows if t.heldout == (split == "heldout"))
 
 
 def _where(scene: Scene, cell: tuple[int, int], rng: np.random.Generator) -> str:
@@ -487,6 +503,31 @@ def example_at(index: int, *, seed: int, size: int = 64, split: str = "train",
   template_id, instruction = instruct(scene, edit, rng, split)  # wording last: splits share scenes
   return Example(int(seed), int(index), split, family, template_id, instruction, caption(scene),
                  caption(edited), scene, edited, edit, render(scene, size), render(edited, size))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Drawing:
+  """One scene and a caption of it: a text-to-image example. ``image`` is uint8 [size, size, 3]."""
+  seed: int
+  index: int
+  split: str
+  template_id: str
+  caption: str
+  scene: Scene
+  image: np.ndarray
+
+
+def drawing_at(index: int, *, seed: int, size: int = 64, split: str = "train") -> Drawing:
+  """Scene ``index`` of the caption dataset ``seed``, worded with a caption template of ``split``:
+  like `example_at`, a pure function of its arguments, and the two splits share scenes."""
+  _check(seed, size, split, FAMILIES)
+  if not isinstance(index, (int, np.integer)) or index < 0:
+    raise ConfigError(f"index must be a non-negative integer, got {index!r}")
+  rng = np.random.default_rng([int(seed), int(index), 1])  # not example_at's scenes
+  scene = random_scene(rng)
+  template = _pick(templates("caption", split), rng)
+  return Drawing(int(seed), int(index), split, template.id, caption(scene, template.id), scene,
+                 render(scene, size))
 
 
 def generate(n: int, *, seed: int, size: int = 64, split: str = "train", start: int = 0,

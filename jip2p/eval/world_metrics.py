@@ -15,6 +15,12 @@ part excludes the same margin around the edited region and every object boundary
 edges from a learned model are not counted. With the defaults the exact ground truth scores 100%,
 the unedited input 0% and uniform noise 0% on every family.
 
+A drawing of a caption (a text-to-image model's output, `score_drawing`) is scored per object:
+its colour as above, on its own cell (so the place is right too), and its shape: the pixels of
+the object's colour in its cell overlap the object's true shape more than any other shape (the
+highest intersection over union). The background must show its colour off the objects, with
+almost no pixel of another named colour there (no extra objects).
+
 Besides, ``input_psnr`` measures how close the output stays to the input image as a whole: the
 exact counterpart of the paper's CLIP image similarity, the axis along which s_I trades off.
 """
@@ -162,3 +168,70 @@ def aggregate(results: Iterable[dict[str, Any]]) -> dict[str, Any]:
   families = {f: [r for r in results if r["family"] == f] for f in synthetic.FAMILIES}
   return {"overall": _summary(results),
           "families": {f: _summary(rs) for f, rs in families.items() if rs}}
+
+
+def _cell_box(cell: tuple[int, int], size: int) -> tuple[slice, slice]:
+  """The pixels whose centres lie in a grid cell."""
+  centres = (np.arange(size) + 0.5) * (synthetic.GRID / size)
+  rows = np.flatnonzero(np.floor(centres) == cell[0])
+  cols = np.flatnonzero(np.floor(centres) == cell[1])
+  return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _nearest_colour(image: np.ndarray) -> np.ndarray:
+  """int [..., ] index into the named colours nearest each pixel."""
+  d = np.linalg.norm(image.astype(np.float64)[..., None, :] - _PALETTE, axis=-1)
+  return np.argmin(d, axis=-1)
+
+
+def score_drawing(output: np.ndarray, scene: synthetic.Scene,
+                  tol: Tolerances = Tolerances()) -> dict[str, Any]:
+  """Scores a drawing (uint8 [H, W, 3]) of ``scene``'s caption against the scene.
+
+  Returns {objects (how many), objects_ok (drawn with the right colour and shape in the right
+  cell), colour_ok, shape_ok (counts), background_ok, success (every object and the background
+  right)}.
+  """
+  size = output.shape[0]
+  truth = synthetic.render(scene, size)
+  _check_pair(output, truth)
+  r = tol.margin if tol.margin is not None else max(1, size // 64)
+  nearest = _nearest_colour(output)
+  colour_ok = shape_ok = objects_ok = 0
+  for o in scene.objects:
+    colour = _colour_error(output, _filter(synthetic.object_mask(o, size), r, np.minimum),
+                           o.colour) <= tol.colour
+    box = _cell_box(o.cell, size)
+    drawn = nearest[box] == _PALETTE_NAMES.index(o.colour)
+    iou = {}
+    for shape in synthetic.SHAPES:
+      mask = synthetic.object_mask(dataclasses.replace(o, shape=shape), size)[box]
+      union = (mask | drawn).sum()
+      iou[shape] = (mask & drawn).sum() / union if union else 0.0
+    best = max(iou.values())
+    shape = iou[o.shape] == best and sum(v == best for v in iou.values()) == 1
+    colour_ok += colour
+    shape_ok += shape
+    objects_ok += colour and shape
+  labels = synthetic.label_map(scene, size)
+  away = _filter(labels, r, np.maximum) == 0
+  stray = float((nearest[away] != _PALETTE_NAMES.index(scene.background)).mean())
+  background_ok = bool(away.any()) and stray <= tol.rest_fraction \
+      and _colour_error(output, away, scene.background) <= tol.colour
+  n = len(scene.objects)
+  return {"objects": n, "objects_ok": objects_ok, "colour_ok": colour_ok, "shape_ok": shape_ok,
+          "background_ok": background_ok, "success": objects_ok == n and background_ok}
+
+
+def aggregate_drawings(results: Iterable[dict[str, Any]]) -> dict[str, float]:
+  """{n (drawings), object_accuracy, colour_accuracy, shape_accuracy (fractions of all objects),
+  background_ok, success (fractions of drawings)} over `score_drawing` results."""
+  results = list(results)
+  if not results:
+    raise InputError("no results to aggregate")
+  objects = sum(r["objects"] for r in results)
+  return {"n": len(results), "object_accuracy": sum(r["objects_ok"] for r in results) / objects,
+          "colour_accuracy": sum(r["colour_ok"] for r in results) / objects,
+          "shape_accuracy": sum(r["shape_ok"] for r in results) / objects,
+          "background_ok": float(np.mean([r["background_ok"] for r in results])),
+          "success": float(np.mean([r["success"] for r in results]))}
