@@ -25,6 +25,7 @@ from jip2p.models.attention import IMPLEMENTATIONS
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("stop", "skip")
 DATA_SOURCES = ("synthetic", "tfrecord")
+TASKS = ("edit", "text_to_image")
 EXPORT_WEIGHTS = ("ema", "raw")
 RANDOM_INIT_PREFIX = "random:"
 CONFIG_FILE = "config.json"  # In a work directory: the config its run was started with.
@@ -37,17 +38,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.total_steps = 10_000
   c.batch_size = 1024  # Global examples per optimizer step: per device × devices × grad_accum.
   c.grad_accum = 4
+  # "edit": InstructPix2Pix (the UNet sees the noisy latent and the input image's latent, the
+  # text is the instruction). "text_to_image": the base model it starts from (the UNet sees the
+  # noisy latent only, the text is a caption of the image): the same loop and step, for the
+  # procedural world's captions (data.source="synthetic"), where no pretrained base exists.
+  c.task = "edit"
 
   # init: a diffusers-format folder (SD 1.5 / 2.1 or an InstructPix2Pix model) or "random:<preset>"
   # (jip2p.checkpoints.PRESETS, seeded by model.seed). The UNet's conv_in grows to
-  # unet_in_channels = 2 × the VAE's latent channels (new channels zero).
+  # unet_in_channels = 2 × the VAE's latent channels (new channels zero); for task
+  # "text_to_image" it is the latent channels.
   c.model = ml_collections.ConfigDict(dict(
       init="", seed=0, unet_in_channels=8, compute_dtype="bfloat16", attention_impl="xla",
       remat=False))
 
   # source "tfrecord": jip2p's triplet shards under `path` (jip2p.data.reader); "synthetic":
   # the first `num_examples` pairs of the procedural edit world (jip2p.data.synthetic), for tests
-  # and smoke runs. latents=True: `path` is a latent cache written by jip2p-cache-latents from the
+  # and smoke runs; for task "text_to_image", its first `num_examples` scenes, each drawn with a
+  # training wording of its caption at every use. latents=True: `path` is a latent cache written by jip2p-cache-latents from the
   # run's own model (jip2p.data.latents) and the step runs no VAE encoder (nor text encoder, when
   # the cache holds embeddings); the crop is the cache's centre crop at its resize (resize_min and
   # resize_max are not used), res must equal its resolution.
@@ -145,7 +153,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"config.model.compute_dtype={m.compute_dtype!r}; choose one of {COMPUTE_DTYPES}")
   _require(m.attention_impl in IMPLEMENTATIONS,
            f"config.model.attention_impl={m.attention_impl!r}; choose one of {IMPLEMENTATIONS}")
-  _require(m.unet_in_channels >= 2 and m.unet_in_channels % 2 == 0,
+  _require(config.task in TASKS, f"config.task={config.task!r}; choose one of {TASKS}")
+  text_to_image = config.task == "text_to_image"
+  _require(not text_to_image or (d.source == "synthetic" and not d.latents),
+           "config.task='text_to_image' trains on the procedural world's captions: set "
+           "config.data.source='synthetic' (and config.data.latents=False)")
+  _require(not text_to_image or not d.flip, "config.task='text_to_image': captions name places "
+           "('on the left'), so set config.data.flip=False")
+  _require(not text_to_image or config.eval.every_steps == 0,
+           "config.eval edits validation pairs, which a text_to_image run has none of: set "
+           "config.eval.every_steps=0")
+  _require(text_to_image or (m.unet_in_channels >= 2 and m.unet_in_channels % 2 == 0),
            f"config.model.unet_in_channels={m.unet_in_channels}: InstructPix2Pix conditions on "
            "the noisy latent and the image latent, so it must be 2 × the VAE's latent channels "
            "(8 for Stable Diffusion)")

@@ -7,6 +7,8 @@ The loop turns them into one global array with `jax.make_array_from_process_loca
   * ``"synthetic"`` — the first ``num_examples`` pairs of the procedural edit world. The global
     batch of step s is a pure function of (seed, s), and each process takes its contiguous rows,
     so any number of processes sees the same global batches (what the multi-host test checks).
+    For a text-to-image run (`CaptionSource`): scenes and captions of the world, ``edited`` the
+    scene's image and ``input_ids`` its caption (no ``input``).
   * ``"tfrecord"``  — `jip2p.data.reader` over a folder of triplet shards, split per process.
   * ``data.latents`` — `jip2p.data.latents.LatentSource` over a latent cache: ``input`` and
     ``edited`` are then VAE moments [B_local, h, w, 2C] and ``input_ids`` the cached text
@@ -137,11 +139,57 @@ def damaged_shards(path: str, split: str = "train") -> list[str]:
   return out
 
 
+class CaptionSource:
+  """Text-to-image batches of the procedural world: scene ``i`` of the first ``num_examples``
+  (`synthetic.drawing_at`), drawn with replacement, its caption worded afresh at every use with a
+  training template. Rendering 32-px scenes costs far less than a step, so nothing is stored.
+
+  Position: the number of batches already taken; the global batch of step s is a pure function
+  of (seed, s), as for `SyntheticSource`.
+  """
+
+  def __init__(self, *, num_examples: int, res: int, seed: int, global_batch: int, flip: bool,
+               tokenizer: CLIPTokenizer, process_index: int = 0, process_count: int = 1):
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} does not split over {process_count} "
+                       "processes")
+    if flip:
+      raise ValueError("a caption names places ('on the left'): flipping would contradict it")
+    self._num, self._res, self._seed = num_examples, res, seed
+    self._tokenizer, self._global_batch = tokenizer, global_batch
+    local = global_batch // process_count
+    self._rows = slice(process_index * local, (process_index + 1) * local)
+    self.position = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng([self._seed, self.position])
+    index = rng.integers(0, self._num, self._global_batch)[self._rows]
+    wording = rng.integers(0, 2 ** 31, self._global_batch)[self._rows]
+    self.position += 1
+    drawings = [synthetic.drawing_at(int(i), seed=self._seed, size=self._res) for i in index]
+    wordings = synthetic.templates("caption", "train")
+    captions = [synthetic.caption(d.scene, wordings[w % len(wordings)].id)
+                for d, w in zip(drawings, wording)]
+    images = np.stack([d.image for d in drawings]).astype(np.float32) / 127.5 - 1.0
+    return {"edited": images, "input_ids": np.asarray(self._tokenizer(captions), np.int32)}
+
+  def get_position(self) -> Any:
+    return self.position
+
+  def set_position(self, position: Any) -> None:
+    self.position = int(position)
+
+
 def make_source(config, *, tokenizer: CLIPTokenizer, process_index: int, process_count: int):
   """The source ``config.data`` names, for ``config.batch_size`` global examples per step."""
   d = config.data
   common = dict(res=d.res, flip=d.flip, seed=config.seed, global_batch=config.batch_size,
                 tokenizer=tokenizer, process_index=process_index, process_count=process_count)
+  if config.task == "text_to_image":
+    return CaptionSource(num_examples=d.num_examples, **common)
   if d.source == "synthetic":
     return SyntheticSource(num_examples=d.num_examples, **common)
   if d.latents:

@@ -112,7 +112,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                   alphas_cumprod=scheduler.alphas_cumprod(),
                                   scaling_factor=pipeline.vae.config.scaling_factor,
                                   dropout=config.conditioning_dropout,
-                                  prediction_type=scheduler.prediction_type)
+                                  prediction_type=scheduler.prediction_type, task=config.task)
   train_step = jax.jit(
       step_lib.make_train_step(loss_fn, optimizer, mesh=mesh, grad_accum=config.grad_accum,
                                ema_decay_rate=config.ema.decay, ema_warmup=config.ema.warmup,

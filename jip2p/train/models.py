@@ -28,19 +28,22 @@ from jip2p.train import config as config_lib
 
 def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
   """The initial models of a run: ``config.model.init`` loaded (or random), the UNet's conv_in
-  grown to 2 × latent channels, remat and the compute dtype applied. Parameters are float32."""
+  grown to 2 × latent channels (an edit run), remat and the compute dtype applied. Parameters
+  are float32."""
   m = config.model
   dtype = jnp.dtype(m.compute_dtype)
+  images = 2 if config.task == "edit" else 1  # images the UNet's input stacks: noisy (+ input)
   if m.init.startswith(config_lib.RANDOM_INIT_PREFIX):
     preset = m.init[len(config_lib.RANDOM_INIT_PREFIX):]
-    pipeline = checkpoints.random_pipeline(preset, unet_in_channels=m.unet_in_channels // 2,
+    pipeline = checkpoints.random_pipeline(preset, unet_in_channels=m.unet_in_channels // images,
                                            seed=m.seed, dtype=dtype)
   else:
     pipeline = checkpoints.load_pipeline(m.init, dtype=dtype, attention_impl=m.attention_impl)
   latent = pipeline.vae.config.latent_channels
-  if m.unet_in_channels != 2 * latent:
+  if m.unet_in_channels != images * latent:
     raise ConfigError(f"config.model.unet_in_channels={m.unet_in_channels}, but the model's "
-                      f"VAE has {latent} latent channels: set it to {2 * latent}")
+                      f"VAE has {latent} latent channels: set it to {images * latent} for "
+                      f"config.task={config.task!r}")
   unet = pipeline.unet
   if unet.config.in_channels != m.unet_in_channels:
     unet = checkpoints.expand_conv_in(unet, m.unet_in_channels)
@@ -100,8 +103,8 @@ def step_models(config: ml_collections.ConfigDict, source, pipeline: checkpoints
   if not config.data.latents:
     res = config.data.res
     image = jax.ShapeDtypeStruct((micro, res, res, 3), jnp.float32)
-    return frozen, {"input": image, "edited": image,
-                    "input_ids": jax.ShapeDtypeStruct((micro, 77), jnp.int32)}
+    shapes = {"edited": image, "input_ids": jax.ShapeDtypeStruct((micro, 77), jnp.int32)}
+    return frozen, shapes if config.task == "text_to_image" else {"input": image, **shapes}
   from jip2p.data import latents  # TensorFlow: only a run from a cache imports it.
   _check_cache(source.info, config, pipeline.vae.config, frozen.state["null_text"])
   vae_def, vae_state = nnx.split(latents.CachedVAE(pipeline.vae.config))

@@ -6,6 +6,10 @@ dropout; ``t ~ U{0..T−1}``, ``z_t = √ᾱ_t·z + √(1−ᾱ_t)·ε``; the UN
 ``concat([z_t, image latent])`` — or the velocity ``v = √ᾱ_t·ε − √(1−ᾱ_t)·z`` for a v-prediction
 model (the scheduler config's ``prediction_type``); loss = mean squared error in float32.
 
+``task="text_to_image"`` is the same step for the base model an editor starts from: the UNet sees
+``z_t`` alone, the text is the image's caption, and dropout replaces the text only (p of the
+examples' ``2p``, as for an edit) — Stable Diffusion's training.
+
 Every random draw is made at the shape of the *global* micro-batch from keys folded from
 ``(state.rng, step, micro-step)``, so results do not depend on how the batch is split over devices.
 Gradients are accumulated over ``grad_accum`` micro-batches with `lax.scan`; micro-batch ``a``
@@ -26,6 +30,7 @@ from flax import nnx
 
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError
+from jip2p.train import config as config_lib
 from jip2p.train import sharding
 
 
@@ -107,12 +112,16 @@ def noised_and_target(latents: jax.Array, noise: jax.Array, sqrt_ac: jax.Array,
 
 
 def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
-                 scaling_factor: float, dropout: float,
-                 prediction_type: str = "epsilon") -> Callable:
+                 scaling_factor: float, dropout: float, prediction_type: str = "epsilon",
+                 task: str = "edit") -> Callable:
   """loss(params, frozen, micro_batch, key) → scalar float32 loss of one micro-batch.
 
   prediction_type: the UNet's target, "epsilon" or "v_prediction" (`schedules.PREDICTION_TYPES`).
+  task: "edit" (micro-batch ``input``, ``edited``, ``input_ids``) or "text_to_image"
+  (``edited``, the image to draw, and ``input_ids``, its caption).
   """
+  if task not in config_lib.TASKS:
+    raise ConfigError(f"unknown task {task!r}; choose one of {config_lib.TASKS}")
   if prediction_type not in schedules.PREDICTION_TYPES:
     raise ConfigError(f"unknown prediction_type {prediction_type!r}; choose one of "
                       f"{schedules.PREDICTION_TYPES}")
@@ -124,6 +133,13 @@ def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
     k_sample, k_drop, k_t, k_noise = jax.random.split(key, 4)
     vae = nnx.merge(vae_def, frozen["vae"])
     text_encoder = nnx.merge(text_def, frozen["text_encoder"])
+    if task == "text_to_image":
+      latents = vae.encode(batch["edited"]).sample(k_sample) * scaling_factor
+      text = jax.lax.stop_gradient(text_encoder(batch["input_ids"]))
+      latents = jax.lax.stop_gradient(latents)
+      drop_text, _ = dropout_masks(k_drop, text.shape[0], dropout)
+      text = jnp.where(drop_text[:, None, None], frozen["null_text"].astype(text.dtype), text)
+      return _denoising_loss(params, latents, None, text, k_t, k_noise)
     # One encoder pass over both images (rows interleaved, so each device keeps its own rows):
     # half the program of two passes, twice the batch.
     b = batch["edited"].shape[0]
@@ -136,12 +152,17 @@ def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
     latents, image_latents, text = jax.lax.stop_gradient((latents, image_latents, text))
     text, image_latents = conditioning_dropout(k_drop, text, frozen["null_text"], image_latents,
                                                dropout)
+    return _denoising_loss(params, latents, image_latents, text, k_t, k_noise)
 
+  def _denoising_loss(params, latents, image_latents, text, k_t, k_noise):
+    """The UNet's error on ``latents`` noised at a random t, given the text (and image)."""
+    b = latents.shape[0]
     t = jax.random.randint(k_t, (b,), 0, num_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
     noisy, target = noised_and_target(latents, noise, sqrt_ac[t], sqrt_1m_ac[t], prediction_type)
     unet = nnx.merge(unet_def, params)
-    pred = unet(jnp.concatenate([noisy, image_latents], axis=-1), t, text)
+    x = noisy if image_latents is None else jnp.concatenate([noisy, image_latents], axis=-1)
+    pred = unet(x, t, text)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
   return loss_fn
@@ -152,7 +173,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                     lr: float) -> Callable:
   """train_step(state, frozen, batch) → (state, metrics); jit it with the loop's shardings.
 
-  batch: ``input``, ``edited`` float [B, H, W, 3] in [-1, 1]; ``input_ids`` int32 [B, 77].
+  batch: ``input`` (edit only), ``edited`` float [B, H, W, 3] in [-1, 1]; ``input_ids`` int32
+  [B, 77].
   metrics: ``loss``, ``grad_norm``, ``lr``, ``ema_decay`` (float32) and ``finite`` (bool). A
   non-finite loss or gradient leaves params, optimizer state and EMA as they were (the step
   counter still advances, so the data moves on); the loop decides whether to stop.
