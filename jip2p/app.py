@@ -3,7 +3,8 @@
     app = build_app(Editor.from_pretrained("path/to/model"))
     app.queue(default_concurrency_limit=1).launch(server_name="127.0.0.1")
 
-or ``jip2p-app --model DIR``. Like the original InstructPix2Pix app: steps, text guidance s_T,
+or ``jip2p-app --model DIR`` (``jip2p-app`` alone: the world editor shipped in
+data/synthetic-ip2p). Like the original InstructPix2Pix app: steps, text guidance s_T,
 image guidance s_I and seed, with "randomize seed" (0 … 100000) and "randomize guidance"
 (s_T ~ U(6, 9), s_I ~ U(1.2, 1.8), rounded to 2 decimals); the values an edit used are written
 back into the fields and shown under the result, so an edit can be repeated. "Edit the result
@@ -146,10 +147,13 @@ def edit_one(editor, image_path: str, instruction: str, values: Values,
   return result
 
 
-def build_app(editor, *, resolution: int = 512, steps: int = 50, title: str = "jip2p",
+def build_app(editor, *, resolution: int | None = None, steps: int = 50, title: str = "jip2p",
               work_dir: str | None = None) -> gr.Blocks:
-  """The editor's page. ``work_dir`` holds examples and results (a fresh temporary folder by
-  default)."""
+  """The editor's page. ``resolution``: the resize rule's long side (default: the model's own
+  size, `Editor.native_size`); ``work_dir`` holds examples and results (a fresh temporary folder
+  by default)."""
+  if resolution is None:
+    resolution = editor.native_size
   work_dir = work_dir or tempfile.mkdtemp(prefix="jip2p-app-")
   results_dir = os.path.join(work_dir, "results")
   os.makedirs(results_dir, exist_ok=True)

@@ -34,7 +34,8 @@ import numpy as np
 from flax import nnx
 from PIL import Image, ImageOps
 
-from jip2p import checkpoints
+from jip2p import checkpoints, storage
+from jip2p.checkpoints import folders
 from jip2p.diffusion import editing, samplers, schedules
 from jip2p.errors import CheckpointError, ConfigError, InputError, Jip2pWarning
 
@@ -68,11 +69,58 @@ def preprocess_size(width: int, height: int, resolution: int = 512,
   return int((width * factor) // m) * m, int((height * factor) // m) * m
 
 
+def size_step(unet_config, vae_config) -> int:
+  """The pixels a side must be a multiple of for the model to run at all: its VAE (or codec)
+  downscale × its UNet's downsampling, ``2 ** (num_blocks - 1)`` (64 for Stable Diffusion, 4 for
+  the world model shipped in data/synthetic-ip2p). Training's resolution obeys it too."""
+  return vae_config.downscale * 2 ** (unet_config.num_blocks - 1)
+
+
+def native_size(unet_config, vae_config) -> int:
+  """The image side the model was made for: the UNet's sample size × the VAE downscale (512 for
+  Stable Diffusion 1.5, 32 for the shipped world model); the tools' default resolution."""
+  return unet_config.sample_size * vae_config.downscale
+
+
 def size_multiple(unet_config, vae_config) -> int:
-  """Pixels an edit's sides must be multiples of: 64 as in the reference, or for a model trained
-  below 64 px (e.g. the procedural world's) its own VAE downscale × UNet downsampling."""
-  own = vae_config.downscale * 2 ** (unet_config.num_blocks - 1)
-  return 64 if unet_config.sample_size * vae_config.downscale >= 64 else own
+  """Pixels an edit's sides (and the ``resolution`` asked for) must be multiples of: the model's
+  `size_step`, rounded up to the reference's 64 for a model made for 64 px or more (so Stable
+  Diffusion models resize exactly as instruct-pix2pix does; SD's own step is 64 anyway)."""
+  step = size_step(unet_config, vae_config)
+  if native_size(unet_config, vae_config) >= 64 and 64 % step == 0:
+    return 64
+  return step
+
+
+def check_resolution(resolution: Any, multiple: int, name: str = "resolution") -> None:
+  """The size rule of every tool: ``resolution`` (the long side asked for) must be a positive
+  multiple of the model's `size_multiple`; else one `ConfigError` naming ``name``."""
+  if (isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer))
+      or resolution < multiple or resolution % multiple):
+    raise ConfigError(f"{name} must be a multiple of {multiple} (this model's size step: VAE "
+                      f"downscale × UNet downsampling), got {resolution!r}")
+
+
+def model_sizes(path: str | os.PathLike) -> tuple[int, int]:
+  """(`size_multiple`, `native_size`) of a model folder from its config files alone (no weights
+  read), so a tool can check sizes before loading the model; the folder's problems are named as
+  `Editor.from_pretrained` names them."""
+  path = os.fspath(path)
+  _check_folder(path)
+  if storage.is_remote(path):
+    path = storage.local_copy(path)  # The copy the model is then loaded from.
+  if not os.path.isdir(path):
+    raise CheckpointError(f"missing model folder: {path}")
+  configs = []
+  for name in ("unet", "vae"):
+    where = os.path.join(path, name, "config.json")
+    config = folders.read_json(where)
+    config_cls = folders.COMPONENT_CLASSES[folders.class_name(config, where)][0]
+    try:
+      configs.append(config_cls.from_dict(config))
+    except ConfigError as e:
+      raise CheckpointError(f"{where}: {e}") from None
+  return size_multiple(*configs), native_size(*configs)
 
 
 def _check_pixels(width: int, height: int, name: str) -> None:
@@ -237,6 +285,7 @@ class Editor:
     self._latent_channels = latent
     self._downscale = vae.downscale
     self.size_multiple = size_multiple(unet, vae)
+    self.native_size = native_size(unet, vae)
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
@@ -246,14 +295,7 @@ class Editor:
     path = os.fspath(path)
     if dtype not in DTYPES:
       raise ConfigError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    if os.path.isfile(path):
-      raise CheckpointError(
-          f"{path} is a single file; convert it to a diffusers folder first with "
-          f"`jip2p-convert {path} OUT_DIR` (it takes the EMA weights when the file has both)")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-      raise CheckpointError(
-          f"{path} is not a diffusers pipeline folder (no model_index.json); a single-file "
-          "checkpoint needs jip2p-convert, a jip2p training run jip2p-export")
+    _check_folder(path)
     return cls(checkpoints.load_pipeline(path, dtype=DTYPES[dtype],
                                          attention_impl=attention_impl))
 
@@ -321,7 +363,7 @@ class Editor:
     """Checks arguments and inputs; → (jobs to sample, jobs with empty instructions)."""
     _check_int("steps", steps, 1)
     if resolution is not None:
-      _check_int("resolution", resolution, self.size_multiple)
+      check_resolution(resolution, self.size_multiple)
     _check_int("batch_size", batch_size, 1)
     for key, value in (("text_guidance", text_guidance), ("image_guidance", image_guidance)):
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -442,6 +484,18 @@ def _seeds(seed: int | Sequence[int] | None, n: int) -> list[int]:
   if max(seeds) > MAX_SEED:
     raise ConfigError(f"seed {max(seeds)} passes the largest seed {MAX_SEED}")
   return seeds
+
+
+def _check_folder(path: str) -> None:
+  """Refuses what is not a diffusers pipeline folder, with the way to make one."""
+  if os.path.isfile(path):
+    raise CheckpointError(
+        f"{path} is a single file; convert it to a diffusers folder first with "
+        f"`jip2p-convert {path} OUT_DIR` (it takes the EMA weights when the file has both)")
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+    raise CheckpointError(
+        f"{path} is not a diffusers pipeline folder (no model_index.json); a single-file "
+        "checkpoint needs jip2p-convert, a jip2p training run jip2p-export")
 
 
 def _check_int(key: str, value: Any, least: int) -> None:

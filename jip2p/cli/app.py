@@ -1,10 +1,15 @@
 """``jip2p-app``: the web editor (Gradio) on a local model folder.
 
+    jip2p-app                                   # the shipped world editor, data/synthetic-ip2p
     jip2p-app --model DIR                       # http://127.0.0.1:7860, this machine only
     jip2p-app --model DIR --host 0.0.0.0        # reachable from the network: mind who can use it
 
-One edit runs at a time; others wait in a queue of ``--max-queue``. The address is checked free
-and the model folder loaded before the server starts, so either problem is one line, exit 2.
+Without ``--model`` it serves the small world editor shipped in data/synthetic-ip2p (32 px scenes
+of shapes), so it works on a fresh machine. ``--resolution`` defaults to the model's own size and
+must be a multiple of its size step (VAE downscale × UNet downsampling: 64 for Stable Diffusion,
+4 for the shipped model). One edit runs at a time; others wait in a queue of ``--max-queue``. The
+address is checked free and the model folder loaded before the server starts, so either problem
+is one line, exit 2.
 """
 
 from __future__ import annotations
@@ -23,13 +28,18 @@ PROG = "jip2p-app"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  from jip2p.demo_run import PRETRAINED
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--model", required=True, metavar="DIR", help="InstructPix2Pix model folder")
+  p.add_argument("--model", default=PRETRAINED, metavar="DIR",
+                 help="InstructPix2Pix model folder (default: the world editor shipped in "
+                      "data/synthetic-ip2p)")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on")
   p.add_argument("--port", type=int, default=7860)
-  p.add_argument("--resolution", type=int, default=512,
-                 help="long side of the editor's resize rule")
+  p.add_argument("--resolution", type=int,
+                 help="long side of the editor's resize rule, a multiple of the model's size step "
+                      "(default: the model's own size: 512 for Stable Diffusion, 32 for the "
+                      "shipped model)")
   p.add_argument("--steps", type=int, default=50, help="the steps field's starting value")
   p.add_argument("--max-queue", type=int, default=16, help="edits that may wait")
   p.add_argument("--dtype", choices=sorted(edit.DTYPES), default="float32")
@@ -49,15 +59,26 @@ def check_address(host: str, port: int) -> None:
                       "--port or --host") from None
 
 
+def resolution(model: str, asked: int | None) -> int:
+  """The resize rule's long side: ``asked``, checked against the model's size rule, or the
+  model's own size (read from its config files, before the weights are loaded)."""
+  multiple, native = edit.model_sizes(model)
+  if asked is None:
+    return native
+  edit.check_resolution(asked, multiple, "--resolution")
+  return asked
+
+
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
-  for name, least in (("resolution", 64), ("steps", 1), ("max_queue", 1), ("port", 1)):
+  for name, least in (("steps", 1), ("max_queue", 1), ("port", 1)):
     if getattr(args, name) < least:
       raise ConfigError(f"--{name.replace('_', '-')} must be ≥ {least}, got "
                         f"{getattr(args, name)}")
   if args.port > 65535:
     raise ConfigError(f"--port must be ≤ 65535, got {args.port}")
   check_address(args.host, args.port)
+  args.resolution = resolution(args.model, args.resolution)
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                        attention_impl=args.attention_impl)
   from jip2p import app  # Gradio loads only once the model did.

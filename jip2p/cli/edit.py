@@ -59,9 +59,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T")
   parser.add_argument("--image-guidance", type=float, default=1.5, help="s_I")
-  parser.add_argument("--resolution", type=int, default=512,
-                      help="long side before the short side is rounded up to a multiple of 64 "
-                           "(for models trained below 64 px, of their own size step)")
+  parser.add_argument("--resolution", type=int,
+                      help="long side before the short side is rounded up to a multiple of the "
+                           "model's size step (VAE downscale × UNet downsampling: 64 for Stable "
+                           "Diffusion, 4 for the shipped data/synthetic-ip2p); itself a multiple "
+                           "of it (default: the model's own size, 512 for Stable Diffusion)")
   parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
   parser.add_argument("--sampler", choices=edit.SAMPLERS, default="euler_ancestral")
   parser.add_argument("--schedule", choices=edit.SCHEDULES, default="discrete",
@@ -210,10 +212,11 @@ def read_jobs(args: argparse.Namespace) -> list[tuple[str, str]]:
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   runtime.configure()  # Before JAX starts its backend (XLA reads its flags once).
-  for key in ("steps", "resolution", "batch_size"):
-    least = 8 if key == "resolution" else 1
-    if getattr(args, key) < least:
-      raise ConfigError(f"--{key.replace('_', '-')} must be ≥ {least}, got {getattr(args, key)}")
+  for key in ("steps", "batch_size"):
+    if getattr(args, key) < 1:
+      raise ConfigError(f"--{key.replace('_', '-')} must be ≥ 1, got {getattr(args, key)}")
+  if args.resolution is not None and args.resolution < 1:  # The model's rule: once it is read.
+    raise ConfigError(f"--resolution must be ≥ 1, got {args.resolution}")
   jobs = read_jobs(args)
   if args.seed is not None and not 0 <= args.seed <= edit.MAX_SEED - len(jobs) + 1:
     raise ConfigError(f"--seed must be in [0, {edit.MAX_SEED - len(jobs) + 1}] for "
@@ -228,9 +231,9 @@ def _main(argv: Sequence[str] | None) -> int:
   storage.check_writable(os.path.dirname(outputs[0]) or ".", "the output folder")
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                        attention_impl=args.attention_impl)
-  if args.resolution < editor.size_multiple:
-    raise ConfigError(f"--resolution must be ≥ {editor.size_multiple} for this model, got "
-                      f"{args.resolution}")
+  if args.resolution is None:
+    args.resolution = editor.native_size
+  edit.check_resolution(args.resolution, editor.size_multiple, "--resolution")
   resized = resize_images(loaded, args.resolution, editor.size_multiple)
 
   seed = args.seed

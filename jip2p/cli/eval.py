@@ -69,11 +69,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   g.add_argument("--limit", type=int, help="evaluate the first N sessions only")
   g.add_argument("--world-n", type=int, default=64, help="world: examples")
   g.add_argument("--world-seed", type=int, default=1, help="world: dataset seed (not training's)")
-  g.add_argument("--world-size", type=int, default=64, help="world: image size in pixels")
+  g.add_argument("--world-size", type=int,
+                 help="world: image size in pixels (default: the model's own size, e.g. 32 for "
+                      "the shipped data/synthetic-ip2p)")
   g = p.add_argument_group("editing")
   g.add_argument("--steps", type=int, default=100)
   g.add_argument("--resolution", type=int,
-                 help="editor resize rule's long side (default 512; the world's image size)")
+                 help="editor resize rule's long side, a multiple of the model's size step (VAE "
+                      "downscale × UNet downsampling: 64 for Stable Diffusion, 4 for the shipped "
+                      "world model); default: the world's image size, else the model's own size "
+                      "(512 for Stable Diffusion)")
   g.add_argument("--seed", type=int, default=0, help="edit f of the set uses seed + f")
   g.add_argument("--batch-size", type=int, default=1, help="edits per compiled call")
   g.add_argument("--sampler", choices=edit.SAMPLERS, default="euler_ancestral")
@@ -166,7 +171,14 @@ def _main(argv: Sequence[str] | None) -> int:
     raise ConfigError(f"--confidence must be in (0, 1), got {args.confidence}")
   if args.threshold is not None and not (args.set == "magicbrush" and args.mode == "multi"):
     raise ConfigError("--threshold applies to multi-turn sessions (--set magicbrush --mode multi)")
-  resolution = args.resolution or (args.world_size if args.set == "world" else 512)
+  # The size rule and default sizes come from the model's config files (no weights read yet).
+  multiple, native = edit.model_sizes(args.model)
+  if args.world_size is None:
+    args.world_size = native
+  world_default = args.set == "world" and args.resolution is None  # the world's size, then
+  resolution = (args.resolution if args.resolution is not None
+                else args.world_size if args.set == "world" else native)
+  edit.check_resolution(resolution, multiple, "--world-size" if world_default else "--resolution")
   config = RunConfig(steps=args.steps, resolution=resolution, seed=args.seed,
                      batch_size=args.batch_size, sampler=args.sampler, schedule=args.schedule,
                      threshold=args.threshold, threshold_radius=args.threshold_radius)

@@ -79,8 +79,10 @@ class RunConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ConfigError(f"{name} must be an integer ≥ {least}, got {value!r}")
-    if self.resolution is not None and self.resolution < 64:
-      raise ConfigError(f"resolution must be ≥ 64 (or None), got {self.resolution}")
+    if self.resolution is not None and (isinstance(self.resolution, bool) or not isinstance(
+        self.resolution, int) or self.resolution < 1):
+      raise ConfigError(f"resolution must be a positive integer (or None), got "
+                        f"{self.resolution!r}")
     if self.threshold is not None and not 0 <= self.threshold <= 1:
       raise ConfigError(f"threshold must be in [0, 1], got {self.threshold}")
 
@@ -90,11 +92,14 @@ def evaluate(editor, eval_set: sets.EvalSet, settings: Sequence[Setting], out_di
              progress: bool = True, run_info: dict | None = None) -> list[dict[str, Any]]:
   """Runs what ``out_dir`` lacks; returns the rows of ``settings`` (all sessions), in order.
 
-  editor: a `jip2p.edit.Editor` (or anything with its call signature); scorer: a started
+  editor: a `jip2p.edit.Editor` (or anything with its call signature and `size_multiple`, which
+  ``config.resolution`` must be a multiple of, `edit.check_resolution`); scorer: a started
   `jip2p.sidecar.ClipScorer` or None (then only pixel and world metrics); run_info: JSON-able
   facts a resumed run must share (the model, the metric models), kept in run.json.
   """
   config.validate()
+  if config.resolution is not None:
+    edit.check_resolution(config.resolution, editor.size_multiple)
   if not settings:
     raise ConfigError("no guidance settings to evaluate")
   if len({s.key for s in settings}) != len(settings):
@@ -154,21 +159,22 @@ def _edit_kwargs(setting: Setting, config: RunConfig) -> dict:
           "sampler": config.sampler, "schedule": config.schedule}
 
 
-def _model_input(image: np.ndarray, config: RunConfig, name: str) -> np.ndarray:
-  """The image the editor sees: resized by its rule (uint8 [H, W, 3], multiples of 64)."""
+def _model_input(image: np.ndarray, config: RunConfig, name: str, multiple: int) -> np.ndarray:
+  """The image the editor sees: resized by its rule (uint8 [H, W, 3], sides multiples of the
+  editor's `size_multiple`)."""
   prepared = edit.prepare_image(image, name)
   if config.resolution is not None:
-    prepared = edit.preprocess(prepared, config.resolution, name)
-  elif prepared.size[0] % 64 or prepared.size[1] % 64:
-    raise InputError(f"{name}: with resolution None the image size must be multiples of 64, "
-                     f"got {prepared.size[0]}×{prepared.size[1]}")
+    prepared = edit.preprocess(prepared, config.resolution, name, multiple)
+  elif prepared.size[0] % multiple or prepared.size[1] % multiple:
+    raise InputError(f"{name}: with resolution None the image size must be multiples of "
+                     f"{multiple}, got {prepared.size[0]}×{prepared.size[1]}")
   return np.asarray(prepared)
 
 
 def _run_single(editor, sessions, first_index: int, setting: Setting, config: RunConfig,
                 features: _Features):
   turns = [s.turns[0] for s in sessions]
-  inputs = [_model_input(t.load_image(), config, t.key) for t in turns]
+  inputs = [_model_input(t.load_image(), config, t.key, editor.size_multiple) for t in turns]
   outputs = editor(inputs, [t.instruction for t in turns], seed=config.seed + first_index,
                    batch_size=config.batch_size, **_edit_kwargs(setting, config))
   outputs = [np.asarray(o, np.uint8) for o in outputs]
@@ -179,7 +185,8 @@ def _run_single(editor, sessions, first_index: int, setting: Setting, config: Ru
 
 def _run_session(editor, session: sets.Session, first_index: int, setting: Setting,
                  config: RunConfig, features: _Features):
-  current = _model_input(session.turns[0].load_image(), config, session.turns[0].key)
+  current = _model_input(session.turns[0].load_image(), config, session.turns[0].key,
+                         editor.size_multiple)
   inputs, outputs = [], []
   for t, turn in enumerate(session.turns):
     [out] = editor([current], [turn.instruction], seed=config.seed + first_index + t,

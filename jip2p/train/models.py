@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jip2p import checkpoints
+from jip2p import checkpoints, edit
 from jip2p.errors import ConfigError
 from jip2p.models.unet import UNet2DCondition
 from jip2p.train import config as config_lib
@@ -59,7 +59,7 @@ def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
 
 def split_unet(pipeline: checkpoints.Pipeline, res: int) -> tuple[nnx.GraphDef, nnx.State]:
   """The UNet as (graph, parameters), checked to be trainable on ``res``-pixel images."""
-  factor = pipeline.vae.config.downscale * 2 ** (pipeline.unet.config.num_blocks - 1)
+  factor = edit.size_step(pipeline.unet.config, pipeline.vae.config)
   if res % factor:
     raise ConfigError(f"config.data.res={res} must be a multiple of {factor} for this model "
                       "(VAE downscale × UNet downsampling)")

@@ -1,6 +1,7 @@
 """The web editor's values and examples without a browser: randomized seed and guidance as the
 original app draws them, the checks on typed values, the examples, and ``jip2p-app``'s errors."""
 
+import os
 import random
 import socket
 
@@ -12,6 +13,8 @@ from PIL import Image
 from jip2p import app as web
 from jip2p import checkpoints, edit
 from jip2p.cli import app as app_cli
+from jip2p.demo_run import PRETRAINED
+from jip2p.errors import CheckpointError
 from tests.test_edit import nan_weights
 
 
@@ -57,8 +60,13 @@ def test_examples_are_photos_then_world_scenes(tmp_path):
 
 
 def test_cli_reports_problems_in_one_line(tmp_path, capsys):
+  # The size rule is the model's: the shipped world model steps by 4 px (codec 1 × 2 ** 2).
+  assert app_cli.main(["--model", PRETRAINED, "--resolution", "30"]) == 2
+  err = capsys.readouterr().err
+  assert err.splitlines() == ["jip2p-app: error: --resolution must be a multiple of 4 (this "
+                              "model's size step: VAE downscale × UNet downsampling), got 30"]
   assert app_cli.main(["--model", str(tmp_path), "--resolution", "32"]) == 2
-  assert "--resolution must be ≥ 64, got 32" in capsys.readouterr().err
+  assert "not a diffusers pipeline folder" in capsys.readouterr().err
   assert app_cli.main(["--model", str(tmp_path / "missing")]) == 2
   assert "jip2p-app: error:" in capsys.readouterr().err
 
@@ -76,6 +84,30 @@ def test_cli_refuses_an_address_in_use_before_loading_the_model(tmp_path, capsys
   assert "cannot listen on no-such-host.invalid:7860" in capsys.readouterr().err
   assert app_cli.main(["--model", str(tmp_path), "--port", "70000"]) == 2
   assert "--port must be ≤ 65535" in capsys.readouterr().err
+
+
+def test_cli_serves_the_shipped_model_at_its_own_size(monkeypatch, capsys):
+  """No --model: the world editor in data/synthetic-ip2p, at its 32 px unless told a multiple of
+  its step; the model loader gets that folder (stopped there: no server, no browser)."""
+  args = app_cli.parse_args([])
+  assert args.model == PRETRAINED and args.resolution is None
+  assert PRETRAINED.endswith(os.path.join("data", "synthetic-ip2p"))
+  assert os.path.isfile(os.path.join(PRETRAINED, "model_index.json"))
+  assert app_cli.resolution(PRETRAINED, None) == 32  # its own size
+  assert app_cli.resolution(PRETRAINED, 32) == 32 and app_cli.resolution(PRETRAINED, 48) == 48
+  loaded = []
+
+  def loader(path, **kwargs):
+    loaded.append(path)
+    raise CheckpointError("stop here")
+
+  monkeypatch.setattr(edit.Editor, "from_pretrained", loader)
+  assert app_cli.main([]) == 2 and loaded == [PRETRAINED]
+  assert app_cli.main(["--resolution", "32"]) == 2 and loaded == [PRETRAINED] * 2
+  assert "stop here" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    app_cli.parse_args(["--help"])
+  assert "data/synthetic-ip2p" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.fixture(scope="module")

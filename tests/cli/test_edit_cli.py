@@ -257,7 +257,7 @@ def test_text_to_image_model_folder_is_refused(photos, tmp_path, capsys):
     (["--output", "{tmp}/one.png"], "one file but there are 4 edits"),
     (["--output", "{tmp}/edit.jpg"], "written as PNG"),
     (["--output", "{tmp}/out", "--steps", "0"], "--steps must be ≥ 1"),
-    (["--output", "{tmp}/out", "--resolution", "32"], "--resolution must be ≥ 64"),
+    (["--output", "{tmp}/out", "--resolution", "32"], "--resolution must be a multiple of 64"),
     (["--output", "{tmp}/out", "--seed", str(2 ** 32 - 2)], "--seed must be in"),
     (["--output", "{tmp}/out", "--model", "{tmp}/nowhere"], "nowhere"),
 ])

@@ -1,5 +1,6 @@
 """`jip2p-eval`'s answers to bad input: one line naming the problem, exit status 2, no traceback,
-and nothing written that was not there (the model is never loaded: each is found before). No
+and nothing written that was not there (the model is never loaded: each is found before); and
+the size rule, which is the model's (the shipped world model is scored at its own 32 px). No
 torch, no TensorFlow (the missing TFRecord folder is in test_sets_tf.py). The tests run as root,
 for whom chmod does not make a folder unwritable: an output under a regular file stands for one
 that cannot be written."""
@@ -7,11 +8,14 @@ that cannot be written."""
 import json
 import os
 
+import math
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from jip2p.cli import eval as eval_cli
+from jip2p.demo_run import PRETRAINED
 from tests.eval import parquet_fixtures as fx
 
 
@@ -89,4 +93,30 @@ def test_captions_that_are_not_utf8(model, tmp_path, capsys):
                         "--captions", str(captions), "--output", str(tmp_path / "out")], capsys)
   assert code == 2 and line == (f"jip2p-eval: error: {captions}: the captions file is not UTF-8 "
                                 "text (byte 0xff on line 1)")
+  assert not (tmp_path / "out").exists()
+
+
+def test_the_shipped_world_model_is_scored_at_its_own_size(tmp_path, capsys):
+  out = tmp_path / "eval"
+  argv = ["--model", PRETRAINED, "--set", "world", "--world-n", "3", "--world-size", "32",
+          "--steps", "2", "--batch-size", "3", "--output", str(out), "--no-progress"]
+  assert eval_cli.main(argv) == 0, capsys.readouterr().err
+  rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+  assert len(rows) == 3 and len({r["session"] for r in rows}) == 3
+  for row in rows:
+    assert row["world_success"] in (0.0, 1.0) and math.isfinite(row["world_psnr"])
+  assert json.loads((out / "run.json").read_text())["resolution"] == 32
+  # Without --world-size the world is drawn at the model's size: the same run, so it resumes.
+  assert eval_cli.main(argv[:6] + argv[8:]) == 0
+  assert len((out / "results.jsonl").read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--world-size", "30"], "--world-size must be a multiple of 4 (this model's size step"),
+    (["--world-size", "32", "--resolution", "34"], "--resolution must be a multiple of 4 "),
+])
+def test_a_size_off_the_models_step_is_named(tmp_path, capsys, extra, words):
+  code, line = run_cli(["--model", PRETRAINED, "--set", "world", "--world-n", "2", "--steps", "1",
+                        "--output", str(tmp_path / "out"), *extra], capsys)
+  assert code == 2 and line.startswith(f"jip2p-eval: error: {words}"), line
   assert not (tmp_path / "out").exists()

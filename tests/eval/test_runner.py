@@ -20,6 +20,8 @@ from tests.eval import parquet_fixtures as fx
 class FakeEditor:
   """Edit j of a call with seed s: the image plus (s + j) % 5 + 10·s_I, clipped; logs each edit."""
 
+  size_multiple = 64  # An SD model's: the runner resizes inputs to multiples of it.
+
   def __init__(self):
     self.edits = []  # (instruction, seed, s_I, input copy)
 
@@ -201,6 +203,8 @@ def test_set_images_and_captions_are_encoded_once_for_all_settings(emu, tmp_path
 
 def test_world_set_with_a_perfect_editor(tmp_path):
   class Perfect:
+    size_multiple = 64
+
     def __call__(self, images, instructions, **kwargs):
       return [truth[i] for i in instructions]
 

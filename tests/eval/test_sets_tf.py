@@ -47,6 +47,7 @@ def test_a_perfect_editor_scores_zero_distance_to_the_targets(data_dir, tmp_path
   def perfect(images, instructions, **kwargs):
     return [targets[i] for i in instructions]
 
+  perfect.size_multiple = 64  # What the runner resizes the inputs by, as an Editor has.
   rows = evaluate(perfect, held_out, [Setting(7.5, 1.5)], str(tmp_path),
                   config=RunConfig(steps=1, resolution=64), progress=False)
   assert [r["l1_gt"] for r in rows] == [0.0] * 4
