@@ -3,7 +3,6 @@ step on the noisy latent alone, the config rules, and a base model that learns."
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 import pytest
 
@@ -80,7 +79,7 @@ def test_an_editor_channel_count_in_a_text_to_image_run_is_named():
 
 def test_the_base_model_learns_its_few_scenes(tmp_path):
   """4 fixed scenes, batch 8, 40 steps: the v-MSE falls far below its start; the export is a
-  text-to-image model (3 input channels) that the paired generator takes."""
+  text-to-image model (3 input channels) that the drawing evaluation samples and scores."""
   config = load("synthetic_t2i", "steps=40,batch=8,scenes=4")
   config.log_every_steps = 1
   config.checkpoint.every_steps = 1000
@@ -91,10 +90,9 @@ def test_the_base_model_learns_its_few_scenes(tmp_path):
   end = np.mean([loss[s] for s in range(36, 41)])
   assert result["step"] == 40 and end < 0.6 * start, (start, end)
   from jip2p import checkpoints
-  from jip2p.p2p.sampling import PairGenerator
+  from jip2p.eval import drawings
   pipeline = checkpoints.load_pipeline(str(tmp_path / "run" / "export" / "ema"))
   assert pipeline.unet.config.in_channels == 3
-  caption = synthetic.drawing_at(0, seed=0, size=32).caption
-  pairs = PairGenerator(pipeline, steps=4, devices=jax.local_devices()[:1])(
-      [(caption, caption)], [0], p=0.0, cfg_scale=3.0)
-  assert pairs.images.shape == (1, 2, 32, 32, 3)
+  summary, images = drawings.evaluate(pipeline, num=2, steps=3, batch=2, progress=False)
+  assert summary["n"] == 2 and 0 <= summary["object_accuracy"] <= 1
+  assert len(images) == 2 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
