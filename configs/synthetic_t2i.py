@@ -9,6 +9,11 @@ captions of the whole scene (shapes, colours, places, background) in several wor
 held-out ones never seen. The model is the "world" preset's (a 3-level UNet predicting v, the
 exact pixel codec in the VAE's place) with 3 input channels.
 
+Expect: the loss (v-MSE) falls from 0.84 at the first steps to 0.52 by step 20 (a 20-step run on
+the 2-core CPU, 2026-12-07, with other work beside it: 4.5–7.7 s a step of 16). How many steps the
+model needs to draw held-out captions right is being measured; score an export with
+``python -m jip2p.eval.drawings --model <workdir>/export/ema``.
+
 Arguments (``configs/synthetic_t2i.py:key=value,…``): init, steps, batch, lr, res, scenes.
 """
 

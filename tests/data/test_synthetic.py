@@ -195,6 +195,29 @@ def test_caption_wording():
   assert sy.references(scene, 0) == ("the blue square", "the square")
 
 
+def test_caption_wordings_list_the_same_scene_and_hold_some_out():
+  scene = sy.Scene("white", (sy.Obj("square", "blue", (1, 1)), sy.Obj("circle", "red", (0, 0))))
+  listed = "a red circle in the top left and a blue square in the centre"
+  texts = {t.id: sy.caption(scene, t.id) for t in sy.CAPTION_TEMPLATES}
+  assert texts["caption/0"] == sy.caption(scene) == f"{listed}, on a white background"
+  assert all(listed in text and "a white background" in text for text in texts.values())
+  train, held = sy.templates("caption", "train"), sy.templates("caption", "heldout")
+  assert train and held and not {t.id for t in train} & {t.id for t in held}
+  assert words(held) <= words(train), words(held) - words(train)
+
+
+def test_drawings_are_pure_functions_of_seed_and_index_and_splits_share_scenes():
+  a, b = (sy.drawing_at(7, seed=2, size=32, split=s) for s in sy.SPLITS)
+  again = sy.drawing_at(7, seed=2, size=32)
+  assert a.scene == b.scene == again.scene and a.caption == again.caption
+  np.testing.assert_array_equal(a.image, sy.render(a.scene, 32))
+  assert a.caption == sy.caption(a.scene, a.template_id) and not sy.CAPTION_TEMPLATES[
+      int(a.template_id.split("/")[1])].heldout
+  assert sy.drawing_at(8, seed=2, size=32).scene != a.scene
+  with pytest.raises(ConfigError, match="index must be a non-negative integer"):
+    sy.drawing_at(-1, seed=2)
+
+
 def test_invalid_scenes_and_arguments_raise():
   with pytest.raises(InputError, match="share colour and shape"):
     sy.Scene("white", (sy.Obj("circle", "red", (0, 0)), sy.Obj("circle", "red", (1, 1))))

@@ -143,3 +143,29 @@ def test_scoring_from_stored_meta_matches():
   back = sy.Example.from_meta(ex.meta())
   out = blur(ex.edited_image)
   assert wm.score(out, back) == wm.score(out, ex)
+
+
+def test_drawings_score_objects_by_colour_shape_and_place():
+  rng = np.random.default_rng(0)
+  exact, wrong_shape, moved, noise = [], [], [], []
+  for i in range(60):
+    d = sy.drawing_at(i, seed=4, size=32)
+    exact.append(wm.score_drawing(d.image, d.scene))
+    first, rest = d.scene.objects[0], d.scene.objects[1:]
+    other = next(s for s in sy.SHAPES if s != first.shape
+                 and (first.colour, s) not in {(o.colour, o.shape) for o in rest})
+    changed = dataclasses.replace(d.scene, objects=(dataclasses.replace(first, shape=other),) + rest)
+    wrong_shape.append(wm.score_drawing(sy.render(changed, 32), d.scene))
+    free = [(r, c) for r in range(3) for c in range(3) if (r, c) not in {o.cell for o in rest}
+            and (r, c) != first.cell]
+    shifted = dataclasses.replace(d.scene, objects=(dataclasses.replace(first, cell=free[0]),) + rest)
+    moved.append(wm.score_drawing(sy.render(shifted, 32), d.scene))
+    noise.append(wm.score_drawing(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8), d.scene))
+  assert wm.aggregate_drawings(exact)["object_accuracy"] == 1.0
+  assert wm.aggregate_drawings(exact)["success"] == 1.0
+  # The changed object is wrong in every scene; the others stay right.
+  assert all(r["objects_ok"] == r["objects"] - 1 and not r["success"] for r in wrong_shape)
+  assert all(r["objects_ok"] == r["objects"] - 1 and not r["success"] for r in moved)
+  assert all(not r["background_ok"] for r in moved)  # the object drawn where none should be
+  assert wm.aggregate_drawings(noise)["object_accuracy"] == 0.0
+  assert wm.aggregate_drawings(noise)["success"] == 0.0
