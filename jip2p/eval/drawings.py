@@ -93,5 +93,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from jip2p.cli import run
+  from jip2p.errors import run
   sys.exit(run(main, None, "jip2p.eval.drawings"))

@@ -8,7 +8,8 @@ An output succeeds when both hold:
   now background; add: the new object; move: the new place (the object's colour) and the old one
   (background); background: everything off the objects; swap: both objects, exchanged.
 - **rest unchanged**: every object the edit does not touch keeps its colour (same test), and
-  almost no pixel away from the edited region moves by more than ``Tolerances.pixel``.
+  almost no pixel away from the edited region moves by more than ``Tolerances.pixel`` from the
+  example's ``input_image`` (the exact render, or a generated drawing of the input scene).
 
 Interiors are masks eroded by a margin of ``size // 64`` pixels (at least 1), and the "away"
 part excludes the same margin around the edited region and every object boundary, so that soft
@@ -132,7 +133,10 @@ def score(output: np.ndarray, example: synthetic.Example,
   kept = [o for i, o in enumerate(example.input_scene.objects) if i not in touched]
   kept_ok = all(_colour_error(output, erode(synthetic.object_mask(o, size)), o.colour)
                 <= tol.colour for o in kept)
-  changed = (example.input_image != example.edited_image).any(-1)
+  # The pixels the edit changes in truth, from the scenes: ``input_image`` may be a model's drawing
+  # of the input scene (a generated pair, `jip2p.p2p.world`), which differs from the render
+  # everywhere a little.
+  changed = (synthetic.render(example.input_scene, size) != example.edited_image).any(-1)
   edges = np.zeros_like(changed)
   for scene in (example.input_scene, example.edited_scene):
     labels = synthetic.label_map(scene, size)

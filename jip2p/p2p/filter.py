@@ -39,7 +39,7 @@ class FilterConfig:
 
 def passes(scores: Mapping[str, np.ndarray], config: FilterConfig = FilterConfig()) -> np.ndarray:
   """bool [N]: which candidates meet every threshold (a NaN score never does)."""
-  s = _table(scores)
+  s = score_table(scores)
   return ((s["sim_image"] >= config.min_sim_image)
           & (s["sim_direction"] >= config.min_sim_direction)
           & (s["sim_0"] >= config.min_sim_0) & (s["sim_1"] >= config.min_sim_1))
@@ -52,12 +52,14 @@ def select(scores: Mapping[str, np.ndarray], config: FilterConfig = FilterConfig
   Ties keep candidate order, so the choice is deterministic.
   """
   keep = np.flatnonzero(passes(scores, config))
-  direction = _table(scores)["sim_direction"][keep]
+  direction = score_table(scores)["sim_direction"][keep]
   order = keep[np.argsort(-direction, kind="stable")]
   return order[:config.top_k].astype(np.int64)
 
 
-def _table(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def score_table(scores: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The four scores as float64 [N] arrays; `InputError` when one is missing or they differ in
+  shape."""
   missing = [k for k in SCORE_KEYS if k not in scores]
   if missing:
     raise InputError(f"CLIP scores lack {missing} (have {sorted(scores)})")
