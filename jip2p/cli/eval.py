@@ -171,6 +171,8 @@ def _main(argv: Sequence[str] | None) -> int:
     raise ConfigError(f"--confidence must be in (0, 1), got {args.confidence}")
   if args.threshold is not None and not (args.set == "magicbrush" and args.mode == "multi"):
     raise ConfigError("--threshold applies to multi-turn sessions (--set magicbrush --mode multi)")
+  # A named set's files are checked first; the world set is drawn at the model's size.
+  eval_set = None if args.set == "world" else load_set(args)
   # The size rule and default sizes come from the model's config files (no weights read yet).
   multiple, native = edit.model_sizes(args.model)
   if args.world_size is None:
@@ -187,7 +189,8 @@ def _main(argv: Sequence[str] | None) -> int:
   settings = sweep.settings(args.sweep, text_guidance=args.text_guidance,
                             image_guidance=args.image_guidance, image_values=args.image_values,
                             text_values=args.text_values)
-  eval_set = load_set(args)
+  if eval_set is None:
+    eval_set = load_set(args)
   print(f"{PROG}: {eval_set.name}: {len(eval_set.sessions)} sessions, {eval_set.num_turns} "
         f"edits × {len(settings)} settings", file=sys.stderr)
   # What a resumed run must share, checked before the sidecar and the model are loaded.
