@@ -16,16 +16,19 @@ a temporary name, so an interrupted conversion leaves no ``dst`` behind.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import types
 import warnings
 
 from jip2p.checkpoints import conv_in
 from jip2p.checkpoints.folders import (Pipeline, build_component, check_output_folder,
-                                      save_pipeline)
+                                      save_component, save_pipeline)
 from jip2p.checkpoints.mapping import load_torch_state_dict
 from jip2p.checkpoints.presets import preset_configs
 from jip2p.errors import CheckpointError
@@ -88,6 +91,17 @@ def check_paths(src: str, dst: str, *, overwrite: bool = False) -> None:
 def read_single_file(path: str) -> dict:
   """The flat tensor dict of a single-file checkpoint (``state_dict`` unwrapped); entries that
   are not named tensors (a step counter, ...) are dropped."""
+  state = read_state_dict(path)
+  for component, prefix in _COMPONENT_PREFIXES.items():
+    if not any(k.startswith(prefix) for k in state):
+      raise CheckpointError(f"{path} is not a complete Stable Diffusion checkpoint in the original "
+                            f"layout: it has no {component} weights ('{prefix}*')")
+  return state
+
+
+def read_state_dict(path: str) -> dict:
+  """The named torch tensors of a ``.safetensors`` file or a torch.save pickle (opened weights
+  only; a ``state_dict`` entry unwrapped)."""
   import torch
   if path.lower().endswith(".safetensors"):
     state = _read_safetensors(path)
@@ -102,12 +116,7 @@ def read_single_file(path: str) -> dict:
     state = state["state_dict"]
   if not isinstance(state, dict):
     raise CheckpointError(f"{path} holds a {type(state).__name__}, not a dict of named weights")
-  state = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
-  for component, prefix in _COMPONENT_PREFIXES.items():
-    if not any(k.startswith(prefix) for k in state):
-      raise CheckpointError(f"{path} is not a complete Stable Diffusion checkpoint in the original "
-                            f"layout: it has no {component} weights ('{prefix}*')")
-  return state
+  return {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
 
 
 def _read_safetensors(path: str) -> dict:
@@ -177,9 +186,7 @@ def convert_state(state: dict, *, preset: str | None = None, extract_ema: bool =
   for name, sd in (("unet", unet_sd), ("vae", vae_sd), ("text_encoder", text_sd)):
     modules[name] = build_component(configs[name], abstract=True, where=f"{preset}/{name}")
     load_torch_state_dict(modules[name], _torch_to_numpy(sd), source=f"converted {name}")
-  tokenizer = CLIPTokenizer.default()
-  if _OPEN_CLIP_KEY in state:  # SD 2.x pads with "!" (id 0)
-    tokenizer = CLIPTokenizer(tokenizer.vocab, tokenizer.merges, pad_token="!")
+  tokenizer = open_clip_tokenizer() if _OPEN_CLIP_KEY in state else CLIPTokenizer.default()
   return Pipeline(unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
                   tokenizer=tokenizer, scheduler_config=configs["scheduler"])
 
@@ -195,3 +202,104 @@ def convert_file(src: str, dst: str, *, preset: str | None = None, extract_ema: 
     pipeline.unet = conv_in.expand_conv_in(pipeline.unet, expand_conv_in)
   save_pipeline(pipeline, dst, overwrite=overwrite, dtype=dtype)
   return pipeline
+
+
+def open_clip_tokenizer() -> CLIPTokenizer:
+  """open_clip's tokenizer as a transformers one: CLIP's vocabulary, padded with "!" (id 0), as
+  open_clip pads and as SD 2.x's tokenizer folders say."""
+  tokenizer = CLIPTokenizer.default()
+  return CLIPTokenizer(tokenizer.vocab, tokenizer.merges, pad_token="!")
+
+
+# open_clip text_cfg keys whose non-default values jip2p's CLIPTextEncoder cannot express.
+_OPEN_CLIP_TEXT_DEFAULTS = {"hf_model_name": None, "ls_init_value": None, "embed_cls": False,
+                            "no_causal_mask": False, "attn_pooler_heads": None,
+                            "act_kwargs": None, "norm_kwargs": None, "pad_id": 0}
+
+
+def open_clip_text_config(config: dict, where: str = "open_clip config") -> clip_text.CLIPTextConfig:
+  """The transformers-style config of an open_clip model config's text tower (``text_cfg``,
+  ``quick_gelu``); `CheckpointError` for a text tower CLIPTextModel cannot express."""
+  text = config.get("text_cfg") if isinstance(config, dict) else None
+  if not isinstance(text, dict):
+    raise CheckpointError(f"{where} is not an open_clip model config: it has no text_cfg")
+  unsupported = sorted(k for k, default in _OPEN_CLIP_TEXT_DEFAULTS.items()
+                       if text.get(k, default) != default)
+  if unsupported:
+    raise CheckpointError(f"{where}: the text tower's {', '.join(unsupported)} cannot be "
+                          "converted to a CLIPTextModel (a plain causal transformer)")
+  width = int(text.get("width", 512))
+  return clip_text.CLIPTextConfig(
+      vocab_size=int(text.get("vocab_size", 49408)), hidden_size=width,
+      intermediate_size=int(width * float(text.get("mlp_ratio", 4.0))),
+      num_hidden_layers=int(text.get("layers", 12)), num_attention_heads=int(text.get("heads", 8)),
+      max_position_embeddings=int(text.get("context_length", 77)),
+      hidden_act="quick_gelu" if config.get("quick_gelu", False) else "gelu",
+      pad_token_id=0, bos_token_id=49406, eos_token_id=49407)
+
+
+def convert_open_clip_text(weights: str, config: str):
+  """An open_clip CLIP's text tower → (jip2p `CLIPTextEncoder`, its `CLIPTokenizer`).
+
+  ``weights``: the model's state dict (``.safetensors`` or a torch.save pickle, open_clip's own
+  key layout: ``token_embedding.weight``, ``transformer.resblocks.N.*``, ``ln_final.*`` ...);
+  ``config``: its open_clip model config JSON. The encoder's hidden states are open_clip's
+  per-token text states after ``ln_final`` (before pooling and ``text_projection``, which a
+  CLIPTextModel does not have). The renaming is diffusers' ``convert_open_clip_checkpoint``, as
+  for SD 2.x single files, called with no key prefix so that its SD 2 rule (drop
+  ``cond_stage_model.model.transformer.resblocks.23``, the layer SD 2.x skips) matches nothing:
+  every layer of the file is kept. Needs torch.
+  """
+  from diffusers.loaders import single_file_utils as sfu  # torch: this process only
+
+  for path in (weights, config):
+    if not os.path.isfile(path):
+      raise CheckpointError(f"{path} does not exist")
+  try:
+    with open(config) as f:
+      cfg = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read the open_clip config {config}: {e}") from None
+  text_config = open_clip_text_config(cfg, where=config)
+  state = {k: v.float() for k, v in read_state_dict(weights).items()}
+  if "token_embedding.weight" not in state:
+    raise CheckpointError(f"{weights} is not an open_clip CLIP state dict: it has no "
+                          "'token_embedding.weight' (a text tower in open_clip's layout)")
+  text_sd = sfu.convert_open_clip_checkpoint(
+      types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=text_config.hidden_size)),
+      state, prefix="")
+  text_sd.pop("text_projection.weight", None)
+  config_dict = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
+                 **text_config.to_dict()}
+  encoder = build_component(config_dict, abstract=True, where=config)
+  load_torch_state_dict(encoder, _torch_to_numpy(text_sd), source=f"text tower of {weights}")
+  return encoder, open_clip_tokenizer()
+
+
+def save_text_encoder(encoder, tokenizer: CLIPTokenizer, folder: str, *, overwrite: bool = False,
+                      dtype: str = "float32") -> None:
+  """Writes ``folder/text_encoder/`` (transformers ``CLIPTextModel`` config.json + safetensors)
+  and ``folder/tokenizer/``, the two components of a diffusers pipeline folder; ``folder``
+  appears by renaming a temporary sibling. ``overwrite`` replaces only a folder that holds
+  nothing but those two."""
+  folder = os.path.abspath(folder)
+  if os.path.exists(folder):
+    if not overwrite:
+      raise CheckpointError(f"{folder} exists; pass overwrite=True to replace it")
+    if not os.path.isdir(folder) or set(os.listdir(folder)) - {"text_encoder", "tokenizer"}:
+      raise CheckpointError(f"{folder} holds other files than text_encoder/ and tokenizer/; "
+                            "choose another folder")
+  parent = os.path.dirname(folder)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
+  try:
+    save_component(encoder, os.path.join(tmp, "text_encoder"), dtype=dtype)
+    tokenizer.write_folder(os.path.join(tmp, "tokenizer"))
+    if os.path.exists(folder):
+      shutil.rmtree(folder)
+    os.replace(tmp, folder)
+  except OSError as e:
+    raise CheckpointError(f"cannot write {folder}: {e.strerror or e}") from None
+  finally:
+    if os.path.exists(tmp):
+      shutil.rmtree(tmp)
