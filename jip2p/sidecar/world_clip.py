@@ -41,10 +41,13 @@ twin's, both members of each pair counted).
 
 Shipped weights (``data/world-clip/``), made on a 2-core CPU with::
 
-  python -m jip2p.sidecar.world_clip --out data/world-clip --steps STEPS --batch-size 128 \\
-      --seed 0 --lr 2e-3
+  python -m jip2p.sidecar.world_clip --out data/world-clip --steps 3000 --batch-size 64 \\
+      --twin-fraction 0.75 --seed 0 --lr 2e-3 --threads 1
 
-RESULT: filled in below after the run.
+(997 s of training, 2026-12-07.) Measured on held-out scenes and wordings (5 groups of 100):
+image→caption top-1 0.852, caption→image top-1 0.876, twin accuracy 0.812. A 750-step run
+(245 s) retrieved slightly better (0.906 / 0.914) but bound far worse (twins 0.578): the longer
+run is the one shipped, since a text-to-image model and the CLIP filter need the binding.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ import time
 import numpy as np
 
 from jip2p.data import synthetic
+from jip2p.errors import ConfigError, run
 
 NAME = "world-clip"
 IMAGE_SIZE = 32
@@ -169,18 +173,14 @@ def encode_text_trimmed(model, tokens):
   """``model.encode_text(tokens)`` (unnormalised) computed on the tokens up to the batch's longest
   caption: the text tower is causal and pools at the end-of-text token, so the padding positions
   after it never reach the features; skipping them halves the text tower's training cost."""
+  import torch
   length = int((tokens != 0).sum(1).max())
   tokens = tokens[:, :length]
   x = model.token_embedding(tokens) + model.positional_embedding[:length]
   x = model.transformer(x, attn_mask=model.attn_mask[:length, :length])
   x = model.ln_final(x)
-  x = x[torch_arange(len(tokens)), tokens.argmax(dim=-1)]  # the end-of-text token has the top id
+  x = x[torch.arange(len(tokens)), tokens.argmax(dim=-1)]  # the end-of-text token has the top id
   return x @ model.text_projection
-
-
-def torch_arange(n: int):
-  import torch
-  return torch.arange(n)
 
 
 def write_config(path: str) -> None:
@@ -238,7 +238,7 @@ def train(out: str, *, steps: int, batch_size: int, seed: int, lr: float, warmup
   torch.set_num_threads(threads)
   out = os.path.abspath(out)
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise SystemExit(f"{out} exists and is not an empty folder; choose another --out")
+    raise ConfigError(f"{out} exists and is not an empty folder; choose another --out")
   parent = os.path.dirname(out)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out)}-", dir=parent)
@@ -310,14 +310,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                               description=__doc__.split("\n")[0])
   p.add_argument("--out", required=True, help="folder to create (written under a temporary name, "
                                               "then renamed): world-clip.json + .safetensors")
-  p.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-  p.add_argument("--batch-size", type=int, default=128, help="images (and captions) per step, "
-                                                            "half of them scene/twin pairs")
+  p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+  p.add_argument("--batch-size", type=int, default=64, help="images (and captions) per step")
   p.add_argument("--seed", type=int, default=0, help="torch initialisation seed (training scenes "
                  "are always those of seed 0, held-out ones of seed 1)")
   p.add_argument("--lr", type=float, default=2e-3, help="peak AdamW learning rate (warmup, "
                                                         "cosine decay)")
-  p.add_argument("--twin-fraction", type=float, default=0.5,
+  p.add_argument("--twin-fraction", type=float, default=0.75,
                  help="fraction of each batch that is scene/twin pairs")
   p.add_argument("--eval-groups", type=int, default=5,
                  help="groups of 100 held-out scenes to measure on")
@@ -325,13 +324,17 @@ def parse_args(argv=None) -> argparse.Namespace:
   return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
   args = parse_args(argv)
   if args.steps < 1 or args.batch_size < 4 or not 0 <= args.twin_fraction <= 1:
-    raise SystemExit("--steps must be ≥ 1, --batch-size ≥ 4 and --twin-fraction in [0, 1]")
+    raise ConfigError("--steps must be ≥ 1, --batch-size ≥ 4 and --twin-fraction in [0, 1]")
   train(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed, lr=args.lr,
         twin_fraction=args.twin_fraction, eval_groups=args.eval_groups, threads=args.threads)
   return 0
+
+
+def main(argv=None) -> int:
+  return run(_main, argv, "python -m jip2p.sidecar.world_clip")
 
 
 if __name__ == "__main__":
