@@ -26,6 +26,7 @@ import tempfile
 import types
 import warnings
 
+from jip2p import storage
 from jip2p.checkpoints import conv_in
 from jip2p.checkpoints.folders import (Pipeline, build_component, check_output_folder,
                                       save_component, save_pipeline)
@@ -75,6 +76,12 @@ def convert_single_file(src: str, dst: str, *, preset: str | None = None, extrac
 def check_paths(src: str, dst: str, *, overwrite: bool = False) -> None:
   """Named errors for a source that cannot be a single-file checkpoint or a ``dst`` that cannot
   be written, before the file is read (a torch-free check: the parent runs it too)."""
+  check_source(src)
+  check_output_folder(dst, overwrite=overwrite)
+
+
+def check_source(src: str) -> None:
+  """A named error for a path that cannot be a single-file checkpoint (no file is read)."""
   if not os.path.exists(src):
     raise CheckpointError(f"{src} does not exist")
   if os.path.isdir(src):
@@ -85,7 +92,6 @@ def check_paths(src: str, dst: str, *, overwrite: bool = False) -> None:
                           f"{', '.join(SUFFIXES)}")
   if os.path.getsize(src) == 0:
     raise CheckpointError(f"{src} is empty (0 bytes)")
-  check_output_folder(dst, overwrite=overwrite)
 
 
 def read_single_file(path: str) -> dict:
@@ -292,6 +298,7 @@ def save_text_encoder(encoder, tokenizer: CLIPTokenizer, folder: str, *, overwri
   parent = os.path.dirname(folder)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
+  os.chmod(tmp, 0o777 & ~storage.umask())  # mkdtemp's 0700 would hide the folder from a team
   try:
     save_component(encoder, os.path.join(tmp, "text_encoder"), dtype=dtype)
     tokenizer.write_folder(os.path.join(tmp, "tokenizer"))

@@ -191,6 +191,16 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"
       folder=folder)
 
 
+def load_text_encoder(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"):
+  """A folder holding ``text_encoder/`` and ``tokenizer/`` (a pipeline folder, or what
+  ``jip2p-convert --open-clip-config`` writes from an open_clip CLIP) → (encoder, tokenizer)."""
+  if not os.path.isdir(os.path.join(folder, "text_encoder")):
+    raise CheckpointError(f"{folder} has no text_encoder/ folder (expected text_encoder/ and "
+                          "tokenizer/, e.g. from jip2p-convert --open-clip-config)")
+  return (load_component(os.path.join(folder, "text_encoder"), dtype=dtype,
+                         attention_impl=attention_impl), load_tokenizer(folder))
+
+
 def component_config(model) -> dict:
   """The diffusers / transformers config.json of a jip2p module."""
   name = next(n for n, (_, cls, _) in COMPONENT_CLASSES.items() if isinstance(model, cls))

@@ -2,6 +2,10 @@
 
   jip2p-convert instruct-pix2pix-00-22000.ckpt /models/ip2p
   jip2p-convert v1-5-pruned-emaonly.safetensors /models/sd15-ip2p --expand-conv-in 8
+  jip2p-convert --open-clip-config world-clip.json world-clip.safetensors /models/world-text
+
+The last form converts an open_clip CLIP's text tower into text_encoder/ + tokenizer/ (what
+``config.model.text_encoder`` of a training run names, as SD uses a CLIP's text tower).
 
 This process imports torch (`jip2p.checkpoints.convert_single_file` runs it as a child process).
 """
@@ -9,11 +13,12 @@ This process imports torch (`jip2p.checkpoints.convert_single_file` runs it as a
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from jip2p.checkpoints import convert
-from jip2p.checkpoints.folders import SAVE_DTYPES
+from jip2p.checkpoints.folders import SAVE_DTYPES, check_output_folder
 from jip2p.checkpoints.presets import PRESETS
 from jip2p.cli import run
 from jip2p.errors import ConfigError
@@ -34,6 +39,10 @@ def _main(argv: Sequence[str] | None) -> int:
              "(after a kill -9, delete the .tmp-DST… folder it left).")
   parser.add_argument("src", help="the .ckpt / .safetensors file")
   parser.add_argument("dst", help="output folder (diffusers format)")
+  parser.add_argument("--open-clip-config", metavar="JSON", default=None,
+                      help="src is an open_clip CLIP (its weights; JSON its model config): write "
+                           "its text tower as dst/text_encoder/ + dst/tokenizer/, the frozen text "
+                           "encoder a training run can use (config.model.text_encoder)")
   parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                       help="architecture of the file (default: detected, sd15 or sd21)")
   parser.add_argument("--no-ema", action="store_true",
@@ -47,6 +56,19 @@ def _main(argv: Sequence[str] | None) -> int:
   parser.add_argument("--overwrite", action="store_true",
                       help="replace dst if it is a diffusers pipeline folder (or empty)")
   args = parser.parse_args(argv)
+  if args.open_clip_config is not None:
+    if args.preset or args.no_ema or args.expand_conv_in is not None:
+      raise ConfigError("--open-clip-config converts a text tower only: drop --preset, --no-ema "
+                        "and --expand-conv-in")
+    convert.check_source(args.src)
+    if not (args.overwrite and os.path.isdir(args.dst)):  # else save_text_encoder decides
+      check_output_folder(args.dst)
+    encoder, tokenizer = convert.convert_open_clip_text(args.src, args.open_clip_config)
+    convert.save_text_encoder(encoder, tokenizer, args.dst, overwrite=args.overwrite,
+                              dtype=args.dtype)
+    print(f"wrote {args.dst} (text_encoder/ with {encoder.config.num_hidden_layers} layers of "
+          f"width {encoder.config.hidden_size}, tokenizer/; {args.dtype} weights)")
+    return 0
   if args.expand_conv_in is not None and args.expand_conv_in < 1:
     raise ConfigError(f"--expand-conv-in={args.expand_conv_in}: must be a channel count ≥ 1")
   pipeline = convert.convert_file(args.src, args.dst, preset=args.preset,

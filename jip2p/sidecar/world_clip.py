@@ -64,6 +64,7 @@ import time
 
 import numpy as np
 
+from jip2p import storage
 from jip2p.data import synthetic
 from jip2p.errors import ConfigError, run
 
@@ -292,10 +293,8 @@ def train(out: str, *, steps: int, batch_size: int, seed: int, lr: float, warmup
               "final_loss": float(np.mean(losses[-log_every:])),
               **evaluate(shipped, tokenizer, n=eval_n, groups=eval_groups)}
     print(json.dumps(result), flush=True)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(weights, 0o666 & ~umask)  # safetensors and mkdtemp create them owner-only
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(weights, 0o666 & ~storage.umask())  # safetensors and mkdtemp create them owner-only
+    os.chmod(tmp, 0o777 & ~storage.umask())
     if os.path.isdir(out):
       os.rmdir(out)
     os.replace(tmp, out)

@@ -27,7 +27,8 @@ from jip2p.train import config as config_lib
 
 
 def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
-  """The initial models of a run: ``config.model.init`` loaded (or random), the UNet's conv_in
+  """The initial models of a run: ``config.model.init`` loaded (or random), its text encoder and
+  tokenizer replaced by ``config.model.text_encoder``'s if given, the UNet's conv_in
   grown to 2 × latent channels (an edit run), remat and the compute dtype applied. Parameters
   are float32."""
   m = config.model
@@ -39,6 +40,13 @@ def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
                                            seed=m.seed, dtype=dtype)
   else:
     pipeline = checkpoints.load_pipeline(m.init, dtype=dtype, attention_impl=m.attention_impl)
+  if m.text_encoder:
+    pipeline.text_encoder, pipeline.tokenizer = checkpoints.load_text_encoder(
+        m.text_encoder, dtype=dtype, attention_impl=m.attention_impl)
+  width, cross = pipeline.text_encoder.config.hidden_size, pipeline.unet.config.cross_attention_dim
+  if width != cross:
+    raise ConfigError(f"the text encoder ({m.text_encoder or m.init}) is {width} wide, but the "
+                      f"UNet's cross-attention expects {cross}")
   latent = pipeline.vae.config.latent_channels
   if m.unet_in_channels != images * latent:
     raise ConfigError(f"config.model.unet_in_channels={m.unet_in_channels}, but the model's "

@@ -95,3 +95,28 @@ def test_unconvertible_text_tower_is_named(tmp_path):
     convert.convert_open_clip_text(weights, str(bad))
   with pytest.raises(CheckpointError, match="does not exist"):
     convert.convert_open_clip_text(str(tmp_path / "none.safetensors"), config)
+
+
+def test_jip2p_convert_writes_a_text_encoder_folder(tmp_path, capsys):
+  from jip2p.checkpoints import load_text_encoder
+  from jip2p.cli import convert as convert_cli
+  _, weights, config = write_model(tmp_path, tiny_config())
+  out = tmp_path / "text"
+  assert convert_cli.main(["--open-clip-config", config, weights, str(out)]) == 0
+  encoder, tokenizer = load_text_encoder(str(out))
+  want, _ = convert.convert_open_clip_text(weights, config)
+  ids = jnp.asarray(tokenizer(PROMPTS), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(encoder(ids)), np.asarray(want(ids)))
+  capsys.readouterr()
+  # a second run refuses, --overwrite replaces; flags of the pipeline form are refused
+  assert convert_cli.main(["--open-clip-config", config, weights, str(out)]) == 2
+  assert convert_cli.main(["--open-clip-config", config, weights, str(out), "--overwrite",
+                           "--dtype", "float16"]) == 0
+  assert convert_cli.main(["--open-clip-config", config, weights, str(tmp_path / "x"),
+                           "--expand-conv-in", "8"]) == 2
+  assert convert_cli.main(["--open-clip-config", config, str(tmp_path / "none.safetensors"),
+                           str(tmp_path / "y")]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and all(line.startswith("jip2p-convert: error: ") for line in err), err
+  assert "exists" in err[0] and "--expand-conv-in" in err[1] and "does not exist" in err[2]
+  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -96,3 +96,23 @@ def test_the_base_model_learns_its_few_scenes(tmp_path):
   summary, images = drawings.evaluate(pipeline, num=2, steps=3, batch=2, progress=False)
   assert summary["n"] == 2 and 0 <= summary["object_accuracy"] <= 1
   assert len(images) == 2 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
+
+
+def test_the_world_clip_text_tower_is_the_frozen_text_encoder():
+  """The default: the shipped world CLIP's converted text tower and its open_clip tokenizer
+  (padding "!", id 0) replace the preset's random encoder; a width the UNet cannot attend to is
+  named."""
+  from jip2p import checkpoints
+  config = load("synthetic_t2i")
+  pipeline = models.build_pipeline(config)
+  encoder, tokenizer = checkpoints.load_text_encoder(config.model.text_encoder)
+  ids = np.asarray(tokenizer(["a red circle in the top left, on a white background"]), np.int32)
+  assert pipeline.tokenizer([""])[0][-1] == 0 and ids[0, -1] == 0
+  np.testing.assert_array_equal(np.asarray(pipeline.text_encoder(ids)), np.asarray(encoder(ids)))
+  config.model.text_encoder = ""
+  random = models.build_pipeline(config)
+  assert not np.allclose(np.asarray(random.text_encoder(ids)), np.asarray(encoder(ids)))
+  config = load("synthetic_t2i", "init=random:tiny")
+  config.model.unet_in_channels = 4
+  with pytest.raises(ConfigError, match="is 64 wide, but the UNet's cross-attention expects 32"):
+    models.build_pipeline(config)
