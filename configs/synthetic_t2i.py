@@ -7,31 +7,31 @@ procedural world (`jip2p.data.synthetic`), so this trains one the way Stable Dif
 trained: the same loop and step as an editor (``config.task = "text_to_image"``), on images and
 captions of the whole scene (shapes, colours, places, background) in several wordings, the
 held-out ones never seen. The model is the "world" preset's (a 3-level UNet predicting v, the
-exact pixel codec in the VAE's place) with 3 input channels; its frozen text encoder is the world
-CLIP's text tower (``data/world-clip/text``, written by ``jip2p-convert --open-clip-config`` from
-the open_clip model in ``data/world-clip``), as Stable Diffusion's is a CLIP's.
+exact pixel codec in the VAE's place) with 3 input channels; its frozen text encoder is the text tower
+of the world CLIP (the open_clip model in ``data/world-clip``, converted once and cached), as
+Stable Diffusion's is a CLIP's.
 
 Expect: the loss (v-MSE) falls from 0.84 at the first steps to 0.52 by step 20 (a 20-step run on
 the 2-core CPU, 2026-12-07, with other work beside it: 4.5–7.7 s a step of 16). How many steps the
 model needs to draw held-out captions right is being measured; score an export with
 ``python -m jip2p.eval.drawings --model <workdir>/export/ema``.
 
-Arguments (``configs/synthetic_t2i.py:key=value,…``): init, text (the text-encoder folder; ""
-keeps init's), steps, batch, lr, res, scenes.
+Arguments (``configs/synthetic_t2i.py:key=value,…``): init, text (an open_clip config JSON or a
+text-encoder folder; "" keeps init's), steps, batch, lr, res, scenes.
 """
 
 import os
 
 from jip2p.train import config as config_lib
 
-# The world CLIP's text tower, shipped in the repository beside this folder.
-WORLD_TEXT = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "data", "world-clip",
-                                           "text"))
+# The world CLIP (open_clip format), shipped in the repository beside this folder.
+WORLD_CLIP = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "data", "world-clip",
+                                           "world-clip.json"))
 
 
 def get_config(arg=None):
   a = config_lib.parse_arg(arg, init="random:world",
-                           text=WORLD_TEXT, steps=20000, batch=16, lr=1e-3, res=32,
+                           text=WORLD_CLIP, steps=20000, batch=16, lr=1e-3, res=32,
                            scenes=1_000_000)
   c = config_lib.base_config()
   c.task = "text_to_image"

@@ -16,6 +16,7 @@ a temporary name, so an interrupted conversion leaves no ``dst`` behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -62,15 +63,55 @@ def convert_single_file(src: str, dst: str, *, preset: str | None = None, extrac
   cmd += ["--expand-conv-in", str(expand_conv_in)] if expand_conv_in else []
   cmd += ["--overwrite"] if overwrite else []
   cmd += ["--dtype", dtype]
+  _run_child(cmd, src)
+  return dst
+
+
+def _run_child(cmd: list[str], src: str) -> None:
+  """Runs a ``jip2p-convert`` child; its one named error comes back as `CheckpointError`."""
   result = subprocess.run(cmd, capture_output=True, text=True)
   if result.returncode == 0:
-    return dst
+    return
   named = [line[len(_CHILD_ERROR):] for line in result.stderr.splitlines()
            if line.startswith(_CHILD_ERROR)]
   if result.returncode == 2 and named:
     raise CheckpointError(named[-1])
   raise RuntimeError(f"converting {src} failed (exit status {result.returncode}):\n"
                      f"{result.stderr[-4000:]}")
+
+
+def open_clip_text_folder(config: str) -> str:
+  """The text tower of the open_clip model whose config JSON is ``config`` (its weights beside it,
+  same name with a `SUFFIXES` ending) as a folder of ``text_encoder/`` + ``tokenizer/``
+  (`folders.load_text_encoder` reads it). Converted once per host and version of the files (the
+  key is their paths, sizes and modification times) in a torch child process, into the model
+  cache (``$JIP2P_MODEL_CACHE``); processes of one host may call it at once."""
+  stem = os.path.splitext(config)[0]
+  weights = next((stem + s for s in SUFFIXES if os.path.isfile(stem + s)), None)
+  if not os.path.isfile(config) or weights is None:
+    raise CheckpointError(f"{config}: expected an open_clip model config JSON with its weights "
+                          f"beside it ({os.path.basename(stem)}.safetensors or .pt)")
+  key = hashlib.sha256()
+  for path in (config, weights):
+    stat = os.stat(path)
+    key.update(f"\0{os.path.abspath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+  root = storage.cache_root()
+  final = os.path.join(root, "open_clip-text-" + key.hexdigest()[:32])
+  if os.path.isdir(final):
+    return final
+  os.makedirs(root, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+  try:
+    _run_child([sys.executable, "-m", "jip2p.cli.convert", "--open-clip-config", config, weights,
+                os.path.join(tmp, "text")], weights)
+    try:
+      os.rename(os.path.join(tmp, "text"), final)
+    except OSError:  # another process of this host finished first
+      if not os.path.isdir(final):
+        raise
+  finally:
+    shutil.rmtree(tmp)
+  return final
 
 
 def check_paths(src: str, dst: str, *, overwrite: bool = False) -> None:

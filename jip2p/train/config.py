@@ -47,9 +47,11 @@ def base_config() -> ml_collections.ConfigDict:
   # init: a diffusers-format folder (SD 1.5 / 2.1 or an InstructPix2Pix model) or "random:<preset>"
   # (jip2p.checkpoints.PRESETS, seeded by model.seed). The UNet's conv_in grows to
   # unet_in_channels = 2 × the VAE's latent channels (new channels zero); for task
-  # "text_to_image" it is the latent channels. text_encoder: a folder with text_encoder/ and
-  # tokenizer/ that replaces init's (frozen, as SD keeps its CLIP's), e.g. a CLIP's text tower
-  # from `jip2p-convert --open-clip-config`; its width must be the UNet's cross-attention width.
+  # "text_to_image" it is the latent channels. text_encoder: replaces init's text encoder and
+  # tokenizer (frozen, as SD keeps its CLIP's): a folder with text_encoder/ and tokenizer/, or an
+  # open_clip model config JSON with its weights beside it, whose text tower is converted once
+  # per host (`jip2p-convert --open-clip-config`, cached); its width must be the UNet's
+  # cross-attention width.
   c.model = ml_collections.ConfigDict(dict(
       init="", text_encoder="", seed=0, unet_in_channels=8, compute_dtype="bfloat16",
       attention_impl="xla", remat=False))

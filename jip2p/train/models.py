@@ -41,8 +41,10 @@ def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
   else:
     pipeline = checkpoints.load_pipeline(m.init, dtype=dtype, attention_impl=m.attention_impl)
   if m.text_encoder:
+    folder = (checkpoints.open_clip_text_folder(m.text_encoder) if m.text_encoder.endswith(".json")
+              else m.text_encoder)
     pipeline.text_encoder, pipeline.tokenizer = checkpoints.load_text_encoder(
-        m.text_encoder, dtype=dtype, attention_impl=m.attention_impl)
+        folder, dtype=dtype, attention_impl=m.attention_impl)
   width, cross = pipeline.text_encoder.config.hidden_size, pipeline.unet.config.cross_attention_dim
   if width != cross:
     raise ConfigError(f"the text encoder ({m.text_encoder or m.init}) is {width} wide, but the "

@@ -2,6 +2,7 @@
 hidden states equal open_clip's own per-token text states after ln_final, on random weights."""
 
 import json
+import pathlib
 
 import jax.numpy as jnp
 import numpy as np
@@ -120,3 +121,27 @@ def test_jip2p_convert_writes_a_text_encoder_folder(tmp_path, capsys):
   assert len(err) == 3 and all(line.startswith("jip2p-convert: error: ") for line in err), err
   assert "exists" in err[0] and "--expand-conv-in" in err[1] and "does not exist" in err[2]
   assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_an_open_clip_config_is_converted_once_into_the_cache(tmp_path, monkeypatch):
+  from jip2p.checkpoints import load_text_encoder, open_clip_text_folder
+  monkeypatch.setenv("JIP2P_MODEL_CACHE", str(tmp_path / "cache"))
+  _, weights, config = write_model(tmp_path, tiny_config())
+  folder = open_clip_text_folder(config)
+  assert [p.name for p in (tmp_path / "cache").iterdir()] == [pathlib.Path(folder).name]
+  stamp = (pathlib.Path(folder) / "text_encoder" / "config.json").stat().st_mtime_ns
+  assert open_clip_text_folder(config) == folder  # no second conversion
+  assert (pathlib.Path(folder) / "text_encoder" / "config.json").stat().st_mtime_ns == stamp
+  encoder, _ = load_text_encoder(folder)
+  want, tokenizer = convert.convert_open_clip_text(weights, config)
+  ids = jnp.asarray(tokenizer(PROMPTS), jnp.int32)
+  np.testing.assert_array_equal(np.asarray(encoder(ids)), np.asarray(want(ids)))
+  pathlib.Path(weights).unlink()
+  with pytest.raises(CheckpointError, match="with its weights beside it"):
+    open_clip_text_folder(config)
+  bad = tmp_path / "bad.json"
+  bad.write_text("{}")
+  (tmp_path / "bad.safetensors").write_bytes(pathlib.Path(folder, "text_encoder",
+                                                          "model.safetensors").read_bytes())
+  with pytest.raises(CheckpointError, match="no text_cfg"):
+    open_clip_text_folder(str(bad))

@@ -98,14 +98,16 @@ def test_the_base_model_learns_its_few_scenes(tmp_path):
   assert len(images) == 2 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
 
 
-def test_the_world_clip_text_tower_is_the_frozen_text_encoder():
-  """The default: the shipped world CLIP's converted text tower and its open_clip tokenizer
-  (padding "!", id 0) replace the preset's random encoder; a width the UNet cannot attend to is
-  named."""
+def test_the_world_clip_text_tower_is_the_frozen_text_encoder(tmp_path, monkeypatch):
+  """The default: the shipped world CLIP's text tower (converted once, cached) and its open_clip
+  tokenizer (padding "!", id 0) replace the preset's random encoder; a width the UNet cannot
+  attend to is named."""
   from jip2p import checkpoints
+  monkeypatch.setenv("JIP2P_MODEL_CACHE", str(tmp_path))
   config = load("synthetic_t2i")
   pipeline = models.build_pipeline(config)
-  encoder, tokenizer = checkpoints.load_text_encoder(config.model.text_encoder)
+  [converted] = list(tmp_path.iterdir())
+  encoder, tokenizer = checkpoints.load_text_encoder(str(converted))
   ids = np.asarray(tokenizer(["a red circle in the top left, on a white background"]), np.int32)
   assert pipeline.tokenizer([""])[0][-1] == 0 and ids[0, -1] == 0
   np.testing.assert_array_equal(np.asarray(pipeline.text_encoder(ids)), np.asarray(encoder(ids)))
