@@ -254,8 +254,22 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not path.exists():
     raise CheckpointError(f"{path} does not exist: is {workdir} a jip2p-train work directory?")
   try:
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    saved = json.loads(path.read_text())
   except json.JSONDecodeError as e:
     raise ConfigError(f"{path} is not valid JSON: {e}") from None
+  config = ml_collections.ConfigDict(_with_new_keys(saved, base_config().to_dict())
+                                     if isinstance(saved, dict) else saved)
   validate(config)
   return config
+
+
+def _with_new_keys(saved: dict, defaults: dict) -> dict:
+  """``saved`` with the keys added to `base_config` since it was written, at their defaults
+  (which keep the old behaviour: task "edit", no separate text encoder...)."""
+  out = dict(saved)
+  for key, default in defaults.items():
+    if key not in out:
+      out[key] = default
+    elif isinstance(default, dict) and isinstance(out[key], dict):
+      out[key] = _with_new_keys(out[key], default)
+  return out
