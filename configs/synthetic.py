@@ -27,19 +27,25 @@ in [-1, 1], and the UNet takes 6 channels). No VAE was pretrained for this world
 one would blur the exact edges the world's metrics score; the codec is lossless and costs nothing
 to train.
 
-Arguments (``configs/synthetic.py:key=value,…``): path, steps, batch, lr, accum, res.
+Fine-tuning from a text-to-image base model, as the paper does: ``init=DIR``, a world
+text-to-image model folder (`configs/synthetic_t2i.py`'s export): its UNet's input conv grows from
+3 to 6 channels, the new ones zero, so the editor starts as the base model that ignores the input
+image; its text encoder (the world CLIP's text tower) stays frozen.
+
+Arguments (``configs/synthetic.py:key=value,…``): path, init (default random:world), steps,
+batch, lr, accum, res.
 """
 
 from jip2p.train import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, path="", steps=11000, batch=16, lr=1e-3, accum=1, res=32)
+  a = config_lib.parse_arg(arg, path="", init="random:world", steps=11000, batch=16, lr=1e-3, accum=1, res=32)
   c = config_lib.base_config()
   c.total_steps = a["steps"]
   c.batch_size = a["batch"]
   c.grad_accum = a["accum"]
-  c.model.init = "random:world"
+  c.model.init = a["init"]
   c.model.unet_in_channels = 6
   c.model.compute_dtype = "float32"
   c.data.source = "tfrecord"

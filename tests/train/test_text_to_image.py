@@ -118,3 +118,27 @@ def test_the_world_clip_text_tower_is_the_frozen_text_encoder(tmp_path, monkeypa
   config.model.unet_in_channels = 4
   with pytest.raises(ConfigError, match="is 64 wide, but the UNet's cross-attention expects 32"):
     models.build_pipeline(config)
+
+
+def test_an_editor_starts_from_a_text_to_image_base(tmp_path):
+  """configs/synthetic.py:init=BASE (the paper's recipe): the editor's UNet is the base's with
+  conv_in grown 3 → 6 (the input image's channels zero), and the base's text encoder and tokenizer
+  are the editor's."""
+  from jip2p import checkpoints
+  base_dir = str(tmp_path / "base")
+  checkpoints.create_random_pipeline(base_dir, "world", unet_in_channels=3, seed=5)
+  base = checkpoints.load_pipeline(base_dir)
+  config = load("synthetic", f"init={base_dir},path=/data")
+  config_lib.validate(config)
+  editor = models.build_pipeline(config)
+  assert editor.unet.config.in_channels == 6
+  grown = np.asarray(editor.unet.conv_in.kernel[...])  # [kh, kw, in, out]
+  np.testing.assert_array_equal(grown[:, :, :3], np.asarray(base.unet.conv_in.kernel[...]))
+  assert not grown[:, :, 3:].any()
+  ids = np.asarray(base.tokenizer(["make the circle blue"]), np.int32)
+  np.testing.assert_array_equal(np.asarray(editor.tokenizer(["make the circle blue"])), ids)
+  np.testing.assert_array_equal(np.asarray(editor.text_encoder(ids)),
+                                np.asarray(base.text_encoder(ids)))
+  # The base's other weights are the editor's: one deep one as a witness.
+  np.testing.assert_array_equal(np.asarray(editor.unet.conv_out.kernel[...]),
+                                np.asarray(base.unet.conv_out.kernel[...]))
