@@ -6,8 +6,6 @@ datasets are TFRecords; the CLIP model is written by a helper process and runs i
 
 import json
 import pathlib
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -269,17 +267,12 @@ def test_generate_world_config_validates(tmp_path):
 def test_generate_world_end_to_end(tmp_path, capsys):
   from jip2p.checkpoints import create_random_pipeline
   from jip2p.cli import generate as generate_cli
-  code = ("import sys; sys.path.insert(0, '.'); from tests.sidecar.tiny_clip import "
-          f"write_tiny_clip; write_tiny_clip({str(tmp_path)!r}, suffix='.pt')")
-  clip = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
   create_random_pipeline(str(tmp_path / "t2i"), "world", unet_in_channels=3)
-  assert clip.wait() == 0
   prompts = tmp_path / "prompts.jsonl"
   assert world.main(["prompts", "--num", "2", "--seed", "3", "--out", str(prompts)]) == 0
   out = tmp_path / "all"
-  spec = (f"{ROOT}/configs/generate_world.py:model={tmp_path / 't2i'},"
-          f"clip={tmp_path / 'tiny_clip.pt'},clip_config={tmp_path / 'tiny_clip.json'},"
-          "candidates=2,steps=2,batch=2")
+  # The config's CLIP is the shipped world CLIP, served by the sidecar.
+  spec = f"{ROOT}/configs/generate_world.py:model={tmp_path / 't2i'},candidates=2,steps=2,batch=2"
   assert generate_cli.main(["--config", spec, "--prompts", str(prompts), "--out", str(out)]) == 0
   results = world.score_dataset(str(out), world.read_world_prompts(str(prompts)))
   assert [r["prompt_index"] for r in results] == [0, 0, 1, 1]
