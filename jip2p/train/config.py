@@ -107,9 +107,13 @@ def base_config() -> ml_collections.ConfigDict:
 def load(spec: str) -> ml_collections.ConfigDict:
   """``path.py[:arg]`` → the ConfigDict its ``get_config(arg)`` returns (any jip2p config file)."""
   path, _, arg = spec.partition(":")
+  if os.path.isdir(path):
+    raise ConfigError(f"{path} is a folder: give a config .py file in it")
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   module_spec = importlib.util.spec_from_file_location("jip2p_config_file", path)
+  if module_spec is None:  # not a name Python imports (a .py file)
+    raise ConfigError(f"{path} is not a Python file: a config is a .py file with get_config()")
   module = importlib.util.module_from_spec(module_spec)
   try:  # A config file is the user's code: whatever it raises is a problem with the config.
     module_spec.loader.exec_module(module)

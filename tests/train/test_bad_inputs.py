@@ -38,6 +38,9 @@ def test_help_lists_flags_configs_and_how_to_show_a_config(capsys):
 
 @pytest.mark.parametrize("args, needle", [
     ([f"--config={TINY}/nope.py"], "config file not found"),
+    ([f"--config={os.path.dirname(TINY)}"], "configs is a folder: give a config .py file"),
+    ([f"--config={os.path.dirname(os.path.dirname(TINY))}/pyproject.toml:steps=1"],
+     "pyproject.toml is not a Python file: a config is a .py file with get_config()"),
     ([f"--config={TINY}:stpes=4"], "unknown config argument 'stpes'"),
     ([f"--config={TINY}", "--config.optimizer.lrr=1"],
      "--config.optimizer.lrr: the config has no key 'lrr'; did you mean 'lr'?"),
