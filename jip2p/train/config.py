@@ -18,6 +18,7 @@ import os
 import ml_collections
 from etils import epath
 
+from jip2p import files
 from jip2p.config_schema import check_keys
 from jip2p.errors import CheckpointError, ConfigError
 from jip2p.models.attention import IMPLEMENTATIONS
@@ -243,10 +244,18 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Saves ``config`` as ``workdir``'s `CONFIG_FILE`."""
+  """Saves ``config`` as ``workdir``'s `CONFIG_FILE`, whole (a local one under a temporary name,
+  then renamed: a full disk leaves the previous run's file, which export reads, as it was)."""
   path = epath.Path(workdir) / CONFIG_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json(indent=2, sort_keys=True))
+  text = config.to_json(indent=2, sort_keys=True)
+  if files.is_remote(workdir):  # an object store writes an object whole
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return
+  with files.replacing(str(path)) as tmp:  # an OSError: an OutputError naming the file
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    with open(tmp, "w") as f:
+      f.write(text)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

@@ -8,8 +8,6 @@ path under a regular file, and a full disk is an OSError raised while the weight
 
 import errno
 import os
-import resource
-import signal
 import subprocess
 import sys
 
@@ -191,13 +189,6 @@ def test_child_errors_reach_the_parent_as_the_same_line(tmp_path, capsys, monkey
   assert listing(tmp_path) == ["empty.safetensors", "weights.ckpt"]
 
 
-def _writes_over_one_mib_fail():
-  """In the child, before exec: a write that would grow a file past 1 MiB fails with EFBIG, as a
-  full disk fails one with ENOSPC; no mount needed, and it reaches safetensors' own writer."""
-  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-  resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
-
-
 @pytest.mark.parametrize("open_clip", [False, True], ids=["pipeline", "open-clip text"])
 def test_weights_the_file_system_refuses_are_named_and_leave_nothing(good_file, tmp_path,
                                                                     open_clip):
@@ -208,8 +199,10 @@ def test_weights_the_file_system_refuses_are_named_and_leave_nothing(good_file, 
     args = [str(good_file), "--preset", "tiny"]
   before = listing(tmp_path)
   script = os.path.join(os.path.dirname(sys.executable), "jip2p-convert")
-  done = subprocess.run([script, *args, str(tmp_path / "out")], capture_output=True, text=True,
-                        preexec_fn=_writes_over_one_mib_fail, timeout=600,
+  # A write past 1 MiB fails as on a full disk, inside safetensors' own writer.
+  done = subprocess.run(cli_errors.file_size_limited([script, *args, str(tmp_path / "out")],
+                                                     1 << 20),
+                        capture_output=True, text=True, timeout=600,
                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
   line = cli_errors.named_error(done.stderr, done.returncode, "jip2p-convert")
   assert line == f"jip2p-convert: error: cannot write {tmp_path / 'out'}: File too large"
