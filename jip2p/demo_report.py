@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from jip2p import grids
+from jip2p import files, grids
 from jip2p.data import synthetic
 from jip2p.eval import sweep as sweep_lib
 from jip2p.eval import world_metrics
@@ -74,7 +73,8 @@ def plot_metrics(path: str, losses: Sequence[tuple[int, float]],
   ax_psnr.set_ylabel("PSNR dB (dotted)")
   ax_ok.legend(fontsize=7, loc="upper left")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  with files.replacing(path) as tmp:
+    fig.savefig(tmp, dpi=110, format="png")
   plt.close(fig)
 
 
@@ -173,10 +173,10 @@ def write(out: str, s, metrics: dict[str, Any], info: dict[str, Any],
   if metrics["sweep"]:
     plot_sweep(os.path.join(out, "sweep.png"), metrics["sweep"])
   results = [world_metrics.score(o, e) for o, e in zip(outputs, examples)]
-  Image.fromarray(edit_grid(examples, outputs, results)).save(os.path.join(out, "grid.png"))
+  files.save_png(edit_grid(examples, outputs, results), os.path.join(out, "grid.png"))
   plot_metrics(os.path.join(out, "metrics.png"), metrics["losses"],
                [p for p in metrics["points"] if p["step"] >= 0])
   path = os.path.join(out, "report.md")
-  with open(path, "w") as f:
+  with files.replacing(path) as tmp, open(tmp, "w") as f:
     f.write(markdown(s, metrics, info, eval_seed=eval_seed))
   return path

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from jip2p import demo_report, storage
+from jip2p import demo_report, files, storage
 from jip2p.data import synthetic
 from jip2p.errors import CheckpointError, ConfigError
 from jip2p.eval import world_metrics
@@ -324,7 +324,7 @@ def run_demo(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
              "timings": timings, "losses": losses, "sweep": sweep}
   path = demo_report.write(s.out, s, metrics, info, held_out.examples, held_out.outputs,
                            eval_seed=EVAL_SEED)
-  with open(os.path.join(s.out, "metrics.json"), "w") as f:
+  with files.replacing(os.path.join(s.out, "metrics.json")) as tmp, open(tmp, "w") as f:
     json.dump(metrics, f, indent=1, default=float)
   log(f"report: {path}")
   return {**metrics, "model": info["model"]}

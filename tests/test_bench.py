@@ -186,3 +186,44 @@ def test_nothing_starts_once_the_budget_is_spent(tmp_path):
       ("train_full_32_b2", "jax"), ("train_full_32_b2", "torch"), ("p2p_64_s1_k1", "jax")]
   assert all(r["not_run"] and "5 s budget" in r["error"] for r in records)
   assert (tmp_path / "b.md").read_text().count("| not run: the run's 5 s budget was spent") == 3
+
+
+def test_outputs_and_model_configs_that_cannot_be_used_are_named_before_any_case(tmp_path,
+                                                                                 capsys):
+  """--json/--markdown were first written after a case had run (or the memory analysis: many
+  minutes), and a --model-configs file that is missing or not JSON was a traceback."""
+  from jip2p.cli import bench as bench_cli
+  from tests import cli_errors
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  (tmp_path / "not.json").write_text("{not json")
+  (tmp_path / "list.json").write_text("[1]")
+  cases_ = [  # (arguments, what the line says)
+      (["--memory", f"{REPO}/configs/tiny.py", "--json", f"{a_file}/x.json"],
+       f"the folder of --json {a_file} is not a folder"),
+      (["--cases", "train_full_32_b2", "--markdown", f"{a_file}/sub/x.md"],
+       f"cannot create the folder of --markdown {a_file}/sub: {a_file} is not a folder"),
+      (["--cases", "train_full_32_b2", "--json", str(tmp_path)],
+       f"--json {tmp_path} is a folder; name a file"),
+      (["--cases", "train_full_32_b2", "--model-configs", str(tmp_path / "none.json")],
+       f"{tmp_path}/none.json: cannot read the model configs file (No such file or directory)"),
+      (["--cases", "train_full_32_b2", "--model-configs", str(tmp_path / "not.json")],
+       f"{tmp_path}/not.json: the model configs file is not JSON (Expecting property name"),
+      (["--cases", "train_full_32_b2", "--model-configs", str(tmp_path / "list.json")],
+       f"{tmp_path}/list.json: expected a JSON object of component configs"),
+  ]
+  for args, says in cases_:
+    code = bench_cli.main(args)
+    line = cli_errors.named_error(capsys.readouterr().err, code, "jip2p-bench")
+    assert says in line, (args, line)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "list.json", "not.json"]
+
+
+def test_a_report_that_cannot_be_written_is_named_and_leaves_no_temporary_file(tmp_path):
+  from jip2p.errors import OutputError
+  (tmp_path / "taken").mkdir()  # os.replace cannot put a file over a folder
+  with pytest.raises(OutputError, match=f"cannot write {tmp_path}/taken: Is a directory"):
+    report.write_text(str(tmp_path / "taken"), "table")
+  assert os.listdir(tmp_path) == ["taken"] and os.listdir(tmp_path / "taken") == []
+  report.write_text(str(tmp_path / "new" / "b.md"), "table")
+  assert (tmp_path / "new" / "b.md").read_text() == "table"

@@ -57,6 +57,22 @@ def test_bad_settings_are_named(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_report_the_disk_refuses_is_one_line_and_never_half_written(tmp_path):
+  """Its PNGs, plot, report and metrics were written in place: a full disk gave an OSError
+  traceback and a cut grid.png. Here a write past 4 KiB fails (EFBIG, as ENOSPC on a full disk)."""
+  from tests import cli_errors
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = REPO
+  out = tmp_path / "demo"
+  proc = subprocess.run(cli_errors.file_size_limited(
+      [sys.executable, "-m", "jip2p.cli.demo", "--out", str(out), "--pretrained", "--num-eval",
+       "2", "--eval-steps", "1"], 4 << 10), env=env, capture_output=True, text=True,
+      timeout=600, cwd=REPO)
+  line = cli_errors.named_error(proc.stderr, proc.returncode, "jip2p-demo")
+  assert line == f"jip2p-demo: error: cannot write {out}/grid.png: File too large"
+  assert os.listdir(out) == []
+
+
 def one_step_errors(model_dir, families, t=900, n=24):
   """Mean squared x0 error of one denoising step on held-out scenes (held-out wordings) at
   timestep ``t``: fully conditioned, without the input image (zero latents), and without the

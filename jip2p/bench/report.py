@@ -16,11 +16,13 @@ SINGLE = "†"
 
 
 def write_text(path: str, text: str) -> None:
-  """Writes ``path`` whole or not at all (a temporary sibling, then a rename)."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Writes ``path`` whole or not at all (a temporary sibling, then a rename; its folder made);
+  a failure (a full disk) is an `OutputError` naming it."""
+  from jip2p import files
+  with files.replacing(path) as tmp:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
 
 
 def _peak(device: str) -> float | None:

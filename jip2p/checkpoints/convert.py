@@ -337,8 +337,11 @@ def save_text_encoder(encoder, tokenizer: CLIPTokenizer, folder: str, *, overwri
       raise CheckpointError(f"{folder} holds other files than text_encoder/ and tokenizer/; "
                             "choose another folder")
   parent = os.path.dirname(folder)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
+  try:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(folder), dir=parent)
+  except OSError as e:
+    raise CheckpointError(f"cannot write {folder}: {e.strerror or e}") from None
   os.chmod(tmp, 0o777 & ~storage.umask())  # mkdtemp's 0700 would hide the folder from a team
   try:
     save_component(encoder, os.path.join(tmp, "text_encoder"), dtype=dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jip2p import storage
@@ -248,7 +249,14 @@ def save_component(model, folder: str, *, dtype: str = "float32") -> None:
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
   weights = os.path.join(folder, COMPONENT_CLASSES[name][2] + ".safetensors")
-  save_file(tensors, weights, metadata={"format": "pt"})
+  try:
+    save_file(tensors, weights, metadata={"format": "pt"})
+  except SafetensorError as e:  # its I/O errors (a full disk) as the OSError the callers name
+    code = re.search(r"os error (\d+)", str(e))
+    if code is None:
+      raise
+    number = int(code.group(1))
+    raise OSError(number, os.strerror(number), weights) from None
   os.chmod(weights, 0o666 & ~storage.umask())  # safetensors creates it owner-only (0600)
 
 

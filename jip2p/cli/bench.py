@@ -33,9 +33,10 @@ import time
 from collections.abc import Sequence
 
 from jip2p.bench import cases as cases_lib
+from jip2p import files
 from jip2p.bench import report
 from jip2p.cli import run
-from jip2p.errors import ConfigError
+from jip2p.errors import ConfigError, OutputError
 
 PROG = "jip2p-bench"
 SIDES = ("jax", "torch")
@@ -95,8 +96,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _configs(args) -> dict:
   if args.model_configs:
-    with open(args.model_configs) as f:
-      configs = json.load(f)
+    try:
+      configs = json.loads(files.read_text(args.model_configs, "model configs file"))
+    except json.JSONDecodeError as e:
+      raise ConfigError(f"{args.model_configs}: the model configs file is not JSON ({e})") from None
+    if not isinstance(configs, dict):
+      raise ConfigError(f"{args.model_configs}: expected a JSON object of component configs")
     missing = {"unet", "vae", "text_encoder", "scheduler"} - set(configs)
     if missing:
       raise ConfigError(f"{args.model_configs} lacks {sorted(missing)}")
@@ -289,6 +294,11 @@ def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
   log = lambda message: print(f"{PROG}: {message}", file=sys.stderr, flush=True)
   command = " ".join([PROG] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
+  for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
+    if path is not None:  # before any case runs: they are rewritten after each one
+      if os.path.isdir(path):
+        raise OutputError(f"{flag} {path} is a folder; name a file")
+      files.check_output_dir(os.path.dirname(os.path.abspath(path)), f"folder of {flag}")
   if args.memory:
     return _memory(args, command, log)
   return _side_by_side(args, command, log)

@@ -21,7 +21,7 @@ from jip2p.checkpoints import convert
 from jip2p.checkpoints.folders import SAVE_DTYPES, check_output_folder
 from jip2p.checkpoints.presets import PRESETS
 from jip2p.cli import run
-from jip2p.errors import ConfigError
+from jip2p.errors import CheckpointError, ConfigError
 
 PROG = "jip2p-convert"
 
@@ -63,6 +63,9 @@ def _main(argv: Sequence[str] | None) -> int:
     convert.check_source(args.src)
     if not (args.overwrite and os.path.isdir(args.dst)):  # else save_text_encoder decides
       check_output_folder(args.dst)
+    elif not os.access(os.path.dirname(os.path.abspath(args.dst)), os.W_OK | os.X_OK):
+      raise CheckpointError(f"cannot replace {args.dst}: the folder it is in is not writable "
+                            "(its replacement is written beside it)")
     encoder, tokenizer = convert.convert_open_clip_text(args.src, args.open_clip_config)
     convert.save_text_encoder(encoder, tokenizer, args.dst, overwrite=args.overwrite,
                               dtype=args.dtype)

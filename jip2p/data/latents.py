@@ -34,6 +34,7 @@ one random flip per example, resumable from the number of batches taken.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -48,7 +49,7 @@ from flax import nnx
 from jip2p import files
 from jip2p.data import reader, writer
 from jip2p.data.tf_setup import import_tf
-from jip2p.errors import ConfigError, InputError
+from jip2p.errors import ConfigError, InputError, OutputError
 from jip2p.models.vae import DiagonalGaussian
 
 MANIFEST = "latents.json"
@@ -262,6 +263,31 @@ class _Shards:
     self.done.append((os.path.basename(self._path), self._count))
     self._file, self._count = None, 0
 
+  def abandon(self) -> None:
+    """After a failed write: the open shard's temporary file goes (a rerun writes it again)."""
+    if self._file is None:
+      return
+    with contextlib.suppress(Exception):  # the same full disk may fail the close
+      self._file.close()
+    with contextlib.suppress(Exception):
+      self._tf.io.gfile.remove(self._path + ".incomplete")
+    self._file, self._count = None, 0
+
+
+@contextlib.contextmanager
+def _named_write_errors(out_dir: str, shards: _Shards):
+  """A write to the cache that fails (a full disk, a lost permission) as one `OutputError`, the
+  open shard's temporary file removed; reading errors are not caught here."""
+  tf = import_tf()
+  try:
+    yield
+  except (tf.errors.OpError, OSError) as e:
+    shards.abandon()
+    reason = e.message if isinstance(e, tf.errors.OpError) else (e.strerror or str(e))
+    raise OutputError(f"cannot write the latent cache {out_dir}: {reason}; once that is fixed "
+                      "(a full disk: make room), rerun the same command: it writes the cache "
+                      "again") from None
+
 
 def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split: str = "train",
                 resolution: int = 256, resize: int | None = None, text: str = "embeddings",
@@ -306,7 +332,8 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
     for i in range(n):
       row = {k: v[i] for k, v in out.items()}
       row.update(index=batch["index"][i], instruction=batch["instruction"][i], input_ids=ids[i])
-      shards.write(_serialize(tf, row, dtype))
+      with _named_write_errors(out_dir, shards):
+        shards.write(_serialize(tf, row, dtype))
       if len(validation["instruction"]) < num_validation:
         to_uint8 = lambda x: np.round((x + 1.0) * 127.5).clip(0, 255).astype(np.uint8)
         validation["input"].append(to_uint8(batch["input"][i]))
@@ -315,14 +342,16 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
     written += n
     if log:
       log(f"cached {written} examples")
-  shards.close()
+  with _named_write_errors(out_dir, shards):
+    shards.close()
   if not written:
     raise InputError(f"split {split!r} of {data_dirs} has no usable example to cache")
   buffer = io.BytesIO()  # np.savez seeks, which a GFile being written cannot.
   np.savez(buffer, input=np.stack(validation["input"]), edited=np.stack(validation["edited"]),
            instruction=np.asarray(validation["instruction"]))
-  with tf.io.gfile.GFile(os.path.join(out_dir, VALIDATION), "wb") as f:
-    f.write(buffer.getvalue())
+  with _named_write_errors(out_dir, shards):
+    with tf.io.gfile.GFile(os.path.join(out_dir, VALIDATION), "wb") as f:
+      f.write(buffer.getvalue())
   h, w, c = out["input_mean"].shape[2:]
   text_shape = out["text"].shape[1:] if text == "embeddings" else ids.shape[1:]
   info = CacheInfo(resolution=resolution, resize=resize, latent_shape=(h, w, c), text=text,
@@ -330,9 +359,10 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
                    scaling_factor=float(pipeline.vae.config.scaling_factor), model=model_name,
                    split=split, shards=tuple(shards.done), skipped=seen - written)
   tmp = os.path.join(out_dir, MANIFEST + ".tmp")
-  with tf.io.gfile.GFile(tmp, "w") as f:
-    f.write(info.to_json())
-  tf.io.gfile.rename(tmp, os.path.join(out_dir, MANIFEST), overwrite=True)
+  with _named_write_errors(out_dir, shards):
+    with tf.io.gfile.GFile(tmp, "w") as f:
+      f.write(info.to_json())
+    tf.io.gfile.rename(tmp, os.path.join(out_dir, MANIFEST), overwrite=True)
   return info
 
 

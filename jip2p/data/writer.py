@@ -21,6 +21,7 @@ in the same shards. The importers do this.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -201,7 +202,8 @@ class DatasetWriter:
     dataset with no committed shard is removed: its manifest, its unfinished shards and the
     folders this writer made."""
     for shard in self._open.values():
-      shard.writer.close()
+      with contextlib.suppress(self._tf.errors.OpError):  # the full disk that stopped the writes
+        shard.writer.close()
     self._open.clear()
     if any(info["shards"] for info in self._manifest["splits"].values()):
       return
@@ -218,7 +220,12 @@ class DatasetWriter:
 
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc_type is None:
-      self.close()
+      try:
+        self.close()
+      except Exception:  # e.g. the last shard's flush on a full disk: left as by any failure
+        with contextlib.suppress(Exception):
+          self.abandon()
+        raise
     else:
       self.abandon()
 

@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from jip2p.errors import CheckpointError
+from jip2p.errors import CheckpointError, ConfigError
 from jip2p.train.step import TrainState
 
 ITEMS = ("params", "ema", "train", "data")
@@ -58,6 +58,8 @@ class Checkpointer:
       raise CheckpointError(f"no checkpoints in {workdir}: {self.directory} does not exist")
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
     self.last_saved: int | None = None
+    if saving:  # a background save's failure (a full disk) is reported once, by `wait`
+      _silence_orphaned_tasks()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -90,7 +92,7 @@ class Checkpointer:
     """(state, data position) at ``step`` (default: latest), laid out like ``abstract`` (a
     `TrainState` of `jax.ShapeDtypeStruct`s carrying shardings)."""
     step = self.resolve_step(step)
-    restored = self._read(step, ocp.args.Composite(
+    restored = self._read(step, abstract.params, ocp.args.Composite(
         params=ocp.args.StandardRestore(abstract.params),
         ema=ocp.args.StandardRestore(abstract.ema),
         train=ocp.args.StandardRestore({"opt_state": abstract.opt_state, "step": abstract.step,
@@ -105,17 +107,27 @@ class Checkpointer:
   def restore_weights(self, which: str, abstract_params: Any, step: int | None = None) -> Any:
     """Only the ``"params"`` or ``"ema"`` item (for export), laid out like ``abstract_params``."""
     step = self.resolve_step(step)
-    restored = self._read(step, ocp.args.Composite(
+    restored = self._read(step, abstract_params, ocp.args.Composite(
         **{which: ocp.args.StandardRestore(abstract_params)}))
     return restored[which]
 
-  def _read(self, step: int, args: ocp.args.Composite):
+  def _read(self, step: int, abstract_params: Any, args: ocp.args.Composite):
     """orbax's restore of ``step``; a checkpoint it cannot read (a truncated or corrupt file) as
-    a `CheckpointError` naming the step, orbax's first line (the file) and the way out."""
+    a `CheckpointError` naming the step, orbax's first line (the file) and the way out; one of
+    another model than ``abstract_params`` (the config's) as a `ConfigError` naming a parameter
+    that differs (every checkpoint of the run differs alike: no earlier one is a way out)."""
     try:
       return self.manager.restore(step, args=args)
     except Exception as e:  # orbax and tensorstore raise ValueError, OSError, their own errors…
-      _silence_orphaned_reads()
+      _silence_orphaned_tasks()
+      differs = self._first_difference(step, abstract_params)
+      if differs:
+        workdir = self.directory.parent
+        raise ConfigError(
+            f"the checkpoints in {self.directory} are of another model than this config's "
+            f"({differs}): resume with the config the run was started with "
+            f"({workdir / 'config.json'}, the config.model it names) or choose another "
+            "--workdir") from None
       while e.__cause__ is not None:  # the innermost error names the file
         e = e.__cause__
       reason = next((line.strip() for line in str(e).splitlines() if line.strip()),
@@ -128,6 +140,25 @@ class Checkpointer:
                  "way to start again from step 0")
       raise CheckpointError(f"the checkpoint of step {step} cannot be read ({reason}); "
                             f"{way_out}") from None
+
+  def _first_difference(self, step: int, abstract_params: Any) -> str | None:
+    """The first parameter (by name) that ``step``'s stored ``params`` lack, have in excess or
+    hold in another shape than ``abstract_params``; None when they match or their metadata
+    cannot be read (then the checkpoint itself is damaged)."""
+    try:
+      stored = _shapes(ocp.StandardCheckpointHandler().metadata(
+          self.directory / str(step) / "params"))
+    except Exception:  # no or damaged metadata: a damaged checkpoint, named as such
+      return None
+    model = _shapes(abstract_params)
+    for name in sorted(stored.keys() | model.keys()):
+      if name not in model:
+        return f"the checkpoint has {name}, the model has not"
+      if name not in stored:
+        return f"the model has {name}, the checkpoint has not"
+      if stored[name] != model[name]:
+        return f"{name} is {stored[name]} in the checkpoint, {model[name]} in the model"
+    return None
 
   def resolve_step(self, step: int | None) -> int:
     """``step`` checked to exist, or the latest when None."""
@@ -146,18 +177,52 @@ class Checkpointer:
     try:
       self.manager.wait_until_finished()
     except Exception as e:  # orbax re-raises whatever the background save raised.
-      raise CheckpointError(f"saving a checkpoint under {self.directory} failed: {e}") from e
+      _silence_orphaned_tasks()  # the save's other writes, failing in turn
+      while e.__cause__ is not None:  # the innermost error names the file
+        e = e.__cause__
+      reason = next((line.strip() for line in str(e).splitlines() if line.strip()),
+                    type(e).__name__)
+      kept = [s for s in self.all_steps() if s != self.last_saved]
+      way_out = (f"rerun the same command to resume from step {max(kept)}" if kept else
+                 "rerun the same command to start again")
+      raise CheckpointError(f"saving the checkpoint of step {self.last_saved} under "
+                            f"{self.directory} failed ({reason}); once that is fixed (a full "
+                            f"disk: make room), {way_out}") from None
 
   def close(self) -> None:
     self.wait()
     self.manager.close()
 
 
-def _silence_orphaned_reads() -> None:
-  """After a failed restore, orbax's other reads of the checkpoint are still in flight; they fail
-  in turn on a closed event loop, each printing a traceback of the error already reported (as
-  asyncio's "Task exception was never retrieved", or through sys.excepthook or
-  sys.unraisablehook)."""
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """Each leaf's dotted name → its shape (the abstract state's and orbax's metadata alike)."""
+  return {jax.tree_util.keystr(path, simple=True, separator="."): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+class _ReraisedBackgroundError(logging.Filter):
+  """Drops orbax's logs of an exception with its traceback (a background save's failure, logged
+  by each thread it passes through): the exception reaches `wait`, which raises it, named, as a
+  `CheckpointError`."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR and record.exc_info
+                and os.path.join("orbax", "checkpoint") in record.pathname)
+
+
+_silenced = False
+
+
+def _silence_orphaned_tasks() -> None:
+  """After a failed restore or save, orbax's other reads or writes of the checkpoint are still in
+  flight; they fail in turn on a closed event loop, each printing a traceback of the error already
+  reported (as asyncio's "Task exception was never retrieved", or through sys.excepthook or
+  sys.unraisablehook), and orbax logs each failed background write. Once per process."""
+  global _silenced
+  if _silenced:
+    return
+  _silenced = True
+  logging.getLogger("absl").addFilter(_ReraisedBackgroundError())
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   orphan = lambda e: isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook

@@ -18,6 +18,7 @@ import os
 import ml_collections
 from etils import epath
 
+from jip2p import files
 from jip2p.config_schema import check_keys
 from jip2p.errors import CheckpointError, ConfigError
 from jip2p.models.attention import IMPLEMENTATIONS
@@ -107,9 +108,13 @@ def base_config() -> ml_collections.ConfigDict:
 def load(spec: str) -> ml_collections.ConfigDict:
   """``path.py[:arg]`` → the ConfigDict its ``get_config(arg)`` returns (any jip2p config file)."""
   path, _, arg = spec.partition(":")
+  if os.path.isdir(path):
+    raise ConfigError(f"{path} is a folder: give a config .py file in it")
   if not os.path.isfile(path):
     raise ConfigError(f"config file not found: {path}")
   module_spec = importlib.util.spec_from_file_location("jip2p_config_file", path)
+  if module_spec is None:  # not a name Python imports (a .py file)
+    raise ConfigError(f"{path} is not a Python file: a config is a .py file with get_config()")
   module = importlib.util.module_from_spec(module_spec)
   try:  # A config file is the user's code: whatever it raises is a problem with the config.
     module_spec.loader.exec_module(module)
@@ -239,10 +244,18 @@ def mesh_shape(config: ml_collections.ConfigDict, num_devices: int,
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Saves ``config`` as ``workdir``'s `CONFIG_FILE`."""
+  """Saves ``config`` as ``workdir``'s `CONFIG_FILE`, whole (a local one under a temporary name,
+  then renamed: a full disk leaves the previous run's file, which export reads, as it was)."""
   path = epath.Path(workdir) / CONFIG_FILE
-  path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(config.to_json(indent=2, sort_keys=True))
+  text = config.to_json(indent=2, sort_keys=True)
+  if files.is_remote(workdir):  # an object store writes an object whole
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return
+  with files.replacing(str(path)) as tmp:  # an OSError: an OutputError naming the file
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    with open(tmp, "w") as f:
+      f.write(text)
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

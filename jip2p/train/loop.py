@@ -1,15 +1,16 @@
-"""The InstructPix2Pix training loop, top to bottom: config, mesh, model, input, work directory,
-optimizer, sharding, step, checkpoint, evals, loop.
+"""The InstructPix2Pix training loop, top to bottom: config, mesh, model, input, optimizer,
+sharding, step, checkpoint, work directory, evals, loop.
 
 Every process runs this same code. Process 0 alone writes logs, the saved config and exports;
 checkpoints are written by all processes together (each its shards). Nothing is written to the
-work directory before the config, the model and the data have been checked. A run resumes from the
-latest checkpoint in its work directory, and on SIGTERM or a preemption notice it saves and
-returns.
+work directory before the config, the model, the data and the checkpoint a run resumes from have
+been checked. A run resumes from the latest checkpoint in its work directory, and on SIGTERM or a
+preemption notice it saves and returns.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from typing import Any
@@ -64,6 +65,18 @@ def _own_position(positions: list[Any]) -> Any:
                     f"{jax.process_count()}")
 
 
+def _resume_position(source, positions: list[Any], workdir: str) -> Any:
+  """This process's data position from a checkpoint, checked to be of the form ``source``
+  keeps (a position of another config.data source would fail deep in the input pipeline)."""
+  position = _own_position(positions)
+  if type(position) is not type(source.get_position()):
+    raise ConfigError(f"the checkpoints in {workdir} were written reading other data than this "
+                      f"config's (a data position {json.dumps(position)[:60]}): resume with the "
+                      f"config the run was started with ({workdir}/config.json, its config.data) "
+                      "or choose another --workdir")
+  return position
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in ``workdir``; returns ``{"step", "loss", "preempted"}``."""
   # ------------------------------------------------------------------ config
@@ -88,13 +101,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   source = input_lib.make_source(config, tokenizer=pipeline.tokenizer,
                                  process_index=jax.process_index(), process_count=process_count)
   step_frozen, micro_shapes = models.step_models(config, source, pipeline, frozen, replicated)
-
-  # ------------------------------------------------------------------ work directory
-  if primary:
-    config_lib.write_config(config, workdir)
-  writer = metrics.workdir_writer(workdir, enabled=primary)
-  writer.text(f"{process_count} process(es), {num_devices} device(s) "
-              f"({jax.devices()[0].device_kind}); mesh data={data_size} fsdp={fsdp_size}")
 
   # ------------------------------------------------------------------ optimizer
   o = config.optimizer
@@ -124,14 +130,24 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   c = config.checkpoint
   checkpointer = checkpointing.Checkpointer(workdir, every_steps=c.every_steps, keep=c.keep,
                                             keep_every=c.keep_every, async_save=c.async_save)
-  if checkpointer.latest_step() is not None:
+  resumed = checkpointer.latest_step() is not None
+  if resumed:
     state, positions = checkpointer.restore(_abstract(abstract_state, state_shardings))
-    source.set_position(_own_position(positions))
-    writer.text(f"resumed from the checkpoint of step {int(state.step)}")
+    source.set_position(_resume_position(source, positions, workdir))
   else:
     params = jax.device_put(params, state_shardings.params)
     state = jax.jit(init_fn, out_shardings=state_shardings)(params)
   del params
+
+  # ------------------------------------------------------------------ work directory
+  # Only now: a resume refused above leaves the run's config.json (what export reads) as it was.
+  if primary:
+    config_lib.write_config(config, workdir)
+  writer = metrics.workdir_writer(workdir, enabled=primary)
+  writer.text(f"{process_count} process(es), {num_devices} device(s) "
+              f"({jax.devices()[0].device_kind}); mesh data={data_size} fsdp={fsdp_size}")
+  if resumed:
+    writer.text(f"resumed from the checkpoint of step {int(state.step)}")
 
   # ------------------------------------------------------------------ evals
   e = config.eval
@@ -178,9 +194,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     checkpointer.wait()
     if not preempted and step == config.total_steps:
       exporting.export_at_end(state, pipeline, unet_def, workdir, config.export.at_end, writer)
-  finally:
-    profiler.close()
-    preemption.close()
-    checkpointer.close()
-    writer.close()
+  except BaseException:
+    # What stopped the run is what it reports: closing may fail in turn (on the same full disk).
+    for close in (profiler.close, preemption.close, checkpointer.close, writer.close):
+      with contextlib.suppress(Exception):
+        close()
+    raise
+  profiler.close()
+  preemption.close()
+  checkpointer.close()
+  writer.close()
   return {"step": step, "loss": log.loss, "preempted": preempted}

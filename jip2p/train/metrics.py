@@ -9,6 +9,7 @@ device's peak dense bfloat16 FLOP/s, from `PEAK_FLOPS` or the config.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from jip2p import storage
-from jip2p.errors import Jip2pError
+from jip2p.errors import Jip2pError, OutputError
 from jip2p.train import events
 
 # Peak dense bfloat16 FLOP/s per device (one chip, or one GPU), matched as substrings of
@@ -89,6 +90,22 @@ class _FileHandler(logging.Handler):
     self.file.write(self.format(record) + "\n")
 
 
+def _named_write_errors(method):
+  """A log, event or metrics file that cannot be written (a full disk) stops the run with one
+  `OutputError` naming it, not a traceback."""
+
+  @functools.wraps(method)
+  def wrapped(self, *args, **kwargs):
+    try:
+      return method(self, *args, **kwargs)
+    except OSError as e:
+      raise OutputError(f"cannot write the training logs ({e.filename or self.logdir}): "
+                        f"{e.strerror or e}; once that is fixed (a full disk: make room), "
+                        "rerun the same command to resume from the last checkpoint") from None
+
+  return wrapped
+
+
 class MetricWriter:
   """Scalars and images to TensorBoard event files under ``logdir`` (see `events`) and a line
   per write to the console and to ``log_file`` (appended to at each start, so a resumed run keeps
@@ -102,6 +119,7 @@ class MetricWriter:
   def __init__(self, logdir: str, *, enabled: bool = True, flush_secs: float = 30.0,
                log_file: str | None = None, jsonl: str | None = None):
     self.enabled = enabled
+    self.logdir = logdir
     self._jsonl = jsonl
     self._events = events.EventWriter(logdir) if enabled else None
     self._flush_secs = flush_secs
@@ -116,6 +134,7 @@ class MetricWriter:
     if self._log_handler is not None:
       log.addHandler(self._log_handler)
 
+  @_named_write_errors
   def scalars(self, step: int, values: Mapping[str, float]) -> None:
     if not self.enabled:
       return
@@ -126,6 +145,7 @@ class MetricWriter:
         f.write(json.dumps({"step": step, **values}) + "\n")
     self._maybe_flush()
 
+  @_named_write_errors
   def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """uint8 [H, W, 3] images."""
     if not self.enabled:
@@ -133,6 +153,7 @@ class MetricWriter:
     self._events.write(step, [events.image_value(k, v) for k, v in images.items()])
     self._maybe_flush()
 
+  @_named_write_errors
   def text(self, message: str) -> None:
     if self.enabled:
       log.info("%s", message)
@@ -141,6 +162,7 @@ class MetricWriter:
     if time.monotonic() - self._flushed >= self._flush_secs:
       self.flush()
 
+  @_named_write_errors
   def flush(self) -> None:
     if self.enabled:
       self._events.flush()
@@ -148,6 +170,7 @@ class MetricWriter:
         self._log_handler.file.flush()
       self._flushed = time.monotonic()
 
+  @_named_write_errors
   def close(self) -> None:
     if self.enabled:
       self._events.close()

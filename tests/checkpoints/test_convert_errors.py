@@ -8,6 +8,8 @@ path under a regular file, and a full disk is an OSError raised while the weight
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from jip2p.checkpoints import folders
 from jip2p.cli import convert as convert_cli
 from jip2p.errors import CheckpointError
 from tests import cli_errors
+from tests.checkpoints.test_open_clip_text import tiny_config, write_model
 from tests.checkpoints.test_convert import ldm_state
 
 
@@ -184,3 +187,38 @@ def test_child_errors_reach_the_parent_as_the_same_line(tmp_path, capsys, monkey
   with pytest.raises(CheckpointError, match="is a file, not a folder"):
     checkpoints.convert_single_file(str(src), str(src / "out"))
   assert listing(tmp_path) == ["empty.safetensors", "weights.ckpt"]
+
+
+@pytest.mark.parametrize("open_clip", [False, True], ids=["pipeline", "open-clip text"])
+def test_weights_the_file_system_refuses_are_named_and_leave_nothing(good_file, tmp_path,
+                                                                    open_clip):
+  if open_clip:  # 6 MiB of token embeddings (safetensors' write error was a traceback, exit 1)
+    _, weights, config = write_model(tmp_path, tiny_config())
+    args = ["--open-clip-config", config, weights]
+  else:
+    args = [str(good_file), "--preset", "tiny"]
+  before = listing(tmp_path)
+  script = os.path.join(os.path.dirname(sys.executable), "jip2p-convert")
+  # A write past 1 MiB fails as on a full disk, inside safetensors' own writer.
+  done = subprocess.run(cli_errors.file_size_limited([script, *args, str(tmp_path / "out")],
+                                                     1 << 20),
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  line = cli_errors.named_error(done.stderr, done.returncode, "jip2p-convert")
+  assert line == f"jip2p-convert: error: cannot write {tmp_path / 'out'}: File too large"
+  assert listing(tmp_path) == before  # neither out nor its temporary sibling
+
+
+def test_an_open_clip_folder_replaced_where_nothing_can_be_written(tmp_path, capsys, monkeypatch):
+  _, weights, config = write_model(tmp_path, tiny_config())
+  dst = tmp_path / "text"
+  assert convert_cli.main(["--open-clip-config", config, weights, str(dst)]) == 0
+  real_access = os.access
+  monkeypatch.setattr(convert_cli.os, "access",  # root writes through chmod: as if read-only
+                      lambda path, mode: path != str(tmp_path) and real_access(path, mode))
+  monkeypatch.setattr(checkpoints.convert, "convert_open_clip_text",
+                      lambda *a: pytest.fail("converted before the output was checked"))
+  line = named_error(capsys, convert_cli.main(["--open-clip-config", config, weights, str(dst),
+                                               "--overwrite"]))
+  assert f"cannot replace {dst}: the folder it is in is not writable" in line
+  assert listing(dst) == ["text_encoder", "tokenizer"]

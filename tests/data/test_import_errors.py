@@ -8,6 +8,8 @@ path under a regular file, and a full disk is an OSError raised while a shard is
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -226,6 +228,22 @@ def test_full_disk_is_named_and_a_rerun_finishes_the_import(tmp_path, capsys, mo
   assert "already stored (resumed): 6" in capsys.readouterr().out
   straight = writer.read_manifest(str(tmp_path / "straight"))
   assert writer.read_manifest(str(out))["splits"] == straight["splits"]  # same bytes (sha256)
+
+
+def test_a_last_shard_the_disk_refuses_at_close_leaves_no_dataset(tmp_path):
+  """TFRecordWriter buffers: the shard's bytes met the full disk only when the writer closed it,
+  and that failure left manifest.json and the shard's temporary file of a dataset with no row
+  (the monkeypatched test above fails earlier, in write). A write past 8 KiB fails here (EFBIG,
+  as ENOSPC on a full disk), in a fresh process."""
+  out = tmp_path / "out"
+  script = os.path.join(os.path.dirname(sys.executable), "jip2p-import")
+  done = subprocess.run(cli_errors.file_size_limited(
+      [script, "synthetic", "--num", "8", "--size", "32", "--out", str(out)], 8 << 10),
+      capture_output=True, text=True, timeout=600)
+  line = cli_errors.named_error(done.stderr, done.returncode, "jip2p-import")
+  assert line.startswith(f"jip2p-import: error: cannot write the dataset {out}: ")
+  assert line.endswith("File too large")
+  assert os.listdir(tmp_path) == []
 
 
 def test_a_damaged_row_group_is_skipped_and_counted(tmp_path, capsys):

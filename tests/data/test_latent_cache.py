@@ -5,6 +5,7 @@ with the VAE sampling noise drawn from the same key."""
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -22,6 +23,7 @@ from jip2p.data import latents, writer  # noqa: E402
 from jip2p.diffusion import schedules  # noqa: E402
 from jip2p.errors import ConfigError  # noqa: E402
 from jip2p.train import step as step_lib  # noqa: E402
+from tests import cli_errors  # noqa: E402
 
 pytestmark = pytest.mark.tf
 
@@ -128,6 +130,23 @@ def test_a_rerun_finishes_an_interrupted_cache(cache, dataset, tmp_path):
     assert got.keys() == want.keys()
     for key in got:
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_a_full_disk_is_one_line_and_a_rerun_finishes(cache, dataset, tmp_path):
+  """A shard the file system refuses (a write past 16 KiB fails with EFBIG, as one on a full disk
+  with ENOSPC) was a TensorFlow traceback; now one line, its temporary file removed."""
+  out = tmp_path / "cache"
+  script = os.path.join(os.path.dirname(sys.executable), "jip2p-cache-latents")
+  done = subprocess.run(cli_errors.file_size_limited(
+      [script, "--data", dataset, "--out", str(out), *ARGS], 16 << 10), capture_output=True,
+      text=True, timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  line = cli_errors.named_error(done.stderr, done.returncode, "jip2p-cache-latents")
+  assert line.startswith(f"jip2p-cache-latents: error: cannot write the latent cache {out}: ")
+  assert "File too large" in line and line.endswith("rerun the same command: it writes the "
+                                                    "cache again")
+  assert os.listdir(out) == []  # no shard under its temporary name
+  assert cache_latents.main(["--data", dataset, "--out", str(out), *ARGS]) == 0
+  assert latents.CacheInfo.read(str(out)) == latents.CacheInfo.read(cache)
 
 
 def test_crops_are_centre_crops_of_the_resized_images(dataset):

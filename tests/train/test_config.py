@@ -133,3 +133,35 @@ def test_a_work_directory_from_before_a_key_existed_reads_with_its_default(tmp_p
   (tmp_path / config_lib.CONFIG_FILE).write_text(json.dumps(saved))
   with pytest.raises(ConfigError, match="unknown config key"):
     config_lib.read_config(str(tmp_path))
+
+
+def test_the_saved_config_is_replaced_whole(tmp_path, monkeypatch):
+  """A full disk while config.json is rewritten (a resumed run) leaves the run's file, which
+  jip2p-export reads, as it was, and says so in one line."""
+  import builtins
+  import errno
+
+  from jip2p.errors import OutputError
+  config_lib.write_config(load("tiny"), str(tmp_path))
+  saved = (tmp_path / config_lib.CONFIG_FILE).read_text()
+
+  class FullDisk:
+    def __init__(self, path, mode):
+      self.file = builtins.open(path, mode)
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.file.close()
+
+    def write(self, text):
+      self.file.write(text[:10])
+      self.file.flush()
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(config_lib, "open", FullDisk, raising=False)
+  with pytest.raises(OutputError, match=f"cannot write {tmp_path}/config.json: No space left"):
+    config_lib.write_config(load("tiny", "steps=3"), str(tmp_path))
+  assert (tmp_path / config_lib.CONFIG_FILE).read_text() == saved
+  assert sorted(p.name for p in tmp_path.iterdir()) == [config_lib.CONFIG_FILE]

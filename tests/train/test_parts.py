@@ -18,7 +18,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jip2p import checkpoints
-from jip2p.errors import CheckpointError, Jip2pError
+from jip2p.errors import CheckpointError, Jip2pError, OutputError
 from jip2p.models.unet import UNet2DCondition, UNetConfig
 from jip2p.train import checkpointing, events, metrics, sharding
 from jip2p.train import config as config_lib
@@ -199,8 +199,9 @@ def test_relative_workdir_saves_and_failed_saves_are_named(tmp_path, monkeypatch
   def failed():
     raise ValueError("disk full")
   monkeypatch.setattr(ckpt.manager, "wait_until_finished", failed)
-  with pytest.raises(CheckpointError, match=r"saving a checkpoint under .*run/checkpoints "
-                     r"failed: disk full"):
+  with pytest.raises(CheckpointError, match=r"saving the checkpoint of step 1 under "
+                     r".*run/checkpoints failed \(disk full\); .* rerun the same command to "
+                     r"start again"):
     ckpt.save(state.replace(step=jnp.int32(2)), 2)
   monkeypatch.undo()
   ckpt.close()
@@ -241,6 +242,16 @@ def test_metric_writer_only_on_process_zero(tmp_path):
   quiet.scalars(1, {"loss": 1.0})
   quiet.close()
   assert not (tmp_path / "quiet").exists()
+
+
+def test_metric_writer_names_a_log_it_cannot_write(tmp_path):
+  """A full disk or a path taken by a folder: one `OutputError` line, not an OSError traceback."""
+  (tmp_path / "metrics.jsonl").mkdir()
+  writer = metrics.workdir_writer(str(tmp_path), enabled=True)
+  with pytest.raises(OutputError, match=rf"cannot write the training logs \({tmp_path}/metrics"
+                     r"\.jsonl\): Is a directory; .* rerun the same command to resume"):
+    writer.scalars(1, {"loss": 1.0})
+  writer.close()
 
 
 class _Checkpointer:
