@@ -16,9 +16,11 @@ when the manager next opens. Saves run in a background thread; `wait` blocks unt
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
+import warnings
 from typing import Any
 
 import jax
@@ -224,6 +226,12 @@ def _silence_orphaned_tasks() -> None:
   _silenced = True
   logging.getLogger("absl").addFilter(_ReraisedBackgroundError())
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+  # Writes that never started are coroutines collected unawaited, often only at exit: after the
+  # entry point's warning filters are gone, hence the filter again from atexit.
+  ignore = lambda: warnings.filterwarnings(
+      "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
+  ignore()
+  atexit.register(ignore)
   orphan = lambda e: isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
   sys.excepthook = lambda kind, e, tb: None if orphan(e) else excepthook(kind, e, tb)
