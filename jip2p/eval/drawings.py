@@ -12,6 +12,11 @@ edit dataset, so the figure measured here is the quality of the images that gene
 from.
 
   python -m jip2p.eval.drawings --model data/world-t2i --num 192 --seed 100
+
+Before a model draws captions right, `caption_use` says whether it reads them at all, in seconds
+instead of minutes: its denoising error on training scenes with each scene's own caption,
+another scene's and the empty one (``--caption-use``). A model that reads its captions does
+better with its own than with none, and worse with another scene's.
 """
 
 from __future__ import annotations
@@ -58,6 +63,45 @@ def evaluate(pipeline, *, num: int = 192, seed: int = 100, split: str = "heldout
   return world_metrics.aggregate_drawings(results), images
 
 
+def caption_use(pipeline, *, num: int = 64, seed: int = 0, split: str = "train",
+                timesteps: Sequence[int] = (500, 900), noise_seed: int = 0
+                ) -> dict[str, dict[str, float]]:
+  """{t: {"own", "other", "empty"}}: the model's mean squared error against its training target
+  (ε or v, the scheduler's prediction type) on drawings 0 .. num-1 of the caption dataset
+  ``seed``, noised at each t with the same noise, given each scene's own caption, the next
+  scene's caption, or the empty caption."""
+  import jax.numpy as jnp
+
+  from jip2p.diffusion import schedules
+  from jip2p.train.step import noised_and_target
+  if num < 2:
+    raise ConfigError(f"--num must be ≥ 2 (a scene needs another's caption), got {num}")
+  config = schedules.from_scheduler_config(pipeline.scheduler_config)
+  alphas = config.alphas_cumprod()
+  bad = [t for t in timesteps if not 0 <= t < len(alphas)]
+  if bad:
+    raise ConfigError(f"timesteps {bad} outside [0, {len(alphas)})")
+  size = pipeline.vae.config.sample_size
+  drawings = [synthetic.drawing_at(i, seed=seed, size=size, split=split) for i in range(num)]
+  images = np.stack([d.image for d in drawings]).astype(np.float32) / 127.5 - 1.0
+  latents = pipeline.vae.encode(jnp.asarray(images)).mode() * pipeline.vae.config.scaling_factor
+  own = pipeline.text_encoder(jnp.asarray(pipeline.tokenizer([d.caption for d in drawings])))
+  empty = jnp.broadcast_to(pipeline.text_encoder(jnp.asarray(pipeline.tokenizer([""]))),
+                           own.shape)
+  texts = {"own": own, "other": jnp.roll(own, 1, axis=0), "empty": empty}
+  rng = np.random.default_rng(noise_seed)
+  out = {}
+  for t in timesteps:
+    noise = jnp.asarray(rng.standard_normal(latents.shape).astype(np.float32))
+    noisy, target = noised_and_target(latents, noise, jnp.full((num,), np.sqrt(alphas[t])),
+                                      jnp.full((num,), np.sqrt(1.0 - alphas[t])),
+                                      config.prediction_type)
+    step = jnp.full((num,), t)
+    out[str(t)] = {name: float(jnp.mean(jnp.square(pipeline.unet(noisy, step, text) - target)))
+                   for name, text in texts.items()}
+  return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   p = argparse.ArgumentParser(
       prog="python -m jip2p.eval.drawings",
@@ -76,9 +120,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--cfg-scale", type=float, default=5.0, help="text guidance (default 5)")
   p.add_argument("--batch", type=int, default=32, help="captions per program run (default 32)")
   p.add_argument("--grid", help="also write the first drawings as a PNG grid here")
+  p.add_argument("--caption-use", action="store_true",
+                 help="instead of drawing, print the model's denoising error at t = 500 and 900 "
+                      "with each scene's own caption, another's and none (--num scenes of "
+                      "--seed, --split wordings): whether it reads its captions at all")
   args = p.parse_args(argv)
   from jip2p import checkpoints, grids
   pipeline = checkpoints.load_pipeline(args.model)
+  if args.caption_use:
+    errors = caption_use(pipeline, num=args.num, seed=args.seed, split=args.split)
+    print(json.dumps({"model": args.model, "num": args.num, "seed": args.seed,
+                      "split": args.split, "caption_use": errors}))
+    return 0
   summary, images = evaluate(pipeline, num=args.num, seed=args.seed, split=args.split,
                              steps=args.steps, cfg_scale=args.cfg_scale, batch=args.batch)
   if args.grid:

@@ -142,3 +142,28 @@ def test_an_editor_starts_from_a_text_to_image_base(tmp_path):
   # The base's other weights are the editor's: one deep one as a witness.
   np.testing.assert_array_equal(np.asarray(editor.unet.conv_out.kernel[...]),
                                 np.asarray(base.unet.conv_out.kernel[...]))
+
+
+def test_caption_use_compares_own_other_and_empty_captions():
+  """`drawings.caption_use` feeds the UNet each scene's own caption, another's and none: a
+  random world model (whose cross-attention reads the text) errs differently with each, and
+  the same model with its cross-attention outputs zeroed, which cannot read text, exactly alike."""
+  import jax
+  from flax import nnx
+  from jip2p import checkpoints
+  from jip2p.eval import drawings
+  pipeline = checkpoints.random_pipeline("world", unet_in_channels=3)
+  reads = drawings.caption_use(pipeline, num=4, timesteps=(900,))["900"]
+  assert reads["own"] != reads["other"] and reads["own"] != reads["empty"]
+  params = nnx.state(pipeline.unet, nnx.Param)
+  in_attn2_out = lambda path: "attn2" in str(path) and "to_out" in str(path)
+  nnx.update(pipeline.unet, jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 0 if in_attn2_out(path) else x, params))
+  deaf = drawings.caption_use(pipeline, num=4, timesteps=(900, 500))
+  assert set(deaf) == {"900", "500"}
+  for errors in deaf.values():
+    assert errors["own"] == errors["other"] == errors["empty"] > 0
+  with pytest.raises(ConfigError, match="timesteps"):
+    drawings.caption_use(pipeline, num=4, timesteps=(1000,))
+  with pytest.raises(ConfigError, match="num"):
+    drawings.caption_use(pipeline, num=1)
