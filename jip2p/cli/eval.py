@@ -209,6 +209,7 @@ def _main(argv: Sequence[str] | None) -> int:
     started = pool.submit(scorer.start) if scorer is not None else None
     editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                          attention_impl=args.attention_impl)
+    editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
     if started is not None:
       started.result()
     rows = evaluate(editor, eval_set, settings, args.output, config=config, scorer=scorer,
