@@ -60,6 +60,7 @@ REJECTED_SUFFIX = ".rejected.jsonl"
 CAPTION_KEYS = ("caption", "input", "text")
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 MAX_REPLY_CHARS = 2000  # of a rejected reply, kept in the rejected file
+LINE_START = b'{"input": '  # how every line of both output files begins
 
 SYSTEM_PROMPT = (
     "You write image-editing instructions. Given the caption of an image, invent one "
@@ -378,13 +379,6 @@ def _scan(path: str, captions: dict[int, str], what: str) -> tuple[list[dict], b
   except OSError as e:
     raise InputError(f"{path}: cannot read the {what} ({e.strerror})") from None
   end = data.rfind(b"\n") + 1
-  torn = end < len(data)
-  if torn:
-    try:
-      with open(path, "r+b") as f:
-        f.truncate(end)
-    except OSError as e:
-      raise OutputError(f"cannot cut the torn last line of {path}: {e.strerror}") from None
   rows = []
   for n, line in enumerate(data[:end].split(b"\n")[:-1], 1):
     try:
@@ -400,6 +394,16 @@ def _scan(path: str, captions: dict[int, str], what: str) -> tuple[list[dict], b
                        "which the captions file does not have there: it was written from another "
                        "captions file; give another --out")
     rows.append(row)
+  tail = data[end:]
+  torn = bool(tail)
+  if torn:  # Cut only what can be the start of a line of ours, after every whole line was.
+    if not (tail.startswith(LINE_START) or LINE_START.startswith(tail)):
+      raise InputError(f"{path}: its last line is not a line this tool wrote; give another --out")
+    try:
+      with open(path, "r+b") as f:
+        f.truncate(end)
+    except OSError as e:
+      raise OutputError(f"cannot cut the torn last line of {path}: {e.strerror}") from None
   return rows, torn
 
 

@@ -192,6 +192,12 @@ def test_rerun_asks_only_what_is_missing_and_cuts_a_torn_line(server, tmp_path):
   assert (again.resumed, again.torn, again.kept, again.requests) == (11, 1, 12, 1)
   assert server.requests[torn_caption] == 2
   assert sorted(r["caption_index"] for r in rows(out)) == list(range(12))
+  # A file this tool did not write is refused, and left as it was.
+  foreign = tmp_path / "notes.txt"
+  foreign.write_text("my notes, without a final newline")
+  with pytest.raises(InputError, match="not a line this tool wrote"):
+    llm_prompts.write_prompts(captions, str(foreign), client(server), EXAMPLES)
+  assert foreign.read_text() == "my notes, without a final newline"
   # Another captions file is refused before any request.
   (tmp_path / "other.txt").write_text("something else\n" * 3)
   with pytest.raises(InputError, match="another captions file"):
