@@ -73,6 +73,15 @@ def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
                                      text_scale, image_scale)
   if noise is None:
     noise = initial_noise(seeds, shape=image_latents.shape[1:])
+  return _sample_and_decode(eps_fn, noise, schedule, seeds, vae, embeddings, image_latents,
+                            method=method, scaling_factor=scaling_factor,
+                            prediction_type=prediction_type)
+
+
+def _sample_and_decode(eps_fn, noise, schedule, seeds, vae, embeddings, image_latents, *,
+                       method, scaling_factor, prediction_type):
+  """The sampling loop (each example's ancestral noise from its seed) and the decode; the
+  (clipped pixels, stage finite flags) `edit` and `sdedit` return."""
   step_keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s))[1])(seeds)
   latents = samplers.sample(eps_fn, noise, schedule, step_keys, method=method,
                             noise_fn=_per_example_noise, prediction_type=prediction_type)
@@ -119,9 +128,6 @@ def sdedit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
   # `sample` starts from ``noise · init_sigma``: a grid whose init_sigma is 1 starts at ``start``.
   tail = Schedule(sigmas=schedule.sigmas, timesteps=schedule.timesteps,
                   init_sigma=jnp.ones((), jnp.float32))
-  step_keys = jax.vmap(lambda s: jax.random.split(jax.random.key(s))[1])(seeds)
-  latents = samplers.sample(eps_fn, start, tail, step_keys, method=method,
-                            noise_fn=_per_example_noise, prediction_type=prediction_type)
-  pixels = vae.decode(latents / scaling_factor)
-  finite = jnp.stack([jnp.isfinite(x).all() for x in (embeddings, latents0, latents, pixels)])
-  return jnp.clip(pixels, -1.0, 1.0), finite
+  return _sample_and_decode(eps_fn, start, tail, seeds, vae, embeddings, latents0,
+                            method=method, scaling_factor=scaling_factor,
+                            prediction_type=prediction_type)
