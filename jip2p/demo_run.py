@@ -249,6 +249,7 @@ def edit_pretrained(s: Settings, timings: dict[str, float],
   """Stage 3 with the model folder ``s.pretrained``: (the held-out edits, facts for the report)."""
   from jip2p.edit import Editor
   editor = Editor.from_pretrained(s.pretrained)
+  editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
   held_out = HeldOut(s, editor.pipeline.vae.config.sample_size, timings, log)
   held_out.evaluate(-1, editor)
   shipped = os.path.abspath(s.pretrained) == os.path.abspath(PRETRAINED)

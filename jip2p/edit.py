@@ -3,6 +3,14 @@
     editor = Editor.from_pretrained("path/to/instruct-pix2pix")
     [out] = editor(["cat.jpg"], ["make it a tiger"], seed=0)
 
+    sdedit = Editor.from_pretrained("path/to/stable-diffusion")   # the paper's baseline
+    [out] = sdedit(["cat.jpg"], ["a photo of a tiger"], method="sdedit", strength=0.75, seed=0)
+
+``method="sdedit"`` (with a text-to-image model, and the *edited caption* in the instruction's
+place, as the paper compares) noises the image latents to the step ``int(steps·strength)`` from the
+end of the grid and denoises them towards the caption with plain guidance s = text_guidance
+(`jip2p.diffusion.editing.sdedit`); diffusers' StableDiffusionImg2ImgPipeline does the same.
+
 Per edit: the image is read (EXIF orientation applied, any mode → RGB with alpha over white),
 resized by the reference rule (`preprocess_size`) with a centre fit, encoded to the VAE *mode*
 (unscaled); the instruction goes through the CLIP text encoder and "" gives the null text; the
@@ -45,6 +53,7 @@ SCHEDULES = schedules.SCHEDULE_KINDS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 OUTPUT_TYPES = ("pil", "np")
 MAX_SEED = 2 ** 32 - 1
+METHODS = ("ip2p", "sdedit")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
@@ -245,6 +254,18 @@ def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, i
   return pixels / 2 + 0.5, finite
 
 
+@functools.partial(jax.jit, static_argnames=("graphdefs", "method", "scaling_factor",
+                                             "prediction_type"))
+def _sdedit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, *, graphdefs,
+                  method: str, scaling_factor: float, prediction_type: str):
+  """`editing.sdedit` on one padded batch, as `_edit_batch` (``schedule``: the grid's tail)."""
+  unet, vae, text_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+  pixels, finite = editing.sdedit(unet, vae, text_encoder, images, input_ids, noise, seeds,
+                                  schedule, text_scale, method=method,
+                                  scaling_factor=scaling_factor, prediction_type=prediction_type)
+  return pixels / 2 + 0.5, finite
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
   index: int
@@ -256,22 +277,19 @@ class _Job:
 
 
 class Editor:
-  """Edits images with an InstructPix2Pix `checkpoints.Pipeline` (8-channel UNet)."""
+  """Edits images with an InstructPix2Pix `checkpoints.Pipeline` (8-channel UNet), or with SDEdit
+  given a text-to-image one (4-channel UNet)."""
 
   def __init__(self, pipeline: checkpoints.Pipeline):
     where = pipeline.folder or "the model"
     unet, vae, text = pipeline.unet.config, pipeline.vae.config, pipeline.text_encoder.config
     latent = vae.latent_channels
-    if unet.in_channels == latent:
-      raise CheckpointError(
-          f"{where} is a text-to-image model (its UNet takes {latent} input channels), not an "
-          f"InstructPix2Pix model ({2 * latent}): grow its conv_in with "
-          f"jip2p.checkpoints.expand_conv_in (or jip2p-convert --expand-conv-in {2 * latent}) and "
-          "train it on edit triplets first")
-    if unet.in_channels != 2 * latent or unet.out_channels != latent:
+    if unet.in_channels not in (latent, 2 * latent) or unet.out_channels != latent:
       raise CheckpointError(
           f"{where}: the UNet maps {unet.in_channels} → {unet.out_channels} channels; an "
-          f"InstructPix2Pix UNet for this {latent}-channel VAE maps {2 * latent} → {latent}")
+          f"InstructPix2Pix UNet for this {latent}-channel VAE maps {2 * latent} → {latent} (a "
+          f"text-to-image one, for SDEdit, {latent} → {latent})")
+    self.text_to_image = unet.in_channels == latent
     if unet.cross_attention_dim != text.hidden_size:
       raise CheckpointError(
           f"{where}: the UNet attends to {unet.cross_attention_dim}-wide text states but the "
@@ -329,13 +347,14 @@ class Editor:
             image_guidance: float = 1.5, resolution: int | None = 512,
             seed: int | Sequence[int] | None = None,
             sampler: str = "euler_ancestral", schedule: str = "discrete", batch_size: int = 1,
-            noise=None, output_type: str = "pil",
-            names: Sequence[str] | None = None) -> Iterator[tuple[int, Any]]:
+            noise=None, output_type: str = "pil", names: Sequence[str] | None = None,
+            method: str = "ip2p", strength: float = 0.75) -> Iterator[tuple[int, Any]]:
     """Validates every input now, then yields ``(index, edited image)`` as batches finish.
 
     Args:
-      steps: sampling steps.
-      text_guidance, image_guidance: s_T and s_I of the two-scale guidance.
+      steps: sampling steps (of the whole grid; SDEdit runs its last ``int(steps·strength)``).
+      text_guidance, image_guidance: s_T and s_I of the two-scale guidance; with SDEdit
+        text_guidance is the guidance scale and image_guidance is not used.
       resolution: the long side before the short side is rounded up (see `preprocess_size`);
         None edits the images at their own size, which must be multiples of `size_multiple`
         (64 for Stable Diffusion; e.g. images already passed through `preprocess`).
@@ -349,14 +368,41 @@ class Editor:
         `noise_shape`), in place of the seeds' draws.
       output_type: "pil" or "np".
       names: what errors call each image (default: its path, or "image <j>").
+      method: "ip2p" (an InstructPix2Pix model; instructions) or "sdedit" (a text-to-image
+        model; the instructions are the edited captions).
+      strength: SDEdit's, in (0, 1]: the fraction of the grid run, from its noisy end.
     """
+    self.check_method(method)
+    start = editing.sdedit_start(steps, strength) if method == "sdedit" else 0
     jobs, empty = self._prepare(images, instructions, steps=steps, text_guidance=text_guidance,
                                 image_guidance=image_guidance, resolution=resolution, seed=seed,
                                 sampler=sampler, schedule=schedule, batch_size=batch_size,
                                 noise=noise, output_type=output_type, names=names)
     grid = schedules.make(schedule, steps, self.scheduler_config)
+    if method == "sdedit":
+      grid = dataclasses.replace(grid, sigmas=grid.sigmas[start:],
+                                 timesteps=grid.timesteps[start:])
     return self._generate(jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
-                          output_type)
+                          output_type, method)
+
+  def check_method(self, method: str) -> None:
+    """`CheckpointError` unless the model is of ``method``'s kind (an InstructPix2Pix model for
+    "ip2p", a text-to-image one for "sdedit"), with the way to one that is."""
+    if method not in METHODS:
+      raise ConfigError(f"unknown method {method!r}; choose one of {METHODS}")
+    where = self.pipeline.folder or "the model"
+    latent = self._latent_channels
+    if method == "ip2p" and self.text_to_image:
+      raise CheckpointError(
+          f"{where} is a text-to-image model (its UNet takes {latent} input channels), not an "
+          f"InstructPix2Pix model ({2 * latent}): edit with it by SDEdit (method 'sdedit', the "
+          "edited caption as the prompt), or grow its conv_in with "
+          f"jip2p.checkpoints.expand_conv_in (or jip2p-convert --expand-conv-in {2 * latent}) and "
+          "train it on edit triplets first")
+    if method == "sdedit" and not self.text_to_image:
+      raise CheckpointError(
+          f"{where} is an InstructPix2Pix model (its UNet takes {2 * latent} input channels); "
+          f"SDEdit needs a text-to-image model ({latent}), such as the one it was trained from")
 
   def _prepare(self, images, instructions, *, steps, text_guidance, image_guidance, resolution,
                seed, sampler, schedule, batch_size, noise, output_type, names):
@@ -421,7 +467,7 @@ class Editor:
     return jobs, empty
 
   def _generate(self, jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
-                output_type):
+                output_type, method):
     for job in empty:
       yield job.index, _output(np.asarray(job.image, np.float32) / 255.0, output_type)
     groups: dict[tuple[int, int], list[_Job]] = {}
@@ -440,10 +486,16 @@ class Editor:
         drawn = (np.asarray(editing.initial_noise(seeds, shape=shape))
                  if any(j.noise is None for j in padded) else None)
         noise = np.stack([drawn[b] if j.noise is None else j.noise for b, j in enumerate(padded)])
-        out, finite = jax.device_get(_edit_batch(
-            self._states, images, input_ids, noise, seeds, grid, text_scale, image_scale,
-            graphdefs=self._graphdefs, method=sampler, scaling_factor=self._scaling_factor,
-            prediction_type=self.scheduler_config.prediction_type))
+        options = dict(graphdefs=self._graphdefs, method=sampler,
+                       scaling_factor=self._scaling_factor,
+                       prediction_type=self.scheduler_config.prediction_type)
+        if method == "sdedit":
+          out, finite = jax.device_get(_sdedit_batch(
+              self._states, images, input_ids, noise, seeds, grid, text_scale, **options))
+        else:
+          out, finite = jax.device_get(_edit_batch(
+              self._states, images, input_ids, noise, seeds, grid, text_scale, image_scale,
+              **options))
         self._check_finite(finite, batch)
         for b, job in enumerate(batch):
           yield job.index, _output(out[b], output_type)

@@ -28,6 +28,11 @@ class InputError(Jip2pError, ValueError):
   """An image, instruction, prompt file or dataset record cannot be used."""
 
 
+class ServerError(Jip2pError):
+  """A server jip2p talks to (an LLM's chat/completions endpoint) refused the requests, or kept
+  failing them after the retries."""
+
+
 class Jip2pWarning(UserWarning):
   """An input was used other than as given (an instruction cut to the text encoder's length, an
   animated image's first frame); entry points print it as one line."""

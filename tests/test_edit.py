@@ -83,6 +83,80 @@ def test_matches_diffusers_pipeline(folder, editor, photos, sampler, scheduler_c
       assert np.abs(results[a] - results[b]).max() > 4 / 255, (GUIDANCE[a], GUIDANCE[b])
 
 
+@pytest.fixture(scope="module")
+def t2i_folder(tmp_path_factory):
+  return save_torch_pipeline(str(tmp_path_factory.mktemp("t2i") / "pipe"), "tiny",
+                             unet_in_channels=4)
+
+
+SDEDIT = [(1.0, 7.5), (0.8, 7.5), (0.5, 4.0), (0.3, 1.0)]  # (strength, guidance)
+
+
+def test_sdedit_matches_diffusers_img2img_pipeline(t2i_folder, photos, monkeypatch):
+  """SDEdit against StableDiffusionImg2ImgPipeline with DDIM (η 0): same folder, same noise,
+  images within 2/255 at several strengths and guidance scales, two images and captions in one
+  batch. diffusers samples the VAE posterior where jip2p takes its mode: the test makes diffusers
+  take the mode too, so that the noise of ``add_noise`` is its generator's first draw."""
+  from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+  monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None:
+                      self.mode())
+  pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+      t2i_folder, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+  pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config,
+                                                       timestep_spacing="leading",
+                                                       clip_sample=False)
+  pipe.set_progress_bar_config(disable=True)
+  sdedit = edit.Editor.from_pretrained(t2i_folder)
+  sdedit = edit.Editor(dataclasses.replace(
+      sdedit.pipeline, scheduler_config={**sdedit.pipeline.scheduler_config,
+                                         "timestep_spacing": "leading"}))
+  captions = ["a watercolour painting of an astronaut", "a photo of a tiger"]
+  steps = 10
+  h, w, c = sdedit.noise_shape(64, 64)
+  noise = torch.randn((2, c, h, w), generator=torch.Generator().manual_seed(0))
+  results = []
+  for strength, scale in SDEDIT:
+    with torch.no_grad():
+      ref = pipe(captions, image=photos, strength=strength, num_inference_steps=steps,
+                 guidance_scale=scale, eta=0.0, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    ours = np.stack(sdedit(photos, captions, method="sdedit", strength=strength, steps=steps,
+                           text_guidance=scale, resolution=64, sampler="ddim",
+                           schedule="diffusers_ddim", batch_size=2, output_type="np",
+                           noise=noise.numpy().transpose(0, 2, 3, 1)))
+    assert ours.shape == ref.shape == (2, 64, 64, 3)
+    err = np.abs(ours - ref).max()
+    assert err <= 2 / 255, f"strength {strength}, s {scale}: max error {err * 255:.2f}/255"
+    results.append(ours)
+  for a in range(len(results)):
+    for b in range(a):
+      assert np.abs(results[a] - results[b]).max() > 4 / 255, (SDEDIT[a], SDEDIT[b])
+  # Less strength keeps the output nearer the input.
+  inputs = np.stack([np.asarray(p, np.float32) / 255 for p in photos])
+  distance = [np.abs(r - inputs).mean() for r in results[1:3]]
+  assert distance[0] > distance[1]
+
+
+def test_sdedit_needs_a_text_to_image_model_and_a_strength(t2i_folder, editor, photos):
+  sdedit = edit.Editor.from_pretrained(t2i_folder)
+  with pytest.raises(CheckpointError, match="text-to-image model .*'sdedit'.*expand_conv_in"):
+    sdedit(photos, "make it snowy", steps=2, resolution=64)
+  with pytest.raises(CheckpointError, match="SDEdit needs a text-to-image model"):
+    editor(photos, "a snowy photo", method="sdedit", steps=2, resolution=64)
+  for strength in (0.0, 1.5, "0.5"):
+    with pytest.raises(ConfigError, match="strength must be in"):
+      sdedit(photos, "x", method="sdedit", strength=strength, steps=2, resolution=64)
+  with pytest.raises(ConfigError, match="runs no step"):
+    sdedit(photos, "x", method="sdedit", strength=0.4, steps=2, resolution=64)
+  with pytest.raises(ConfigError, match="unknown method"):
+    sdedit(photos, "x", method="p2p", steps=2, resolution=64)
+  # Seeds as the InstructPix2Pix editor's: image j from seed + j alone.
+  kw = dict(method="sdedit", strength=0.5, steps=4, resolution=64, output_type="np")
+  both = sdedit(photos, "a snowy photo", seed=3, **kw)
+  alone = sdedit([photos[1]], "a snowy photo", seed=4, **kw)
+  np.testing.assert_allclose(both[1], alone[0], atol=1e-5)
+
+
 # ------------------------------------------------------------------------------ seeds, batches
 
 
@@ -300,15 +374,14 @@ def test_bad_settings_raise_config_errors(editor, photos):
       editor(photos, "x", **{"steps": 2, "resolution": 64, **kwargs})
 
 
-def test_text_to_image_model_is_refused_with_the_way_out(tmp_path):
-  folder = save_torch_pipeline(str(tmp_path / "sd"), "tiny", unet_in_channels=4)
+def test_text_to_image_model_is_refused_with_the_way_out(tmp_path, t2i_folder, photos):
   with pytest.raises(CheckpointError, match="expand_conv_in") as e:
-    edit.Editor.from_pretrained(folder)
+    edit.Editor.from_pretrained(t2i_folder)(photos, "make it snowy", steps=2, resolution=64)
   assert "4 input channels" in str(e.value) and "InstructPix2Pix" in str(e.value)
   with pytest.raises(CheckpointError, match="model_index.json"):
     edit.Editor.from_pretrained(str(tmp_path))
   with pytest.raises(CheckpointError, match="jip2p-convert"):
-    edit.Editor.from_pretrained(str(tmp_path / "sd" / "model_index.json"))
+    edit.Editor.from_pretrained(f"{t2i_folder}/model_index.json")
 
 
 # ------------------------------------------------------------------------------ non-finite, warnings

@@ -81,6 +81,7 @@ def _main(argv: Sequence[str] | None) -> int:
   args.resolution = resolution(args.model, args.resolution)
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                        attention_impl=args.attention_impl)
+  editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
   from jip2p import app  # Gradio loads only once the model did.
   print(f"{PROG}: serving {args.model} on http://{args.host}:{args.port}", file=sys.stderr)
   app.launch(app.build_app(editor, resolution=args.resolution, steps=args.steps),

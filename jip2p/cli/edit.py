@@ -3,6 +3,13 @@
     jip2p-edit --model DIR --input photo.jpg --instruction "make it snowy" --output out.png
     jip2p-edit --model DIR --input photos/ --instruction "turn it into a painting" --output edits/
     jip2p-edit --model DIR --jsonl edits.jsonl --output edits/
+    jip2p-edit --model SD_DIR --method sdedit --strength 0.75 --sampler ddim \
+        --input photo.jpg --instruction "a photo of a snowy street" --output out.png
+
+``--method sdedit`` is the paper's baseline, SDEdit, with a text-to-image model folder: the
+"instruction" is then the *edited caption* (as the paper compares), the image is noised to the
+step ``int(steps·strength)`` from the end and denoised towards it with guidance --text-guidance
+(--image-guidance is not used); the last ``int(steps·strength)`` steps of the grid are run.
 
 A JSONL file holds one ``{"image": PATH, "instruction": TEXT}`` object per line, image paths
 relative to the file's folder. Edits are PNGs carrying the instruction, seed, guidance scales,
@@ -24,6 +31,7 @@ from tqdm import tqdm
 
 from jip2p import edit, files, runtime, storage
 from jip2p.cli import run
+from jip2p.diffusion import editing
 from jip2p.errors import ConfigError, InputError, OutputError
 from jip2p.models.attention import IMPLEMENTATIONS
 
@@ -43,7 +51,8 @@ run naming the model part that produced them (text encoder, VAE, UNet/sampler)."
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
-      prog=PROG, description="Edit images by written instructions with an InstructPix2Pix model.",
+      prog=PROG, description="Edit images by written instructions with an InstructPix2Pix model "
+                             "(or by SDEdit, the paper's baseline, with a text-to-image model).",
       epilog=RULES, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, metavar="DIR",
                       help="diffusers-format InstructPix2Pix folder (see jip2p-convert)")
@@ -56,6 +65,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help='one {"image": PATH, "instruction": TEXT} per line')
   parser.add_argument("--output", required=True, metavar="PATH",
                       help="a .png file (one edit) or a folder")
+  parser.add_argument("--method", choices=edit.METHODS, default="ip2p",
+                      help="ip2p: an InstructPix2Pix model; sdedit: a text-to-image model, the "
+                           "edited caption in --instruction's place")
+  parser.add_argument("--strength", type=float, default=0.75,
+                      help="SDEdit's strength in (0, 1]: the fraction of the steps run")
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--text-guidance", type=float, default=7.5, help="s_T")
   parser.add_argument("--image-guidance", type=float, default=1.5, help="s_I")
@@ -217,6 +231,8 @@ def _main(argv: Sequence[str] | None) -> int:
       raise ConfigError(f"--{key.replace('_', '-')} must be ≥ 1, got {getattr(args, key)}")
   if args.resolution is not None and args.resolution < 1:  # The model's rule: once it is read.
     raise ConfigError(f"--resolution must be ≥ 1, got {args.resolution}")
+  if args.method == "sdedit":
+    editing.sdedit_start(args.steps, args.strength)
   jobs = read_jobs(args)
   if args.seed is not None and not 0 <= args.seed <= edit.MAX_SEED - len(jobs) + 1:
     raise ConfigError(f"--seed must be in [0, {edit.MAX_SEED - len(jobs) + 1}] for "
@@ -231,6 +247,7 @@ def _main(argv: Sequence[str] | None) -> int:
   storage.check_writable(os.path.dirname(outputs[0]) or ".", "the output folder")
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                        attention_impl=args.attention_impl)
+  editor.check_method(args.method)
   if args.resolution is None:
     args.resolution = editor.native_size
   edit.check_resolution(args.resolution, editor.size_multiple, "--resolution")
@@ -244,12 +261,15 @@ def _main(argv: Sequence[str] | None) -> int:
       [resized[jobs[j][0]] for j in todo], [jobs[j][1] for j in todo], steps=args.steps,
       text_guidance=args.text_guidance, image_guidance=args.image_guidance, resolution=None,
       seed=[seed + j for j in todo], sampler=args.sampler, schedule=args.schedule,
-      batch_size=args.batch_size, names=[jobs[j][0] for j in todo])
+      batch_size=args.batch_size, names=[jobs[j][0] for j in todo], method=args.method,
+      strength=args.strength)
   settings = {"text_guidance": str(args.text_guidance),
               "image_guidance": str(args.image_guidance), "steps": str(args.steps),
               "sampler": args.sampler, "schedule": args.schedule,
               "resolution": str(args.resolution), "dtype": args.dtype,
-              "model": os.path.abspath(args.model), "software": "jip2p"}
+              "model": os.path.abspath(args.model), "software": "jip2p", "method": args.method}
+  if args.method == "sdedit":
+    settings["strength"] = str(args.strength)
   with tqdm(total=len(todo), desc=PROG, unit="image", file=sys.stderr) as bar:
     for done, (k, image) in enumerate(edits):
       j = todo[k]

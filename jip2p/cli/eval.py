@@ -5,6 +5,7 @@
         --clip-weights ViT-L-14.pt --dino-weights dino_deitsmall16_pretrain.pth
     jip2p-eval --model DIR --set tfrecords --data data/ip2p --split validation --sweep image \\
         --clip-weights ViT-L-14.pt --output eval/tradeoff                      # the paper's plot
+    jip2p-eval ... --sweep image --sdedit-model SD15_DIR     # + SDEdit's curve (the paper's Fig. 8)
     jip2p-eval --model DIR --set magicbrush --data magicbrush/dev --mode multi \\
         --captions global_descriptions.json --clip-weights ... --dino-weights ... --output eval/mb
 
@@ -12,7 +13,10 @@ Writes to the output folder: ``results.jsonl`` (one line per edit, every metric 
 ``summary.csv`` (per setting and per group — Emu Edit task, world family — the mean, its
 confidence interval and n of each metric), ``tradeoff.png`` / ``tradeoff.svg`` (directional
 against image CLIP similarity, one labelled point per setting) when CLIP is given, and
-``run.json``. Rerun the same command to resume an interrupted run; add settings to extend a sweep.
+``run.json``. ``--sdedit-model`` (a text-to-image folder, e.g. the one the editor was trained
+from) adds the paper's baseline: SDEdit at --text-guidance, one setting per --strength-values,
+prompted with each edit's output caption (a set without captions is refused), on the same seeds
+and drawn as one more line of the plot. Rerun the same command to resume an interrupted run; add settings to extend a sweep.
 CLIP and DINO run in the sidecar process (PyTorch); without ``--clip-weights`` / ``--dino-weights``
 their metrics are skipped. The options, the output folder (writable; a run there must be this
 one), the set's files, the model and the metric weights are checked before the first edit (one
@@ -34,7 +38,7 @@ from jip2p import edit, files
 from jip2p.cli import run
 from jip2p.errors import ConfigError
 from jip2p.eval import sets, sweep
-from jip2p.eval.runner import RunConfig, check_run_info, evaluate
+from jip2p.eval.runner import RunConfig, check_run_info, check_sdedit_prompts, evaluate
 from jip2p.models.attention import IMPLEMENTATIONS
 from jip2p.sidecar.server import DEFAULT_MODEL, PRECISIONS
 
@@ -98,6 +102,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="s_I values of the image and grid sweeps, comma-separated")
   g.add_argument("--text-values", type=_floats, default=list(sweep.TEXT_VALUES),
                  help="s_T values of the text and grid sweeps, comma-separated")
+  g.add_argument("--sdedit-model", metavar="DIR",
+                 help="a text-to-image model folder: adds SDEdit's series (the paper's baseline)")
+  g.add_argument("--strength-values", type=_floats, default=list(sweep.STRENGTH_VALUES),
+                 help="SDEdit strengths, comma-separated, each in (0, 1]")
   g = p.add_argument_group("metrics (CLIP and DINO run in the PyTorch sidecar)")
   g.add_argument("--clip-weights", metavar="FILE", help="local CLIP weights (ViT-L/14 default)")
   g.add_argument("--clip-model", default=DEFAULT_MODEL, help="open_clip architecture name")
@@ -175,6 +183,9 @@ def _main(argv: Sequence[str] | None) -> int:
   eval_set = None if args.set == "world" else load_set(args)
   # The size rule and default sizes come from the model's config files (no weights read yet).
   multiple, native = edit.model_sizes(args.model)
+  if args.sdedit_model is not None:
+    sdedit_multiple, _ = edit.model_sizes(args.sdedit_model)
+    multiple = max(multiple, sdedit_multiple)
   if args.world_size is None:
     args.world_size = native
   world_default = args.set == "world" and args.resolution is None  # the world's size, then
@@ -189,18 +200,23 @@ def _main(argv: Sequence[str] | None) -> int:
   settings = sweep.settings(args.sweep, text_guidance=args.text_guidance,
                             image_guidance=args.image_guidance, image_values=args.image_values,
                             text_values=args.text_values)
+  if args.sdedit_model is not None:
+    settings += sweep.sdedit_settings(args.strength_values, text_guidance=args.text_guidance)
   if eval_set is None:
     eval_set = load_set(args)
   print(f"{PROG}: {eval_set.name}: {len(eval_set.sessions)} sessions, {eval_set.num_turns} "
         f"edits × {len(settings)} settings", file=sys.stderr)
   # What a resumed run must share, checked before the sidecar and the model are loaded.
-  facts = {"model": _absolute(args.model), "dtype": args.dtype,
+  facts = {"model": _absolute(args.model), "sdedit_model": _absolute(args.sdedit_model),
+           "dtype": args.dtype,
            "clip_weights": _absolute(args.clip_weights),
            "clip_model": (_absolute(args.clip_config) or args.clip_model) if args.clip_weights
                          else None,
            "dino_weights": _absolute(args.dino_weights),
            "dino_config": _absolute(args.dino_config)}
   check_run_info(args.output, eval_set, config, facts, write=False)
+  if args.sdedit_model is not None:
+    check_sdedit_prompts(eval_set)
   scorer = _scorer(args)
   closing = contextlib.closing(scorer) if scorer is not None else contextlib.nullcontext()
   # The sidecar loads its models while this process loads the editor; on the way out the pool
@@ -209,11 +225,17 @@ def _main(argv: Sequence[str] | None) -> int:
     started = pool.submit(scorer.start) if scorer is not None else None
     editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                          attention_impl=args.attention_impl)
+    editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
+    sdedit_editor = None
+    if args.sdedit_model is not None:
+      sdedit_editor = edit.Editor.from_pretrained(args.sdedit_model, dtype=args.dtype,
+                                                  attention_impl=args.attention_impl)
+      sdedit_editor.check_method("sdedit")
     if started is not None:
       started.result()
     rows = evaluate(editor, eval_set, settings, args.output, config=config, scorer=scorer,
                     save_images=args.save_images, progress=not args.no_progress,
-                    run_info=facts)
+                    run_info=facts, sdedit_editor=sdedit_editor)
   table = sweep.summary_table(rows, settings, group_key="group" if eval_set.group_name else None,
                               confidence=args.confidence)
   csv_path = os.path.join(args.output, "summary.csv")

@@ -81,3 +81,25 @@ def two_scale_eps_fn(unet_fn: UnetFn, image_latents: jax.Array, text_embeddings:
     return two_scale_cfg(eps_cond, eps_img, eps_uncond, text_scale, image_scale)
 
   return eps_fn
+
+
+def cfg_eps_fn(unet_fn: UnetFn, text_embeddings: jax.Array, null_embeddings: jax.Array,
+               scale) -> EpsFn:
+  """An ``eps_fn`` for `samplers.sample` with a text-to-image UNet and plain guidance (`cfg`):
+  B latents, B captions ``[B, L, D]``, the null text as in `two_scale_eps_fn`, ``scale`` a scalar
+  or ``[B]``. One UNet call on the batch ``[null, caption]`` per step."""
+  batch = text_embeddings.shape[0]
+  null = jnp.broadcast_to(null_embeddings, text_embeddings.shape).astype(text_embeddings.dtype)
+  context = jnp.concatenate([null, text_embeddings])
+  scale = _per_example(scale, 4)
+
+  def eps_fn(x_in, t, i):
+    del i
+    if x_in.shape[0] != batch:
+      raise ValueError(f"latents of batch {x_in.shape[0]} for {batch} captions")
+    eps = unet_fn(jnp.concatenate([x_in, x_in]), jnp.full((2 * batch,), t, jnp.float32),
+                  context).astype(jnp.float32)
+    eps_uncond, eps_cond = jnp.split(eps, 2)
+    return cfg(eps_uncond, eps_cond, scale)
+
+  return eps_fn

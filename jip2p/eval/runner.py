@@ -13,6 +13,10 @@ Seeds: the edits of a set are numbered in order (session by session, turn by tur
 uses ``config.seed + f`` at every setting, so results do not depend on batching, on resuming, or
 on which settings run (the paper's sweep compares settings on the same noise).
 
+SDEdit, the paper's baseline, runs beside the editor: settings with a ``strength`` are edited
+by ``sdedit_editor`` (a text-to-image model) towards each turn's *edited caption*, with
+guidance ``text_guidance``, on the same seeds, and scored the same way.
+
 What is scored: the input is the image the model saw (the set's image resized by the editor's
 rule; in a multi-turn session the previous output), the output is compared with it, with the
 captions, with the target where the set has one (`jip2p.eval.paper_metrics` defines each
@@ -48,17 +52,24 @@ METRICS = ("clip_dir", "clip_img", "clip_out", "l1", "dino", "l1_gt", "l2_gt", "
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-  """One guidance setting; ``series`` names the sweep it belongs to (a line of the plot)."""
+  """One guidance setting; ``series`` names the sweep it belongs to (a line of the plot). With a
+  ``strength`` it is an SDEdit setting (`jip2p.edit.Editor`'s method "sdedit", guidance scale
+  text_guidance; image_guidance is not used and is 0)."""
   text_guidance: float
   image_guidance: float
   series: str = ""
+  strength: float | None = None
 
   @property
   def key(self) -> str:
+    if self.strength is not None:
+      return f"sdedit_strength{self.strength:g}_s{self.text_guidance:g}"
     return f"sT{self.text_guidance:g}_sI{self.image_guidance:g}"
 
   @property
   def label(self) -> str:
+    if self.strength is not None:
+      return f"SDEdit strength={self.strength:g}, s={self.text_guidance:g}"
     return f"s_T={self.text_guidance:g}, s_I={self.image_guidance:g}"
 
 
@@ -89,17 +100,27 @@ class RunConfig:
 
 def evaluate(editor, eval_set: sets.EvalSet, settings: Sequence[Setting], out_dir: str, *,
              config: RunConfig = RunConfig(), scorer=None, save_images: bool = False,
-             progress: bool = True, run_info: dict | None = None) -> list[dict[str, Any]]:
+             progress: bool = True, run_info: dict | None = None,
+             sdedit_editor=None) -> list[dict[str, Any]]:
   """Runs what ``out_dir`` lacks; returns the rows of ``settings`` (all sessions), in order.
 
   editor: a `jip2p.edit.Editor` (or anything with its call signature and `size_multiple`, which
   ``config.resolution`` must be a multiple of, `edit.check_resolution`); scorer: a started
   `jip2p.sidecar.ClipScorer` or None (then only pixel and world metrics); run_info: JSON-able
-  facts a resumed run must share (the model, the metric models), kept in run.json.
+  facts a resumed run must share (the model, the metric models), kept in run.json;
+  sdedit_editor: the `jip2p.edit.Editor` of a text-to-image model that edits the settings with a
+  strength (SDEdit), each turn's output caption as its prompt.
   """
   config.validate()
-  if config.resolution is not None:
-    edit.check_resolution(config.resolution, editor.size_multiple)
+  sdedit = [s for s in settings if s.strength is not None]
+  if sdedit and sdedit_editor is None:
+    raise ConfigError(f"{len(sdedit)} SDEdit settings (with a strength) need an sdedit_editor: "
+                      "a text-to-image model")
+  if sdedit:
+    check_sdedit_prompts(eval_set)
+  for one in (editor, sdedit_editor if sdedit else None):
+    if one is not None and config.resolution is not None:
+      edit.check_resolution(config.resolution, one.size_multiple)
   if not settings:
     raise ConfigError("no guidance settings to evaluate")
   if len({s.key for s in settings}) != len(settings):
@@ -121,11 +142,12 @@ def evaluate(editor, eval_set: sets.EvalSet, settings: Sequence[Setting], out_di
       file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
     for setting, chunk in _batches(todo, 1 if eval_set.multi_turn else config.batch_size):
       sessions = [eval_set.sessions[i] for i in chunk]
+      who = editor if setting.strength is None else sdedit_editor
       if eval_set.multi_turn:
-        new = _run_session(editor, sessions[0], int(offsets[chunk[0]]), setting, config,
+        new = _run_session(who, sessions[0], int(offsets[chunk[0]]), setting, config,
                            features)
       else:
-        new = _run_single(editor, sessions, int(offsets[chunk[0]]), setting, config, features)
+        new = _run_single(who, sessions, int(offsets[chunk[0]]), setting, config, features)
       if save_images:
         _save_images(out_dir, setting, new)
       lines = "".join(json.dumps(row) + "\n" for row, _ in new)
@@ -138,6 +160,15 @@ def evaluate(editor, eval_set: sets.EvalSet, settings: Sequence[Setting], out_di
   position = {s.key: i for i, s in enumerate(eval_set.sessions)}
   chosen = [r for r in rows if r["setting"] in keys and r["session"] in position]
   return sorted(chosen, key=lambda r: (order[r["setting"]], position[r["session"]], r["turn"]))
+
+
+def check_sdedit_prompts(eval_set: sets.EvalSet) -> None:
+  """SDEdit edits towards each turn's output caption: `ConfigError` when the set lacks one."""
+  uncaptioned = [t.key for s in eval_set.sessions for t in s.turns if not t.output_caption]
+  if uncaptioned:
+    raise ConfigError(f"SDEdit edits towards each edit's output caption, and the set "
+                      f"{eval_set.name} has none for {len(uncaptioned)} of its edits (first: "
+                      f"{uncaptioned[0]})")
 
 
 def _batches(todo, batch_size: int):
@@ -154,9 +185,17 @@ def _batches(todo, batch_size: int):
 
 
 def _edit_kwargs(setting: Setting, config: RunConfig) -> dict:
-  return {"steps": config.steps, "text_guidance": setting.text_guidance,
-          "image_guidance": setting.image_guidance, "resolution": None,
-          "sampler": config.sampler, "schedule": config.schedule}
+  kwargs = {"steps": config.steps, "text_guidance": setting.text_guidance,
+            "image_guidance": setting.image_guidance, "resolution": None,
+            "sampler": config.sampler, "schedule": config.schedule}
+  if setting.strength is not None:
+    kwargs.update(method="sdedit", strength=setting.strength)
+  return kwargs
+
+
+def _prompt(turn: sets.Turn, setting: Setting) -> str:
+  """What the editor is given: the instruction, or SDEdit's edited caption."""
+  return turn.instruction if setting.strength is None else turn.output_caption
 
 
 def _model_input(image: np.ndarray, config: RunConfig, name: str, multiple: int) -> np.ndarray:
@@ -175,7 +214,7 @@ def _run_single(editor, sessions, first_index: int, setting: Setting, config: Ru
                 features: _Features):
   turns = [s.turns[0] for s in sessions]
   inputs = [_model_input(t.load_image(), config, t.key, editor.size_multiple) for t in turns]
-  outputs = editor(inputs, [t.instruction for t in turns], seed=config.seed + first_index,
+  outputs = editor(inputs, [_prompt(t, setting) for t in turns], seed=config.seed + first_index,
                    batch_size=config.batch_size, **_edit_kwargs(setting, config))
   outputs = [np.asarray(o, np.uint8) for o in outputs]
   scores = _score(turns, inputs, outputs, features, cache_inputs=True)
@@ -189,7 +228,7 @@ def _run_session(editor, session: sets.Session, first_index: int, setting: Setti
                          editor.size_multiple)
   inputs, outputs = [], []
   for t, turn in enumerate(session.turns):
-    [out] = editor([current], [turn.instruction], seed=config.seed + first_index + t,
+    [out] = editor([current], [_prompt(turn, setting)], seed=config.seed + first_index + t,
                    batch_size=1, **_edit_kwargs(setting, config))
     out = np.asarray(out, np.uint8)
     if config.threshold is not None:
@@ -208,6 +247,8 @@ def _row(session, turn: sets.Turn, t: int, seed: int, setting: Setting, score: d
          "image_guidance": setting.image_guidance, "series": setting.series,
          "session": session.key, "turn": t, "key": turn.key, "group": turn.group,
          "instruction": turn.instruction, "seed": seed}
+  if setting.strength is not None:
+    row["strength"] = setting.strength
   row.update({k: v for k, v in score.items() if v is not None and np.isfinite(v)})
   return row
 

@@ -5,6 +5,8 @@ The paper's trade-off plot fixes text guidance s_T = 7.5 and sweeps image guidan
 caption change?) against CLIP image similarity on y (does the output keep the input?). "text" is
 the reverse sweep (s_I fixed, s_T varied), "both" draws the two series, and "grid" every s_T ×
 s_I, a line per s_T (`jip2p-demo --sweep` draws its exact world scores with the same plot).
+`sdedit_settings` adds the paper's baseline beside them: SDEdit at s_T with its strength swept,
+one more line on the same axes (the paper's Fig. 8).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from jip2p.eval.runner import METRICS, Setting
 SWEEPS = ("none", "image", "text", "both", "grid")
 IMAGE_VALUES = (1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.2)
 TEXT_VALUES = (3.0, 4.5, 6.0, 7.5, 9.0, 10.5, 12.0)
+STRENGTH_VALUES = (0.3, 0.45, 0.6, 0.75, 0.9)
 
 
 def settings(sweep: str = "image", *, text_guidance: float = 7.5, image_guidance: float = 1.5,
@@ -51,6 +54,17 @@ def settings(sweep: str = "image", *, text_guidance: float = 7.5, image_guidance
   return out
 
 
+def sdedit_settings(strength_values: Sequence[float] = STRENGTH_VALUES, *,
+                    text_guidance: float = 7.5) -> list[Setting]:
+  """SDEdit's series: one setting per strength in (0, 1], guidance scale ``text_guidance``."""
+  if not strength_values or len(set(strength_values)) != len(strength_values) or not all(
+      0 < v <= 1 for v in strength_values):
+    raise ConfigError(f"strength_values must be distinct values in (0, 1], got "
+                      f"{list(strength_values)}")
+  return [Setting(float(text_guidance), 0.0, "sdedit", strength=float(v))
+          for v in strength_values]
+
+
 def summary_table(rows: Sequence[dict], setting_list: Sequence[Setting], *,
                   group_key: str | None = "group", confidence: float = 0.95) -> list[dict]:
   """One dict per (setting, group): setting, s_T, s_I, series, group ("all" first), n, and per
@@ -70,7 +84,7 @@ def summary_table(rows: Sequence[dict], setting_list: Sequence[Setting], *,
           1 for r in mine if str(r.get(group_key) or "") == group)
       entry = {"setting": setting.key, "text_guidance": setting.text_guidance,
                "image_guidance": setting.image_guidance, "series": setting.series,
-               "group": group, "n": size}
+               "strength": setting.strength, "group": group, "n": size}
       for m in present:
         mean = means[m]
         entry.update({m: mean.mean, f"{m}_low": mean.low, f"{m}_high": mean.high,
@@ -147,11 +161,14 @@ def plot_tradeoff(table: Sequence[dict], paths: Sequence[str], *, title: str = "
 def _fixed_scale(e: dict) -> str:
   """The legend of the line ``e`` is on: the scale its series holds fixed ("" if none)."""
   return {"image": f"s_T = {e['text_guidance']:g}",
-          "text": f"s_I = {e['image_guidance']:g}"}.get(e["series"], "")
+          "text": f"s_I = {e['image_guidance']:g}",
+          "sdedit": f"SDEdit, s = {e['text_guidance']:g}"}.get(e["series"], "")
 
 
 def _swept_scale(e: dict) -> str:
   """The label of ``e``'s point: the scale its series sweeps (both, for a single setting)."""
+  if e["series"] == "sdedit":
+    return f"strength={e['strength']:g}"
   return {"image": f"s_I={e['image_guidance']:g}", "text": f"s_T={e['text_guidance']:g}"}.get(
       e["series"], f"s_T={e['text_guidance']:g}, s_I={e['image_guidance']:g}")
 

@@ -70,6 +70,8 @@ def _cases(c, out) -> list[tuple[list[str], str | None]]:
       (["jip2p-import", "generator", missing, "--out", f"{out}/imp2"], f"{out}/imp2"),
       (["jip2p-generate", "--config", f"configs/generate_tiny.py:model={missing}", "--prompts",
         str(c / "not_utf8.jsonl"), "--out", f"{out}/gen"], f"{out}/gen"),
+      (["jip2p-prompts", "--captions", str(c / "not_utf8.jsonl"), "--model", "m", "--out",
+        f"{out}/prompts.jsonl"], f"{out}/prompts.jsonl"),
       (["jip2p-eval", "--model", model, "--set", "tfrecords", "--data", missing, "--output",
         f"{out}/eval"], f"{out}/eval"),
       (["jip2p-clip-filter", missing, "--clip-weights", str(c / "empty.ckpt"), "--out",

@@ -88,6 +88,34 @@ def test_jsonl_pairs_and_empty_instructions(model, photos, tmp_path, capsys):
   assert main(args + ["--overwrite"]) == 0
 
 
+def test_sdedit_with_a_text_to_image_model(model, photos, tmp_path, capsys):
+  """--method sdedit: the Editor's SDEdit with the same seed, its settings in the PNG; each
+  method refuses the other's model, and a strength outside (0, 1] is refused before loading."""
+  t2i = save_torch_pipeline(str(tmp_path / "t2i"), "tiny", unet_in_channels=4)
+  out = tmp_path / "sdedit.png"
+  args = ["--model", t2i, "--input", str(photos / "chelsea.png"), "--instruction",
+          "a photo of a tiger", "--output", str(out), "--steps", "4", "--resolution", "64",
+          "--seed", "3", "--method", "sdedit", "--strength", "0.5", "--sampler", "ddim"]
+  assert main(args) == 0
+  with Image.open(out) as image:
+    meta, pixels = dict(image.text), np.asarray(image.convert("RGB"))
+  assert meta["method"] == "sdedit" and meta["strength"] == "0.5"
+  [expected] = edit.Editor.from_pretrained(t2i)(
+      [photos / "chelsea.png"], "a photo of a tiger", method="sdedit", strength=0.5, steps=4,
+      resolution=64, seed=3, sampler="ddim")
+  assert np.abs(pixels.astype(int) - np.asarray(expected).astype(int)).max() <= 1
+  for extra, model_dir, message in (
+      (["--method", "sdedit"], model, "SDEdit needs a text-to-image model"),
+      ([], t2i, "edit with it by SDEdit"),
+      (["--method", "sdedit", "--strength", "0"], str(tmp_path / "missing"),
+       "strength must be in (0, 1]")):
+    code, err = run_cli(["--model", model_dir, "--input", str(photos / "chelsea.png"),
+                         "--instruction", "x", "--output", str(tmp_path / "no.png"), "--steps",
+                         "2", "--resolution", "64", *extra], capsys)
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "no.png").exists()
+
+
 def run_cli(args, capsys):
   code = main(args)
   return code, capsys.readouterr().err

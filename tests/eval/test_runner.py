@@ -245,3 +245,53 @@ def test_summary_csv_and_tradeoff_plot(emu, tmp_path):
   for label in ("s_I=1", "s_I=2", "s_T=5", "CLIP image similarity"):
     assert label in text
   assert not sweep.plot_tradeoff([{**e, "clip_dir": math.nan} for e in table], [png])
+
+
+class FakeSDEdit(FakeEditor):
+  """SDEdit stand-in: the image plus (s + j) % 5 + 100·strength; logs (prompt, seed, strength)."""
+
+  def __call__(self, images, prompts, *, seed, method, strength, resolution, batch_size, **kwargs):
+    assert method == "sdedit" and resolution is None and kwargs["steps"] == 2
+    out = []
+    for j, (image, prompt) in enumerate(zip(images, prompts)):
+      image = np.asarray(image)
+      self.edits.append((prompt, seed + j, strength, image.copy()))
+      shift = (seed + j) % 5 + int(round(100 * strength))
+      out.append(Image.fromarray(np.clip(image.astype(int) + shift, 0, 255).astype(np.uint8)))
+    return out
+
+
+def test_sdedit_series_beside_instruct_pix2pix(emu, tmp_path):
+  """SDEdit settings go to the text-to-image editor with each edit's output caption, on the same
+  seeds as the InstructPix2Pix settings, and draw one more line of the paper's plot."""
+  settings = (sweep.settings("image", image_values=(1.0, 2.0))
+              + sweep.sdedit_settings((0.5, 0.8), text_guidance=7.5))
+  assert [s.key for s in settings][2:] == ["sdedit_strength0.5_s7.5", "sdedit_strength0.8_s7.5"]
+  ip2p, sdedit = FakeEditor(), FakeSDEdit()
+  rows = evaluate(ip2p, emu, settings, str(tmp_path), config=CONFIG, scorer=FakeScorer(),
+                  progress=False, sdedit_editor=sdedit)
+  turns = [s.turns[0] for s in emu.sessions]
+  assert [e[0] for e in ip2p.edits] == [t.instruction for t in turns] * 2
+  assert [e[0] for e in sdedit.edits] == [t.output_caption for t in turns] * 2
+  assert [e[1] for e in sdedit.edits] == [e[1] for e in ip2p.edits] == list(range(100, 107)) * 2
+  assert [e[2] for e in sdedit.edits] == [0.5] * 7 + [0.8] * 7
+  mine = [r for r in rows if r["setting"] == "sdedit_strength0.8_s7.5"]
+  assert len(mine) == 7 and all(r["strength"] == 0.8 and r["series"] == "sdedit" for r in mine)
+  assert mine[0]["l1"] == pytest.approx((100 % 5 + 80) / 255)
+  table = sweep.summary_table(rows, settings, group_key=None)
+  assert [e["strength"] for e in table] == [None, None, 0.5, 0.8]
+  svg = str(tmp_path / "t.svg")
+  assert sweep.plot_tradeoff(table, [svg])
+  with open(svg) as f:
+    text = f.read()
+  for label in ("s_T = 7.5", "SDEdit, s = 7.5", "strength=0.5", "strength=0.8", "s_I=2"):
+    assert label in text
+  # Without a text-to-image editor, or a set without output captions, nothing runs.
+  with pytest.raises(ConfigError, match="need an sdedit_editor"):
+    evaluate(ip2p, emu, settings, str(tmp_path / "b"), config=CONFIG, progress=False)
+  bare = sets.EvalSet("bare", [sets.Session("s", (sets.Turn("t", "make it red"),))])
+  with pytest.raises(ConfigError, match="none for 1 of its edits"):
+    evaluate(ip2p, bare, settings, str(tmp_path / "c"), config=CONFIG, progress=False,
+             sdedit_editor=sdedit)
+  with pytest.raises(ConfigError, match=r"\(0, 1\]"):
+    sweep.sdedit_settings((0.5, 1.5))
