@@ -128,16 +128,12 @@ def markdown(s, metrics: dict[str, Any], info: dict[str, Any], *, eval_seed: int
   lines = [
       "# jip2p demo: InstructPix2Pix on the procedural edit world",
       "",
-      f"Model: {info['model']}. Held-out evaluation: {s.num_eval} scenes of dataset seed "
-      f"{eval_seed} with the held-out instruction wording, edited by `jip2p.edit.Editor` "
-      f"({s.sampler}, {s.eval_steps} steps, s_T = {s.text_guidance}, s_I = {s.image_guidance}, "
-      f"seed {s.seed})"
-      + ("." if s.families == synthetic.FAMILIES else
-         f"; edit families: {', '.join(s.families)}."),
+      f"**Held-out success {final['overall']['success']:.0%}, PSNR "
+      f"{final['overall']['psnr']:.1f} dB** on {s.num_eval} scenes and instruction wordings "
+      f"never trained on (copying the input: {base['copy']['overall']['success']:.0%}, "
+      f"{base['copy']['overall']['psnr']:.1f} dB). Model: {info['model']}.",
       "",
-      f"**Final: success {final['overall']['success']:.0%}, PSNR "
-      f"{final['overall']['psnr']:.1f} dB** (copy-the-input baseline: "
-      f"{base['copy']['overall']['success']:.0%}, {base['copy']['overall']['psnr']:.1f} dB).",
+      "![edits](grid.png)",
       "",
       "Success per family (mean PSNR against the exact ground truth), at each evaluated step:",
       "",
@@ -147,17 +143,22 @@ def markdown(s, metrics: dict[str, Any], info: dict[str, Any], *, eval_seed: int
       f"{world_metrics.Tolerances.colour:.0f} RGB) while the rest of the scene is unchanged "
       "(see `jip2p/eval/world_metrics.py`).",
       "",
-      "![edits](grid.png)",
-      "",
-      "![metrics](metrics.png)",
-      "",
       *(["## Guidance sweep", "",
+         "![sweep](sweep.png)", "",
          "The same held-out edits at each (s_T, s_I): \"instruction followed\" is the edit "
          "half of a success, \"rest kept\" the other half; \"PSNR to input\" is how close the "
          "output stays to the input image (the paper's trade-off: s_I keeps the input, s_T "
-         "follows the text; the plot draws it as the paper does).", "", *sweep_table(sweep), "",
-         "![sweep](sweep.png)", ""] if sweep else []),
-      "## Run",
+         "follows the text; the plot draws it as the paper does).", "", *sweep_table(sweep),
+         ""] if sweep else []),
+      "## How it was made",
+      "",
+      f"Held-out evaluation: {s.num_eval} scenes of dataset seed {eval_seed} with the held-out "
+      f"instruction wording, edited by `jip2p.edit.Editor` ({s.sampler}, {s.eval_steps} steps, "
+      f"s_T = {s.text_guidance}, s_I = {s.image_guidance}, seed {s.seed})"
+      + ("." if s.families == synthetic.FAMILIES else
+         f"; edit families: {', '.join(s.families)}."),
+      "",
+      "![metrics](metrics.png)",
       "",
       *[f"- {k}: {v}" for k, v in info.items() if k != "model"],
       *[f"- {k}: {v:.0f} s" for k, v in metrics["timings"].items()],
