@@ -36,16 +36,21 @@ COMPONENT_CLASSES = {
     "UNet2DConditionModel": (unet.UNetConfig, unet.UNet2DCondition, "diffusion_pytorch_model"),
     "AutoencoderKL": (vae.VAEConfig, vae.AutoencoderKL, "diffusion_pytorch_model"),
     "CLIPTextModel": (clip_text.CLIPTextConfig, clip_text.CLIPTextEncoder, "model"),
+    # SDXL's text_encoder_2 (OpenCLIP ViT-bigG with its text projection).
+    "CLIPTextModelWithProjection": (clip_text.CLIPTextConfig,
+                                    clip_text.CLIPTextEncoderWithProjection, "model"),
     # jip2p's exact pixel-space codec, in the VAE's place (no weights; diffusers cannot load it).
     "PixelCodec": (pixel_codec.PixelCodecConfig, pixel_codec.PixelCodec, "diffusion_pytorch_model"),
 }
 _LIBRARY = {"UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers",
-            "CLIPTextModel": "transformers", "PixelCodec": "diffusers"}
+            "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
+            "PixelCodec": "diffusers"}
 
 # Key spellings of other library versions (transformers 5 drops ``text_model.``, old diffusers VAEs
 # say ``query``/``key``/``value``) → the one jip2p's modules are named after.
 CANONICAL_KEYS = {"UNet2DConditionModel": dict, "AutoencoderKL": vae.canonical_state_dict,
-                  "CLIPTextModel": clip_text.canonical_state_dict, "PixelCodec": dict}
+                  "CLIPTextModel": clip_text.canonical_state_dict,
+                  "CLIPTextModelWithProjection": clip_text.canonical_state_dict, "PixelCodec": dict}
 
 
 @dataclasses.dataclass
@@ -204,7 +209,7 @@ def load_text_encoder(folder: str, *, dtype=jnp.float32, attention_impl: str = "
 
 def component_config(model) -> dict:
   """The diffusers / transformers config.json of a jip2p module."""
-  name = next(n for n, (_, cls, _) in COMPONENT_CLASSES.items() if isinstance(model, cls))
+  name = next(n for n, (_, cls, _) in COMPONENT_CLASSES.items() if type(model) is cls)
   config = model.config.to_dict()
   if _LIBRARY[name] == "diffusers":
     return {"_class_name": name, **config}
