@@ -1,4 +1,5 @@
-"""The Stable Diffusion UNet (SD 1.x / 2.x / XL), a Flax NNX port of diffusers' ``UNet2DConditionModel``.
+"""The Stable Diffusion UNet (SD 1.x / 2.x / XL): a Flax NNX port of diffusers'
+``UNet2DConditionModel``.
 
 Parameter paths equal the diffusers state-dict keys (``down_blocks.1.attentions.0.
 transformer_blocks.0.attn2.to_k.kernel`` ↔ ``...attn2.to_k.weight``), so `jip2p.checkpoints`
@@ -10,8 +11,9 @@ Shapes and dtypes at the boundary:
   encoder_hidden_states  ``[B, L, cross_attention_dim]`` (CLIP last hidden state, L = 77; SDXL:
                          both encoders' penultimate states concatenated, 768 + 1280 = 2048)
   text_embeds, time_ids  SDXL only (``addition_embed_type="text_time"``): the pooled, projected
-                         text ``[B, P]`` and the micro-conditioning ``[B, N]`` (N = 6: original
-                         size, crop top-left, target size), any float dtype; P + N ·
+                         text ``[B, P]`` any float dtype, and the micro-conditioning ``[B, N]``
+                         (N = 6: original size, crop top-left, target size) int or float32
+                         (bfloat16 would round sizes such as 1023); P + N ·
                          ``addition_time_embed_dim`` = ``projection_class_embeddings_input_dim``
   → noise prediction     ``[B, H, W, Cout]`` float32
 

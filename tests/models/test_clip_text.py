@@ -16,6 +16,7 @@ from jip2p.checkpoints import load_component, load_torch_state_dict, save_compon
 from jip2p.errors import ConfigError, InputError
 from jip2p.models import clip_text
 from jip2p.tokenizer import CLIPTokenizer
+from tests.reference import available_gb
 
 BOS, EOS = 49406, 49407
 # SD 1.5's text_encoder/config.json as written by transformers 4.22 (legacy eos_token_id 2).
@@ -295,13 +296,8 @@ def test_sdxl_prompt_encoding_errors():
     clip_text.encode_prompt_sdxl(enc1, enc2, ids, ids, clip_skip=2)
 
 
-def _available_gb():
-  with open("/proc/meminfo") as f:
-    info = dict(line.split(":", 1) for line in f)
-  return int(info["MemAvailable"].split()[0]) / 2**20
 
-
-@pytest.mark.skipif(_available_gb() < 10, reason="needs 10 GB of available memory")
+@pytest.mark.skipif(available_gb() < 10, reason="needs 10 GB of available memory")
 def test_sdxl_shapes_prompt_parity(tmp_path):
   """Real SDXL text encoders (ViT-L 123 M + bigG 695 M parameters), batch 2 × 77 tokens through
   both tokenizers, against diffusers' ``encode_prompt``; each JAX encoder is filled from the torch

@@ -20,6 +20,7 @@ from jip2p.checkpoints import (load_component, load_torch_state_dict, save_compo
                                to_torch_state_dict)
 from jip2p.errors import ConfigError, InputError
 from jip2p.models.unet import UNet2DCondition, UNetConfig, timestep_embedding
+from tests.reference import available_gb
 
 SD1_TINY = {
     "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1",
@@ -95,12 +96,6 @@ SD15 = {
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                        "CrossAttnUpBlock2D"],
 }
-
-
-def _available_gb():
-  with open("/proc/meminfo") as f:
-    info = dict(line.split(":", 1) for line in f)
-  return int(info["MemAvailable"].split()[0]) / 2**20
 
 
 def _kwargs(config):
@@ -280,7 +275,7 @@ def test_sdxl_load_save_folder_round_trip(sdxl_pair, tmp_path):
                              rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(_available_gb() < 16, reason="needs 16 GB of available memory")
+@pytest.mark.skipif(available_gb() < 16, reason="needs 16 GB of available memory")
 def test_sdxl_shapes_parity():
   """Real SDXL base shapes (2.6 B parameters, 8 input channels), 64×64 latents, 77×2048 text,
   1280-wide pooled text, batch 1: torch first, then JAX filled from the torch weights as they are
@@ -357,6 +352,26 @@ def test_control_reaches_every_attention_layer():
   for info, shape in recorder.calls:
     keys = 5 if info.is_cross else info.query_hw[0] * info.query_hw[1]
     assert shape == (2, 2, info.query_hw[0] * info.query_hw[1], keys)
+
+
+def test_sdxl_layout_traced_at_real_shapes():
+  """Tracing alone (abstract weights: no memory, no compile): the real SDXL config builds 2.6 B
+  parameters (8 input channels) and hands the controller all 70 self- and 70 cross-attention
+  layers, none at the attention-free first level."""
+  config = UNetConfig.from_dict(SDXL)
+  model = nnx.eval_shape(lambda: UNet2DCondition(config, rngs=nnx.Rngs(0)))
+  params = sum(np.prod(v.get_value().shape)
+               for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert 2.56e9 < params < 2.57e9
+  recorder = _Recorder()
+  out = nnx.eval_shape(lambda m: m(jnp.zeros((1, 64, 64, 8)), 10, jnp.zeros((1, 77, 2048)),
+                                   text_embeds=jnp.zeros((1, 1280)),
+                                   time_ids=jnp.zeros((1, 6)), control=recorder), model)
+  assert out.shape == (1, 64, 64, 4)
+  infos = [info for info, _ in recorder.calls]
+  assert sum(i.is_cross for i in infos) == sum(not i.is_cross for i in infos) == 70
+  assert sorted({i.query_hw for i in infos}) == [(16, 16), (32, 32)]
+  assert len({i.name for i in infos}) == 140
 
 
 def test_control_edits_reach_the_output(sd1_pair):
