@@ -36,16 +36,21 @@ COMPONENT_CLASSES = {
     "UNet2DConditionModel": (unet.UNetConfig, unet.UNet2DCondition, "diffusion_pytorch_model"),
     "AutoencoderKL": (vae.VAEConfig, vae.AutoencoderKL, "diffusion_pytorch_model"),
     "CLIPTextModel": (clip_text.CLIPTextConfig, clip_text.CLIPTextEncoder, "model"),
+    # SDXL's text_encoder_2 (OpenCLIP ViT-bigG with its text projection).
+    "CLIPTextModelWithProjection": (clip_text.CLIPTextConfig,
+                                    clip_text.CLIPTextEncoderWithProjection, "model"),
     # jip2p's exact pixel-space codec, in the VAE's place (no weights; diffusers cannot load it).
     "PixelCodec": (pixel_codec.PixelCodecConfig, pixel_codec.PixelCodec, "diffusion_pytorch_model"),
 }
 _LIBRARY = {"UNet2DConditionModel": "diffusers", "AutoencoderKL": "diffusers",
-            "CLIPTextModel": "transformers", "PixelCodec": "diffusers"}
+            "CLIPTextModel": "transformers", "CLIPTextModelWithProjection": "transformers",
+            "PixelCodec": "diffusers"}
 
 # Key spellings of other library versions (transformers 5 drops ``text_model.``, old diffusers VAEs
 # say ``query``/``key``/``value``) → the one jip2p's modules are named after.
 CANONICAL_KEYS = {"UNet2DConditionModel": dict, "AutoencoderKL": vae.canonical_state_dict,
-                  "CLIPTextModel": clip_text.canonical_state_dict, "PixelCodec": dict}
+                  "CLIPTextModel": clip_text.canonical_state_dict,
+                  "CLIPTextModelWithProjection": clip_text.canonical_state_dict, "PixelCodec": dict}
 
 
 @dataclasses.dataclass
@@ -169,27 +174,57 @@ def load_component(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla
   return model
 
 
-def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla") -> Pipeline:
+def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla",
+                  vae: str | None = None) -> Pipeline:
   """A diffusers-format pipeline folder → `Pipeline` of jip2p modules (float32 parameters).
 
-  A ``gs://`` folder is read from a local copy, made once per host (`storage.local_copy`)."""
-  if storage.is_remote(folder):
-    if not epath.Path(folder, INDEX).exists():
-      raise CheckpointError(f"missing file: {folder}/{INDEX} (not a model folder, or one still "
-                            "being written)")
-    local = storage.local_copy(folder)
-  else:
-    local = folder
+  ``vae``: a separately given VAE in the folder's VAE's place (e.g. SDXL's fp16-fix VAE): a
+  component folder (``config.json`` + weights) or a model folder holding ``vae/``; its latent
+  channels must be the UNet's. A ``gs://`` folder (either) is read from a local copy, made once
+  per host (`storage.local_copy`)."""
+  local = _local_folder(folder, INDEX)
   if not os.path.isdir(local):
     raise CheckpointError(f"missing model folder: {folder}")
   read_json(os.path.join(local, INDEX))
-  load = lambda name: load_component(os.path.join(local, name), dtype=dtype,
-                                     attention_impl=attention_impl)
+  load = lambda path: load_component(path, dtype=dtype, attention_impl=attention_impl)
+  unet_model = load(os.path.join(local, "unet"))
+  vae_model = load(os.path.join(local, "vae") if vae is None else _vae_folder(vae))
+  if vae is not None:
+    latent = vae_model.config.latent_channels
+    if unet_model.config.in_channels not in (latent, 2 * latent):
+      raise CheckpointError(
+          f"VAE {vae} has {latent} latent channels; the UNet of {folder} takes "
+          f"{unet_model.config.in_channels} input channels (the latents, or twice them for an "
+          "edit model)")
   return Pipeline(
-      unet=load("unet"), vae=load("vae"), text_encoder=load("text_encoder"),
+      unet=unet_model, vae=vae_model, text_encoder=load(os.path.join(local, "text_encoder")),
       tokenizer=load_tokenizer(local),
       scheduler_config=read_json(os.path.join(local, "scheduler", "scheduler_config.json")),
       folder=folder)
+
+
+def _local_folder(folder: str, marker: str) -> str:
+  """``folder`` itself, or the local copy of a ``gs://`` one (whose ``marker`` file must exist:
+  it is written last)."""
+  if not storage.is_remote(folder):
+    return folder
+  if not epath.Path(folder, marker).exists():
+    raise CheckpointError(f"missing file: {folder}/{marker} (not a model folder, or one still "
+                          "being written)")
+  return storage.local_copy(folder)
+
+
+def _vae_folder(vae: str) -> str:
+  """The component folder of a separately given VAE: ``vae`` itself (one with ``config.json``;
+  a ``gs://`` one must be such) or its ``vae/``."""
+  local = _local_folder(vae, "config.json")
+  if not os.path.isdir(local):
+    raise CheckpointError(f"missing VAE folder: {vae}")
+  if os.path.isfile(os.path.join(local, "config.json")):
+    return local
+  if os.path.isdir(os.path.join(local, "vae")):
+    return os.path.join(local, "vae")
+  raise CheckpointError(f"{vae} is not a VAE folder: it holds neither config.json nor vae/")
 
 
 def load_text_encoder(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"):
@@ -204,7 +239,7 @@ def load_text_encoder(folder: str, *, dtype=jnp.float32, attention_impl: str = "
 
 def component_config(model) -> dict:
   """The diffusers / transformers config.json of a jip2p module."""
-  name = next(n for n, (_, cls, _) in COMPONENT_CLASSES.items() if isinstance(model, cls))
+  name = next(n for n, (_, cls, _) in COMPONENT_CLASSES.items() if type(model) is cls)
   config = model.config.to_dict()
   if _LIBRARY[name] == "diffusers":
     return {"_class_name": name, **config}

@@ -1,4 +1,5 @@
-"""The CLIP text encoder of Stable Diffusion (transformers ``CLIPTextModel``) in Flax NNX.
+"""The CLIP text encoders of Stable Diffusion (transformers ``CLIPTextModel`` and, for SDXL's
+second encoder, ``CLIPTextModelWithProjection``) in Flax NNX, and SDXL's prompt encoding.
 
 Attribute paths equal the keys of the text-encoder files SD checkpoints ship
 (``text_model.encoder.layers.3.self_attn.q_proj.weight`` …), so `jip2p.checkpoints` loads them
@@ -6,8 +7,9 @@ with the generic mapping. transformers 5 drops the ``text_model.`` prefix from i
 names and from the files it saves; `canonical_state_dict` puts it back.
 
 Shapes: token ids ``[B, L]`` int32 (L ≤ max_position_embeddings, 77 for SD) → hidden states
-``[B, L, D]`` float32. Parameters are float32; ``dtype`` is the compute dtype of the projections
-and MLPs; layer norms, softmax and the residual stream are float32.
+``[B, L, D]`` float32; the projected pooled output (``text_embeds``) ``[B, projection_dim]``
+float32. Parameters are float32; ``dtype`` is the compute dtype of the projections and MLPs; layer
+norms, softmax and the residual stream are float32.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ from jip2p.models import layers
 from jip2p.models.attention import IMPLEMENTATIONS, dot_product_attention
 
 # Keys a transformers config.json may carry that do not change the text encoder's function:
-# CLIP's own training/projection settings and PretrainedConfig's generic (mostly generation) ones.
+# CLIP's own training settings and PretrainedConfig's generic (mostly generation) ones.
 _IGNORED_KEYS = frozenset({
-    "projection_dim", "attention_dropout", "dropout", "initializer_range", "initializer_factor",
+    "attention_dropout", "dropout", "initializer_range", "initializer_factor",
     "architectures", "torch_dtype", "dtype", "transformers_version", "model_type",
     "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
     "is_encoder_decoder", "is_decoder", "add_cross_attention", "cross_attention_hidden_size",
@@ -55,7 +57,8 @@ class CLIPTextConfig:
 
   ``eos_token_id`` only matters for `CLIPTextEncoder.pooled`: configs written before
   transformers PR #24773 (SD 1.x/2.x ones among them) say 2, which transformers reads as "the
-  end token is the largest id" and keeps for compatibility.
+  end token is the largest id" and keeps for compatibility. ``projection_dim`` only shapes
+  ``CLIPTextModelWithProjection``'s ``text_projection``.
   """
 
   vocab_size: int = 49408
@@ -69,6 +72,7 @@ class CLIPTextConfig:
   pad_token_id: int | None = 1
   bos_token_id: int | None = 49406
   eos_token_id: int | None = 49407
+  projection_dim: int = 512
 
   def __post_init__(self):
     if self.hidden_act not in _ACTIVATIONS:
@@ -149,9 +153,9 @@ class CLIPEncoder(nnx.Module):
     self.layers = nnx.List([CLIPEncoderLayer(config, impl=impl, dtype=dtype, rngs=rngs)
                             for _ in range(config.num_hidden_layers)])
 
-  def __call__(self, x: jax.Array, *, num_layers: int) -> jax.Array:
-    """Runs the first ``num_layers`` layers: [B, L, D] → [B, L, D]."""
-    for layer in self.layers[:num_layers]:
+  def __call__(self, x: jax.Array, *, start: int = 0, stop: int) -> jax.Array:
+    """Runs layers ``start`` … ``stop − 1``: [B, L, D] → [B, L, D]."""
+    for layer in self.layers[start:stop]:
       x = layer(x)
     return x
 
@@ -177,9 +181,10 @@ class CLIPTextTransformer(nnx.Module):
     self.final_layer_norm = layers.layer_norm(config.hidden_size, config.layer_norm_eps,
                                               rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array, *, num_layers: int) -> jax.Array:
-    x = self.encoder(self.embeddings(input_ids), num_layers=num_layers)
-    return self.final_layer_norm(x)
+  def __call__(self, input_ids: jax.Array, *, num_layers: int, final_layer_norm: bool = True
+               ) -> jax.Array:
+    x = self.encoder(self.embeddings(input_ids), stop=num_layers)
+    return self.final_layer_norm(x) if final_layer_norm else x
 
 
 class CLIPTextEncoder(nnx.Module):
@@ -193,14 +198,23 @@ class CLIPTextEncoder(nnx.Module):
     self.config = config
     self.text_model = CLIPTextTransformer(config, impl=attention_impl, dtype=dtype, rngs=rngs)
 
-  def __call__(self, input_ids: jax.Array, *, skip_last_layers: int = 0) -> jax.Array:
+  def __call__(self, input_ids: jax.Array, *, skip_last_layers: int = 0,
+               final_layer_norm: bool = True) -> jax.Array:
     """input_ids [B, L] int → hidden states [B, L, D] float32, after ``final_layer_norm``.
 
     ``skip_last_layers=k`` stops k layers early and applies the final layer norm to that output:
     transformers' ``final_layer_norm(hidden_states[-1 - k])``. SD 1.x uses k=0 (the
     ``last_hidden_state``); diffusers' ``clip_skip=c`` is k=c, and SD 2.x's OpenCLIP "penultimate"
     conditioning is k=1 on its 24-layer encoder (diffusers ships it with 23 layers and k=0).
+    ``final_layer_norm=False`` returns the layer's output as it is: transformers'
+    ``hidden_states[-1 - k]``, what SDXL conditions on (k=1, see `encode_prompt_sdxl`).
     """
+    self._check(input_ids, skip_last_layers)
+    hidden = self.text_model(input_ids, num_layers=self.config.num_hidden_layers - skip_last_layers,
+                             final_layer_norm=final_layer_norm)
+    return hidden.astype(jnp.float32)
+
+  def _check(self, input_ids: jax.Array, skip_last_layers: int) -> None:
     cfg = self.config
     if not 0 <= skip_last_layers < cfg.num_hidden_layers:
       raise ConfigError(f"skip_last_layers={skip_last_layers} must be in "
@@ -208,8 +222,6 @@ class CLIPTextEncoder(nnx.Module):
     if input_ids.ndim != 2 or input_ids.shape[1] > cfg.max_position_embeddings:
       raise InputError(f"CLIP text encoder expects token ids [B, L≤{cfg.max_position_embeddings}],"
                        f" got shape {tuple(input_ids.shape)}")
-    hidden = self.text_model(input_ids, num_layers=cfg.num_hidden_layers - skip_last_layers)
-    return hidden.astype(jnp.float32)
 
   def pooled(self, input_ids: jax.Array, hidden: jax.Array) -> jax.Array:
     """The hidden state at each sequence's end token: [B, L] ids, [B, L, D] → [B, D].
@@ -225,7 +237,63 @@ class CLIPTextEncoder(nnx.Module):
     return jnp.take_along_axis(hidden, pos[:, None, None], axis=1)[:, 0]
 
 
+class CLIPTextEncoderWithProjection(CLIPTextEncoder):
+  """transformers ``CLIPTextModelWithProjection``: the encoder plus ``text_projection`` (a
+  bias-free [D → projection_dim] linear) of the pooled output — SDXL's second text encoder
+  (OpenCLIP ViT-bigG/14), whose projection is the pooled text the UNet's ``add_embedding`` reads.
+  """
+
+  def __init__(self, config: CLIPTextConfig, *, dtype=jnp.float32, attention_impl: str = "xla",
+               rngs: nnx.Rngs):
+    super().__init__(config, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
+    self.text_projection = layers.linear(config.hidden_size, config.projection_dim, bias=False,
+                                         dtype=dtype, rngs=rngs)
+
+  def text_embeds(self, input_ids: jax.Array, hidden: jax.Array) -> jax.Array:
+    """transformers' ``text_embeds``: [B, L] ids and the last hidden states [B, L, D] (after
+    ``final_layer_norm``) → the projected pooled output [B, projection_dim] float32."""
+    return self.text_projection(self.pooled(input_ids, hidden)).astype(jnp.float32)
+
+  def hidden_and_text_embeds(self, input_ids: jax.Array, *, skip_last_layers: int = 1
+                             ) -> tuple[jax.Array, jax.Array]:
+    """One pass for SDXL: (the output of the layer ``skip_last_layers`` before the last, with no
+    final layer norm, [B, L, D] float32; ``text_embeds`` of the full encoder [B, P] float32)."""
+    self._check(input_ids, skip_last_layers)
+    model = self.text_model
+    stop = self.config.num_hidden_layers - skip_last_layers
+    hidden = model.encoder(model.embeddings(input_ids), stop=stop)
+    last = model.final_layer_norm(model.encoder(hidden, start=stop,
+                                                stop=self.config.num_hidden_layers))
+    return hidden.astype(jnp.float32), self.text_embeds(input_ids, last)
+
+
+def encode_prompt_sdxl(text_encoder: CLIPTextEncoder,
+                       text_encoder_2: CLIPTextEncoderWithProjection, input_ids: jax.Array,
+                       input_ids_2: jax.Array, *, clip_skip: int = 0
+                       ) -> tuple[jax.Array, jax.Array]:
+  """SDXL's text conditioning, as diffusers' SDXL pipelines' ``encode_prompt``.
+
+  ``input_ids`` [B, L] from ``tokenizer/`` (CLIP ViT-L's, padded with ``<|endoftext|>``),
+  ``input_ids_2`` [B, L] from ``tokenizer_2/`` (OpenCLIP bigG's, padded with ``!`` = id 0) →
+  (``prompt_embeds`` [B, L, D1 + D2] float32: each encoder's penultimate hidden state — no final
+  layer norm — concatenated, 768 + 1280 = 2048 for SDXL; ``pooled`` [B, P] float32: the second
+  encoder's ``text_embeds``, 1280 for SDXL). ``clip_skip=c`` takes the layer c earlier in both,
+  diffusers' ``hidden_states[-(c + 2)]``.
+  """
+  if not isinstance(text_encoder_2, CLIPTextEncoderWithProjection):
+    raise ConfigError("SDXL's text_encoder_2 must be a CLIPTextModelWithProjection (its pooled "
+                      f"output is projected); got a {type(text_encoder_2).__name__}")
+  if input_ids.shape != input_ids_2.shape:
+    raise InputError(f"SDXL token ids of the two tokenizers differ in shape: "
+                     f"{tuple(input_ids.shape)} and {tuple(input_ids_2.shape)}")
+  first = text_encoder(input_ids, skip_last_layers=1 + clip_skip, final_layer_norm=False)
+  second, pooled = text_encoder_2.hidden_and_text_embeds(input_ids_2,
+                                                         skip_last_layers=1 + clip_skip)
+  return jnp.concatenate([first, second], axis=-1), pooled
+
+
 def canonical_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-  """Adds the ``text_model.`` prefix that transformers 5 leaves out of saved keys."""
-  return {k if k.startswith("text_model.") else f"text_model.{k}": v
+  """Adds the ``text_model.`` prefix that transformers 5 leaves out of a CLIPTextModel's saved
+  keys (a CLIPTextModelWithProjection keeps it; its ``text_projection.`` sits beside it)."""
+  return {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
           for k, v in state_dict.items()}

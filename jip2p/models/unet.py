@@ -1,4 +1,5 @@
-"""The Stable Diffusion UNet (SD 1.x / 2.x), a Flax NNX port of diffusers' ``UNet2DConditionModel``.
+"""The Stable Diffusion UNet (SD 1.x / 2.x / XL): a Flax NNX port of diffusers'
+``UNet2DConditionModel``.
 
 Parameter paths equal the diffusers state-dict keys (``down_blocks.1.attentions.0.
 transformer_blocks.0.attn2.to_k.kernel`` ↔ ``...attn2.to_k.weight``), so `jip2p.checkpoints`
@@ -7,16 +8,23 @@ loads and exports it without a per-model table.
 Shapes and dtypes at the boundary:
   sample                 ``[B, H, W, Cin]`` any float dtype; H, W multiples of 2**(#blocks − 1)
   timesteps              ``[B]`` or scalar, int or float (fractional timesteps are fine)
-  encoder_hidden_states  ``[B, L, cross_attention_dim]`` (CLIP last hidden state, L = 77)
+  encoder_hidden_states  ``[B, L, cross_attention_dim]`` (CLIP last hidden state, L = 77; SDXL:
+                         both encoders' penultimate states concatenated, 768 + 1280 = 2048)
+  text_embeds, time_ids  SDXL only (``addition_embed_type="text_time"``): the pooled, projected
+                         text ``[B, P]`` any float dtype, and the micro-conditioning ``[B, N]``
+                         (N = 6: original size, crop top-left, target size) int or float32
+                         (bfloat16 would round sizes such as 1023); P + N ·
+                         ``addition_time_embed_dim`` = ``projection_class_embeddings_input_dim``
   → noise prediction     ``[B, H, W, Cout]`` float32
 
 Parameters are float32; ``dtype`` is the compute dtype (inputs are cast to it). Group and layer
 norms compute their statistics in float32, attention logits and softmax are float32 (so
-diffusers' ``upcast_attention`` holds whatever its value), the timestep sinusoids are float32.
+diffusers' ``upcast_attention`` holds whatever its value), the timestep and time-id sinusoids are
+float32.
 
 Every attention layer receives ``control=`` with its `AttentionInfo` (name = parameter path,
 ``is_cross``, ``query_hw``), which is how Prompt-to-Prompt and InstructPix2Pix's attention sharing
-reach all 16 self- and 16 cross-attention layers of SD 1.5.
+reach all 16 self- and 16 cross-attention layers of SD 1.5 (and all 70 + 70 of SDXL).
 """
 
 from __future__ import annotations
@@ -37,8 +45,9 @@ from jip2p.models import layers
 _DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 
-# diffusers keys that jip2p understands only at one value: the features they switch on (class and
-# addition embeddings of SDXL-style models, other time embeddings, …) are not part of SD 1.x/2.x.
+# diffusers keys that jip2p understands only at these values: the features the others switch on
+# (class embeddings, addition embeddings other than SDXL's, other time embeddings, …) are part of
+# no SD 1.x / 2.x / XL model.
 _FIXED = {
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "only_cross_attention": (False,),
@@ -50,10 +59,8 @@ _FIXED = {
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
+    "addition_embed_type": (None, "text_time"),
     "num_class_embeds": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "class_embeddings_concat": (False,),
     "resnet_time_scale_shift": ("default",),
     "resnet_skip_time_act": (False,),
@@ -76,6 +83,11 @@ class UNetConfig:
   Per-block keys (``layers_per_block``, ``attention_head_dim``, ``num_attention_heads``,
   ``transformer_layers_per_block``) take an int or one value per down block. As in diffusers,
   ``attention_head_dim`` is really the number of heads unless ``num_attention_heads`` is set.
+
+  ``addition_embed_type="text_time"`` is SDXL's micro-conditioning: each of the ``time_ids`` goes
+  through ``addition_time_embed_dim`` sinusoids, the pooled text is appended, and
+  ``add_embedding`` (``projection_class_embeddings_input_dim`` → time embedding) adds the result
+  to the timestep embedding.
   """
 
   sample_size: int | tuple[int, int] | None = None
@@ -103,6 +115,9 @@ class UNetConfig:
   time_embedding_dim: int | None = None
   conv_in_kernel: int = 3
   conv_out_kernel: int = 3
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -113,18 +128,23 @@ class UNetConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> UNetConfig:
-    """From a diffusers ``unet/config.json`` dict; ``_``-prefixed keys are ignored."""
+    """From a diffusers ``unet/config.json`` dict; ``_``-prefixed keys are ignored.
+
+    Every key jip2p does not know, or knows only at other values, is named in one `ConfigError`.
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     d = {k: v for k, v in d.items() if not k.startswith("_")}
     unknown = sorted(set(d) - names - set(_FIXED) - set(_IGNORED))
     if unknown:
       raise ConfigError(f"UNet config has unknown key(s): {', '.join(unknown)}")
+    unsupported = []
     for key, allowed in _FIXED.items():
       value = d.get(key, allowed[0])
       values = value if key == "only_cross_attention" and isinstance(value, list) else [value]
       if not all(_is_one_of(v, allowed) for v in values):
-        raise ConfigError(f"UNet config: {key}={value!r} is not supported (jip2p supports "
-                          f"{' or '.join(map(repr, allowed))})")
+        unsupported.append(f"{key}={value!r} (jip2p supports {' or '.join(map(repr, allowed))})")
+    if unsupported:
+      raise ConfigError(f"UNet config: not supported: {'; '.join(unsupported)}")
     return cls(**{k: v for k, v in d.items() if k in names})
 
   def to_dict(self) -> dict[str, Any]:
@@ -206,6 +226,17 @@ class UNetConfig:
     for key in ("in_channels", "out_channels"):
       if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
         raise ConfigError(f"UNet config: {key}={getattr(self, key)!r} must be a positive int")
+    supported = _FIXED["addition_embed_type"]
+    if not _is_one_of(self.addition_embed_type, supported):
+      raise ConfigError(f"UNet config: not supported: addition_embed_type="
+                        f"{self.addition_embed_type!r} (jip2p supports "
+                        f"{' or '.join(map(repr, supported))})")
+    if self.addition_embed_type == "text_time":
+      for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        value = getattr(self, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+          raise ConfigError(f"UNet config: addition_embed_type='text_time' needs {key} (a "
+                            f"positive int), got {value!r}")
 
 
 def _is_one_of(value: Any, allowed: tuple) -> bool:
@@ -453,6 +484,10 @@ class UNet2DCondition(nnx.Module):
     self.conv_in = layers.conv(config.in_channels, boc[0], config.conv_in_kernel, dtype=dtype,
                                rngs=rngs)
     self.time_embedding = TimestepEmbedding(boc[0], config.time_embed_dim, dtype=dtype, rngs=rngs)
+    # SDXL's micro-conditioning and pooled text (diffusers' add_time_proj has no parameters).
+    self.add_embedding = (TimestepEmbedding(config.projection_class_embeddings_input_dim,
+                                            config.time_embed_dim, dtype=dtype, rngs=rngs)
+                          if config.addition_embed_type == "text_time" else None)
 
     self.down_blocks = nnx.List([
         DownBlock(i, boc[max(i - 1, 0)], boc[i], config,
@@ -471,10 +506,16 @@ class UNet2DCondition(nnx.Module):
                                 rngs=rngs)
 
   def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
-               encoder_hidden_states: jax.Array, *, control=None) -> jax.Array:
-    """sample [B, H, W, Cin], timesteps [B] or scalar, text [B, L, Dctx] → [B, H, W, Cout] f32."""
+               encoder_hidden_states: jax.Array, *, text_embeds: jax.Array | None = None,
+               time_ids: jax.Array | None = None, control=None) -> jax.Array:
+    """sample [B, H, W, Cin], timesteps [B] or scalar, text [B, L, Dctx] → [B, H, W, Cout] f32.
+
+    ``text_embeds`` [B, P] and ``time_ids`` [B, N] are required by (and only by) an
+    ``addition_embed_type="text_time"`` (SDXL) UNet: diffusers' ``added_cond_kwargs``.
+    """
     cfg = self.config
     self._check_inputs(sample, encoder_hidden_states)
+    self._check_added_inputs(sample.shape[0], text_embeds, time_ids)
     b = sample.shape[0]
     timesteps = jnp.asarray(timesteps)
     if timesteps.ndim == 0:
@@ -489,6 +530,12 @@ class UNet2DCondition(nnx.Module):
     t_emb = timestep_embedding(timesteps, cfg.block_out_channels[0],
                                flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift)
     temb = self.time_embedding(t_emb.astype(self.dtype))
+    if self.add_embedding is not None:
+      time_emb = timestep_embedding(jnp.reshape(time_ids, (-1,)), cfg.addition_time_embed_dim,
+                                    flip_sin_to_cos=cfg.flip_sin_to_cos,
+                                    freq_shift=cfg.freq_shift).reshape(b, -1)
+      added = jnp.concatenate([text_embeds.astype(jnp.float32), time_emb], axis=-1)
+      temb = temb + self.add_embedding(added.astype(self.dtype))
 
     # Rematerialisation only saves memory under differentiation; sampling with a control (whose
     # recorded arrays must not be traced inside a checkpoint) runs the blocks as they are.
@@ -521,3 +568,27 @@ class UNet2DCondition(nnx.Module):
         or context.shape[-1] != cfg.cross_attention_dim):
       raise InputError(f"UNet encoder_hidden_states have shape {tuple(context.shape)}; expected "
                        f"[{sample.shape[0]}, L, {cfg.cross_attention_dim}]")
+
+  def _check_added_inputs(self, batch: int, text_embeds: jax.Array | None,
+                          time_ids: jax.Array | None) -> None:
+    cfg = self.config
+    if self.add_embedding is None:
+      if text_embeds is not None or time_ids is not None:
+        raise InputError("this UNet takes no text_embeds / time_ids (its config has "
+                         f"addition_embed_type={cfg.addition_embed_type!r}, not 'text_time')")
+      return
+    if text_embeds is None or time_ids is None:
+      raise InputError("this UNet (addition_embed_type='text_time', SDXL) needs text_embeds "
+                       "[B, P] (the pooled text) and time_ids [B, N] (the micro-conditioning)")
+    if text_embeds.ndim != 2 or text_embeds.shape[0] != batch:
+      raise InputError(f"UNet text_embeds have shape {tuple(text_embeds.shape)}; expected "
+                       f"[{batch}, P]")
+    if time_ids.ndim != 2 or time_ids.shape[0] != batch:
+      raise InputError(f"UNet time_ids have shape {tuple(time_ids.shape)}; expected [{batch}, N]")
+    width = text_embeds.shape[1] + time_ids.shape[1] * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+      raise InputError(
+          f"UNet text_embeds [{batch}, {text_embeds.shape[1]}] and time_ids [{batch}, "
+          f"{time_ids.shape[1]}] give {text_embeds.shape[1]} + {time_ids.shape[1]}·"
+          f"{cfg.addition_time_embed_dim} = {width} added features; the config's "
+          f"projection_class_embeddings_input_dim is {cfg.projection_class_embeddings_input_dim}")

@@ -212,3 +212,44 @@ def test_saved_folder_has_the_default_modes(pipeline, tmp_path):
   for path in out.rglob("*"):
     if path.is_file():
       assert mode(path) == mode(plain_file), path
+
+
+def _sdxl_style_vae(folder, latent_channels=4):
+  """A random diffusers VAE with SDXL's latent scale, saved as a component folder the way the
+  fp16-fix VAE ships (force_upcast false)."""
+  import diffusers
+  torch.manual_seed(7)
+  vae = diffusers.AutoencoderKL(
+      block_out_channels=[32, 64], down_block_types=["DownEncoderBlock2D"] * 2,
+      up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=latent_channels,
+      norm_num_groups=32, sample_size=64, scaling_factor=0.13025, force_upcast=False)
+  vae.save_pretrained(folder)
+  return {k: v.numpy() for k, v in vae.state_dict().items()}
+
+
+def test_separate_vae_folder_replaces_the_pipelines(torch_folder, tmp_path):
+  weights = _sdxl_style_vae(tmp_path / "vae-fix")
+  pipe = checkpoints.load_pipeline(torch_folder, vae=str(tmp_path / "vae-fix"))
+  assert pipe.vae.config.scaling_factor == 0.13025 and pipe.vae.config.force_upcast is False
+  exported = checkpoints.to_torch_state_dict(pipe.vae)
+  assert exported.keys() == weights.keys()
+  for key, value in weights.items():
+    np.testing.assert_array_equal(exported[key], value, err_msg=key)
+  # The rest is the folder's own; a model folder holding vae/ is accepted as the VAE too.
+  original = checkpoints.load_pipeline(torch_folder)
+  np.testing.assert_array_equal(pipe.unet.conv_in.kernel.get_value(),
+                                original.unet.conv_in.kernel.get_value())
+  again = checkpoints.load_pipeline(torch_folder, vae=torch_folder)
+  np.testing.assert_array_equal(again.vae.decoder.conv_out.kernel.get_value(),
+                                original.vae.decoder.conv_out.kernel.get_value())
+
+
+def test_separate_vae_folder_errors(torch_folder, tmp_path):
+  _sdxl_style_vae(tmp_path / "vae16", latent_channels=16)
+  with pytest.raises(CheckpointError, match="has 16 latent channels; the UNet of .* takes 8"):
+    checkpoints.load_pipeline(torch_folder, vae=str(tmp_path / "vae16"))
+  with pytest.raises(CheckpointError, match="missing VAE folder"):
+    checkpoints.load_pipeline(torch_folder, vae=str(tmp_path / "nope"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(CheckpointError, match="neither config.json nor vae/"):
+    checkpoints.load_pipeline(torch_folder, vae=str(tmp_path / "empty"))

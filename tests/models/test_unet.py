@@ -16,9 +16,11 @@ import pytest
 import torch
 from flax import nnx
 
-from jip2p.checkpoints import load_torch_state_dict, to_torch_state_dict
+from jip2p.checkpoints import (load_component, load_torch_state_dict, save_component,
+                               to_torch_state_dict)
 from jip2p.errors import ConfigError, InputError
 from jip2p.models.unet import UNet2DCondition, UNetConfig, timestep_embedding
+from tests.reference import available_gb
 
 SD1_TINY = {
     "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1",
@@ -52,6 +54,36 @@ SD15_LAYOUT_TINY = {
     "block_out_channels": [32, 32, 64, 64], "layers_per_block": 2, "attention_head_dim": 2,
     "cross_attention_dim": 16, "norm_num_groups": 16, "in_channels": 8,
 }
+# SDXL's block structure at a tiny width: no attention in the first block, per-block depths and
+# heads, linear projections, and the text_time added embedding (a 32-wide pooled text + 6 time
+# ids of 8 sinusoids each = 80). Keys as SDXL's config.json writes them (upcast_attention null).
+SDXL_TINY = {
+    "_class_name": "UNet2DConditionModel", "_diffusers_version": "0.19.0.dev0",
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 8, "attention_head_dim": [1, 2, 4],
+    "block_out_channels": [16, 32, 64], "center_input_sample": False, "class_embed_type": None,
+    "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "cross_attention_dim": 48, "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 8,
+    "layers_per_block": 2, "mid_block_only_cross_attention": None, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-5, "norm_num_groups": 8,
+    "num_attention_heads": None, "num_class_embeds": None, "only_cross_attention": False,
+    "out_channels": 4, "projection_class_embeddings_input_dim": 80,
+    "resnet_out_scale_factor": 1.0, "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default", "sample_size": 16, "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None, "time_embedding_dim": None,
+    "time_embedding_type": "positional", "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 3],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None, "use_linear_projection": True,
+}
+# SDXL base 1.0's unet/config.json shapes with InstructPix2Pix's 8 input channels (2.6 B).
+SDXL = {**SDXL_TINY, "addition_time_embed_dim": 256, "attention_head_dim": [5, 10, 20],
+        "block_out_channels": [320, 640, 1280], "cross_attention_dim": 2048,
+        "norm_num_groups": 32, "projection_class_embeddings_input_dim": 2816, "sample_size": 128,
+        "transformer_layers_per_block": [1, 2, 10]}
 SD15 = {
     "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
     "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
@@ -94,19 +126,32 @@ def _inputs(config, batch, hw, tokens, seed=0):
   return sample, context
 
 
-def _torch_out(model, sample, t, context):
+def _added(batch, pooled, seed=0):
+  """SDXL's added conditions: pooled text [B, pooled] and micro-conditioning time ids [B, 6]
+  (original size, crop top-left, target size; the crops differ per example)."""
+  rng = np.random.default_rng(seed)
+  text_embeds = rng.standard_normal((batch, pooled)).astype(np.float32)
+  time_ids = np.array([[1024, 768, 16 * i, 8 * i, 1024, 1024] for i in range(batch)], np.float32)
+  return {"text_embeds": text_embeds, "time_ids": time_ids}
+
+
+def _torch_out(model, sample, t, context, added=None):
+  kwargs = {}
+  if added is not None:
+    kwargs["added_cond_kwargs"] = {k: torch.from_numpy(v) for k, v in added.items()}
   with torch.no_grad():
     return model(torch.from_numpy(sample), torch.as_tensor(t),
-                 torch.from_numpy(context)).sample.numpy()
+                 torch.from_numpy(context), **kwargs).sample.numpy()
 
 
 # One jitted forward for all tests: a compile is cached per model structure and input shapes.
-_forward = nnx.jit(lambda model, sample, t, context: model(sample, t, context))
+_forward = nnx.jit(lambda model, sample, t, context, added: model(sample, t, context, **added))
 
 
-def _jax_out(model, sample, t, context):
+def _jax_out(model, sample, t, context, added=None):
+  added = {k: jnp.asarray(v) for k, v in (added or {}).items()}
   out = _forward(model, jnp.asarray(sample.transpose(0, 2, 3, 1)), jnp.asarray(t),
-                 jnp.asarray(context))
+                 jnp.asarray(context), added)
   assert out.dtype == jnp.float32
   return np.asarray(out).transpose(0, 3, 1, 2)
 
@@ -154,6 +199,105 @@ def test_sd15_shapes_parity():
   out = _jax_out(model, sample, jnp.asarray(t), context)
   assert _rel(out, ref) <= 1e-4
   print(f"SD 1.5-shape UNet parity took {time.perf_counter() - start:.1f} s")
+
+
+class _Draining(dict):
+  """A state dict that lets go of each array once it is read: the torch model's storage is freed
+  tensor by tensor while the JAX copy fills, so one copy of the weights is alive, not two."""
+
+  def __getitem__(self, key):
+    return self.pop(key)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pair():
+  torch_model = _torch_unet(SDXL_TINY, seed=2)
+  return torch_model, _jax_unet(SDXL_TINY, _state_dict(torch_model))
+
+
+@pytest.mark.parametrize("timesteps", [np.array([1, 999]), np.array([10.5, 500.25], np.float32)],
+                         ids=["int", "float"])
+def test_sdxl_tiny_parity(sdxl_pair, timesteps):
+  torch_model, model = sdxl_pair
+  sample, context = _inputs(SDXL_TINY, 2, 16, 7, seed=2)
+  added = _added(2, 32, seed=2)
+  ref = _torch_out(torch_model, sample, timesteps, context, added)
+  assert _rel(_jax_out(model, sample, timesteps, context, added), ref) <= 1e-4
+  # The added conditions matter: other time ids (the crop) change the output.
+  other = {**added, "time_ids": added["time_ids"] + np.array([0, 0, 64, 64, 0, 0], np.float32)}
+  assert _rel(_jax_out(model, sample, timesteps, context, other), ref) > 1e-3
+
+
+def test_sdxl_tiny_structure(sdxl_pair):
+  """The SDXL features are really there: depths, heads, linear projections, added embedding."""
+  _, model = sdxl_pair
+  assert model.down_blocks[0].attentions is None
+  assert [len(a.transformer_blocks) for a in model.down_blocks[2].attentions] == [3, 3]
+  assert len(model.mid_block.attentions[0].transformer_blocks) == 3
+  assert [len(a.transformer_blocks) for a in model.up_blocks[1].attentions] == [2, 2, 2]
+  assert model.down_blocks[1].attentions[0].transformer_blocks[0].attn1.heads == 2
+  assert isinstance(model.down_blocks[1].attentions[0].proj_in, nnx.Linear)
+  assert model.add_embedding.linear_1.kernel.shape == (80, 64)
+  assert model.down_blocks[2].attentions[0].transformer_blocks[0].attn2.to_k.kernel.shape == \
+      (48, 64)
+
+
+def test_sdxl_remat_and_bfloat16(sdxl_pair):
+  """remat=True and bfloat16 compute take the added conditions too."""
+  torch_model, model = sdxl_pair
+  sample, context = _inputs(SDXL_TINY, 2, 16, 7, seed=3)
+  added = _added(2, 32, seed=3)
+  t = np.array([5, 600])
+  want = _jax_out(model, sample, t, context, added)
+  state = _state_dict(torch_model)
+  remat = _jax_unet(SDXL_TINY, state, remat=True)
+  np.testing.assert_allclose(_jax_out(remat, sample, t, context, added), want, rtol=1e-5,
+                             atol=1e-5)
+  bf16 = _jax_unet(SDXL_TINY, state, dtype=jnp.bfloat16)
+  assert _rel(_jax_out(bf16, sample, t, context, added), want) <= 5e-2
+
+
+def test_sdxl_load_save_folder_round_trip(sdxl_pair, tmp_path):
+  """A diffusers-saved SDXL UNet folder loads through the checkpoint loader (add_embedding keys
+  included), and jip2p's export loads back into diffusers."""
+  torch_model, model = sdxl_pair
+  torch_model.save_pretrained(tmp_path / "unet")
+  loaded = load_component(str(tmp_path / "unet"))
+  assert loaded.config == UNetConfig.from_dict(SDXL_TINY)
+  sample, context = _inputs(SDXL_TINY, 1, 16, 5, seed=4)
+  added = _added(1, 32, seed=4)
+  ref = _torch_out(torch_model, sample, np.array([250]), context, added)
+  assert _rel(_jax_out(loaded, sample, np.array([250]), context, added), ref) <= 1e-4
+  save_component(loaded, str(tmp_path / "export"))
+  again = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "export").eval()
+  assert again.config.addition_embed_type == "text_time"
+  np.testing.assert_allclose(_torch_out(again, sample, np.array([250]), context, added), ref,
+                             rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(available_gb() < 16, reason="needs 16 GB of available memory")
+def test_sdxl_shapes_parity():
+  """Real SDXL base shapes (2.6 B parameters, 8 input channels), 64×64 latents, 77×2048 text,
+  1280-wide pooled text, batch 1: torch first, then JAX filled from the torch weights as they are
+  freed (peak about one copy of the 10.3 GB of float32 weights plus XLA's compile)."""
+  start = time.perf_counter()
+  torch_model = _torch_unet(SDXL)
+  assert sum(p.numel() for p in torch_model.parameters()) > 2.5e9
+  sample, context = _inputs(SDXL, 1, 64, 77)
+  added = _added(1, 1280)
+  t = np.array([500])
+  ref = _torch_out(torch_model, sample, t, context, added)
+  state = _Draining(_state_dict(torch_model))
+  del torch_model
+  gc.collect()
+  parsed = UNetConfig.from_dict(SDXL)
+  model = nnx.eval_shape(lambda: UNet2DCondition(parsed, rngs=nnx.Rngs(0)))
+  load_torch_state_dict(model, state)
+  assert not state
+  gc.collect()
+  out = _jax_out(model, sample, jnp.asarray(t), context, added)
+  assert _rel(out, ref) <= 1e-4
+  print(f"SDXL-shape UNet parity took {time.perf_counter() - start:.1f} s")
 
 
 def test_timestep_embedding_matches_diffusers():
@@ -208,6 +352,26 @@ def test_control_reaches_every_attention_layer():
   for info, shape in recorder.calls:
     keys = 5 if info.is_cross else info.query_hw[0] * info.query_hw[1]
     assert shape == (2, 2, info.query_hw[0] * info.query_hw[1], keys)
+
+
+def test_sdxl_layout_traced_at_real_shapes():
+  """Tracing alone (abstract weights: no memory, no compile): the real SDXL config builds 2.6 B
+  parameters (8 input channels) and hands the controller all 70 self- and 70 cross-attention
+  layers, none at the attention-free first level."""
+  config = UNetConfig.from_dict(SDXL)
+  model = nnx.eval_shape(lambda: UNet2DCondition(config, rngs=nnx.Rngs(0)))
+  params = sum(np.prod(v.get_value().shape)
+               for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  assert 2.56e9 < params < 2.57e9
+  recorder = _Recorder()
+  out = nnx.eval_shape(lambda m: m(jnp.zeros((1, 64, 64, 8)), 10, jnp.zeros((1, 77, 2048)),
+                                   text_embeds=jnp.zeros((1, 1280)),
+                                   time_ids=jnp.zeros((1, 6)), control=recorder), model)
+  assert out.shape == (1, 64, 64, 4)
+  infos = [info for info, _ in recorder.calls]
+  assert sum(i.is_cross for i in infos) == sum(not i.is_cross for i in infos) == 70
+  assert sorted({i.query_hw for i in infos}) == [(16, 16), (32, 32)]
+  assert len({i.name for i in infos}) == 140
 
 
 def test_control_edits_reach_the_output(sd1_pair):
@@ -274,7 +438,10 @@ def test_num_attention_heads_and_to_dict_round_trip():
 @pytest.mark.parametrize("change, words", [
     ({"cross_attn_magic": 1}, "unknown key(s): cross_attn_magic"),
     ({"class_embed_type": "timestep"}, "class_embed_type='timestep'"),
-    ({"addition_embed_type": "text_time"}, "addition_embed_type='text_time'"),
+    ({"addition_embed_type": "text"}, "addition_embed_type='text'"),
+    ({"addition_embed_type": "text_time"}, "needs addition_time_embed_dim"),
+    ({"addition_embed_type": "text_time", "addition_time_embed_dim": 8},
+     "needs projection_class_embeddings_input_dim"),
     ({"only_cross_attention": [True, False]}, "only_cross_attention"),
     ({"act_fn": "gelu"}, "act_fn='gelu'"),
     ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type"),
@@ -307,3 +474,33 @@ def test_input_errors(sd1_pair):
     model(jnp.zeros((1, 16, 16, 8)), 1, jnp.zeros((1, 7, 31)))
   with pytest.raises(InputError, match="timesteps"):
     model(jnp.zeros((1, 16, 16, 8)), jnp.zeros((3,)), context)
+  with pytest.raises(InputError, match="takes no text_embeds"):
+    model(jnp.zeros((1, 16, 16, 8)), 1, context, text_embeds=jnp.zeros((1, 4)))
+
+
+def test_unsupported_keys_named_in_one_line():
+  with pytest.raises(ConfigError) as info:
+    UNetConfig.from_dict({**SDXL_TINY, "class_embed_type": "timestep", "act_fn": "gelu",
+                          "addition_embed_type": "image"})
+  message = str(info.value)
+  assert "\n" not in message
+  for words in ("class_embed_type='timestep'", "act_fn='gelu'", "addition_embed_type='image'"):
+    assert words in message
+
+
+def test_sdxl_input_errors(sdxl_pair):
+  _, model = sdxl_pair
+  sample, context = jnp.zeros((2, 16, 16, 8)), jnp.zeros((2, 7, 48))
+  added = {k: jnp.asarray(v) for k, v in _added(2, 32).items()}
+  with pytest.raises(InputError, match="needs text_embeds"):
+    model(sample, 1, context)
+  with pytest.raises(InputError, match="needs text_embeds"):
+    model(sample, 1, context, text_embeds=added["text_embeds"])
+  with pytest.raises(InputError, match=r"time_ids have shape \(6,\)"):
+    model(sample, 1, context, text_embeds=added["text_embeds"], time_ids=added["time_ids"][0])
+  with pytest.raises(InputError, match=r"text_embeds have shape \(1, 32\)"):
+    model(sample, 1, context, text_embeds=added["text_embeds"][:1], time_ids=added["time_ids"])
+  with pytest.raises(InputError, match="32 \\+ 5·8 = 72 added features.*is 80"):
+    model(sample, 1, context, text_embeds=added["text_embeds"], time_ids=added["time_ids"][:, :5])
+  with pytest.raises(InputError, match="encoder_hidden_states"):
+    model(sample, 1, jnp.zeros((2, 7, 32)), **added)
