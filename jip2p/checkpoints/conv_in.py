@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-from flax import nnx
 
 from jip2p.checkpoints.mapping import load_torch_state_dict, to_torch_state_dict
 from jip2p.errors import ConfigError
+from jip2p.models.layers import abstract_module
 from jip2p.models.unet import UNet2DCondition
 
 
@@ -28,8 +28,8 @@ def expand_conv_in(model: UNet2DCondition, in_channels: int = 8) -> UNet2DCondit
   grown[:, :old] = weight
   state["conv_in.weight"] = grown
   config = dataclasses.replace(model.config, in_channels=in_channels)
-  expanded = nnx.eval_shape(lambda: UNet2DCondition(
+  expanded = abstract_module(lambda rngs: UNet2DCondition(
       config, dtype=model.dtype, attention_impl=model.attention_impl, remat=model.remat,
-      rngs=nnx.Rngs(0)))
+      rngs=rngs))
   load_torch_state_dict(expanded, state, source="expand_conv_in")
   return expanded

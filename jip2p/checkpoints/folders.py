@@ -27,6 +27,7 @@ from jip2p import storage
 from jip2p.checkpoints.mapping import load_torch_state_dict, to_torch_state_dict
 from jip2p.errors import CheckpointError, ConfigError
 from jip2p.models import clip_text, pixel_codec, unet, vae
+from jip2p.models.layers import abstract_module
 from jip2p.tokenizer import CLIPTokenizer, load_tokenizer
 
 INDEX = "model_index.json"  # written last: a folder without it is not (yet) a model
@@ -129,8 +130,9 @@ def build_component(config: dict, *, dtype=jnp.float32, attention_impl: str = "x
   except ConfigError as e:
     raise ConfigError(f"{where}: {e}") from None
   extra = {"remat": True} if remat else {}
-  model = nnx.eval_shape(lambda: module_cls(parsed, dtype=dtype, attention_impl=attention_impl,
-                                            rngs=nnx.Rngs(seed), **extra))
+  model = abstract_module(lambda rngs: module_cls(parsed, dtype=dtype,
+                                                  attention_impl=attention_impl, rngs=rngs,
+                                                  **extra), seed)
   if not abstract:
     random_init(model, seed, embedding_std=embedding_std)
   return model

@@ -22,6 +22,7 @@ from flax import nnx
 
 from jip2p import checkpoints, edit
 from jip2p.errors import ConfigError
+from jip2p.models.layers import abstract_module
 from jip2p.models.unet import UNet2DCondition
 from jip2p.train import config as config_lib
 
@@ -58,9 +59,8 @@ def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
   if unet.config.in_channels != m.unet_in_channels:
     unet = checkpoints.expand_conv_in(unet, m.unet_in_channels)
   if unet.remat != m.remat or unet.attention_impl != m.attention_impl:
-    rebuilt = nnx.eval_shape(lambda: UNet2DCondition(
-        unet.config, dtype=dtype, attention_impl=m.attention_impl, remat=m.remat,
-        rngs=nnx.Rngs(0)))
+    rebuilt = abstract_module(lambda rngs: UNet2DCondition(
+        unet.config, dtype=dtype, attention_impl=m.attention_impl, remat=m.remat, rngs=rngs))
     nnx.update(rebuilt, nnx.state(unet))
     unet = rebuilt
   pipeline.unet = unet

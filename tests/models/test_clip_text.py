@@ -15,6 +15,7 @@ from flax import nnx
 from jip2p.checkpoints import load_component, load_torch_state_dict, save_component
 from jip2p.errors import ConfigError, InputError
 from jip2p.models import clip_text
+from jip2p.models.layers import abstract_module
 from jip2p.tokenizer import CLIPTokenizer
 from tests.reference import available_gb
 
@@ -67,7 +68,7 @@ def jax_clip(tm, dtype=jnp.float32):
   config = clip_text.CLIPTextConfig.from_dict(tm.config.to_dict())
   cls = (clip_text.CLIPTextEncoderWithProjection
          if isinstance(tm, transformers.CLIPTextModelWithProjection) else clip_text.CLIPTextEncoder)
-  model = nnx.eval_shape(lambda: cls(config, dtype=dtype, rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: cls(config, dtype=dtype, rngs=rngs))
   state = clip_text.canonical_state_dict({k: v.numpy() for k, v in tm.state_dict().items()})
   load_torch_state_dict(model, state)
   return model
@@ -164,8 +165,8 @@ def test_config_from_dict():
 
 
 def test_bad_arguments_raise():
-  model = nnx.eval_shape(lambda: clip_text.CLIPTextEncoder(
-      clip_text.CLIPTextConfig.from_dict(TINY), rngs=nnx.Rngs(0)))
+  model = abstract_module(lambda rngs: clip_text.CLIPTextEncoder(
+      clip_text.CLIPTextConfig.from_dict(TINY), rngs=rngs))
   ids = jnp.zeros((1, 16), jnp.int32)
   with pytest.raises(ConfigError, match="skip_last_layers=3"):
     model(ids, skip_last_layers=3)
@@ -283,8 +284,8 @@ def test_sdxl_prompt_encoding_matches_diffusers(tmp_path, clip_skip):
 
 
 def test_sdxl_prompt_encoding_errors():
-  make = lambda cls, cfg: nnx.eval_shape(lambda: cls(clip_text.CLIPTextConfig.from_dict(cfg),
-                                                     rngs=nnx.Rngs(0)))
+  make = lambda cls, cfg: abstract_module(
+      lambda rngs: cls(clip_text.CLIPTextConfig.from_dict(cfg), rngs=rngs))
   enc1 = make(clip_text.CLIPTextEncoder, TINY_TEXT)
   enc2 = make(clip_text.CLIPTextEncoderWithProjection, TINY_TEXT_2)
   ids = jnp.zeros((1, 77), jnp.int32)
