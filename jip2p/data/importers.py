@@ -9,7 +9,8 @@ Sources (docs/design.md §1, "Released data formats"):
     `{i:07d}/prompt.json` ({"input" or "caption", "edit", "output"}), `{seed}_0.jpg`,
     `{seed}_1.jpg` and `metadata.jsonl` (seed, p2p_threshold, cfg_scale, clip_sim_0/1/dir/image);
     every listed seed becomes one triplet with its CLIP scores.
-  * MagicBrush parquet (img_id, turn_index, source_img, mask_img, instruction, target_img).
+  * MagicBrush parquet (img_id, turn_index, source_img, mask_img, instruction, target_img), the
+    mask kept as the triplet's `mask`.
   * any parquet edit dataset through a column mapping (`iter_parquet`: which column is the input
     image, the edited image, the instruction, ...), with named `PRESETS` for the published
     layouts: the three above, UltraEdit, HQ-Edit, OmniEdit, AnyEdit and the Emu Edit test set
@@ -124,13 +125,14 @@ def list_parquet(paths: str | Sequence[str]) -> list[str]:
 # of strings (one triplet per prompt, or the first). `id` and `group` name one column or several
 # joined by "+" (their values joined by "/"). The other roles are the schema's number fields.
 IMAGE_ROLES = ("input", "edited")
+MASK_ROLE = "mask"  # an image column; null cells, a null-typed or an absent column: no mask.
 TEXT_ROLES = {"instruction": "instruction", "input_caption": "input_caption",
               "output_caption": "edited_caption", "inverse_instruction": None}
 KEY_ROLES = ("id", "group")
 NUMBER_ROLES = tuple(f.name for f in schema.FIELDS if f.kind in ("int", "float")
                      and f.name not in ("input_height", "input_width", "edited_height",
                                         "edited_width"))
-ROLES = IMAGE_ROLES + tuple(TEXT_ROLES) + KEY_ROLES + NUMBER_ROLES
+ROLES = IMAGE_ROLES + (MASK_ROLE,) + tuple(TEXT_ROLES) + KEY_ROLES + NUMBER_ROLES
 REQUIRED_ROLES = ("input", "edited", "instruction")
 
 
@@ -159,17 +161,19 @@ PRESETS: dict[str, Preset] = {
     # session (img_id) never straddles splits.
     "magicbrush": Preset("magicbrush", {
         "input": "source_img", "edited": "target_img", "instruction": "instruction",
-        "id": "img_id+turn_index", "group": "img_id", "turn_index": "turn_index"},
+        "id": "img_id+turn_index", "group": "img_id", "turn_index": "turn_index",
+        "mask": "mask_img"},
         "osunlp/MagicBrush"),
-    # BleachNick/UltraEdit (and UltraEdit_500k): clip_sim_source/target/dir/image, dinov2_sim,
-    # ssim (float64), source_caption, target_caption, idx (int64), edit_prompt, source_image,
-    # edited_image (and mask_image, null in the free-form splits). Filter on any score with
-    # --where, e.g. 'clip_sim_dir>0.2' 'ssim>0.6'.
+    # BleachNick/UltraEdit: clip_sim_source/target/dir/image, dinov2_sim, ssim (float64),
+    # source_caption, target_caption, idx (int64), edit_prompt, edit_object, source_image,
+    # edited_image, mask_image (the region split's masks; a null column in the free-form
+    # splits; UltraEdit_500k has neither edit_object nor mask_image). Filter on any score with --where, e.g. 'clip_sim_dir>0.2' 'ssim>0.6'.
     "ultraedit": Preset("ultraedit", {
         "input": "source_image", "edited": "edited_image", "instruction": "edit_prompt",
         "input_caption": "source_caption", "output_caption": "target_caption", "id": "idx",
         "clip_sim_0": "clip_sim_source", "clip_sim_1": "clip_sim_target",
-        "clip_sim_direction": "clip_sim_dir", "clip_sim_image": "clip_sim_image"},
+        "clip_sim_direction": "clip_sim_dir", "clip_sim_image": "clip_sim_image",
+        "mask": "mask_image"},
         "BleachNick/UltraEdit"),
     # UCSC-VLAA/HQ-Edit: input, input_image, edit, inverse_edit, output, output_image. Add
     # --map inverse_instruction=inverse_edit to import the reverse edit as a second pair.
@@ -210,7 +214,7 @@ def parse_mapping(text: str) -> dict[str, str]:
   for item in filter(None, (i.strip() for i in text.split(","))):
     role, sep, column = item.partition("=")
     role, column = role.strip(), column.strip()
-    if not sep or not column:
+    if not sep or not (column or role == MASK_ROLE):
       raise ConfigError(f"--map item {item!r}: expected role=column")
     if role not in ROLES:
       raise ConfigError(f"--map role {role!r} is unknown; roles: {', '.join(ROLES)}")
@@ -224,7 +228,7 @@ def resolve_mapping(preset: str | None, mapping: dict[str, str]) -> tuple[str, d
   if preset is not None and preset not in PRESETS:
     raise ConfigError(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}")
   base = PRESETS[preset] if preset else Preset("parquet", {}, "")
-  merged = {**base.mapping, **mapping}
+  merged = {role: column for role, column in {**base.mapping, **mapping}.items() if column}
   missing = [r for r in REQUIRED_ROLES if r not in merged]
   if missing:
     raise ConfigError(f"--map lacks the roles {missing} (give them, or a --preset)")
@@ -274,21 +278,27 @@ def iter_parquet(files: Sequence[str], mapping: dict[str, str], *, source: str =
   (the published presets hold images, so a text column there is a wrong file, named as such).
   ``where``: rows failing a condition are skipped, counted by condition. ``prompts``: with a list
   of instructions, "first" makes one triplet of the first and "each" one per instruction. Every
-  file's columns and their types are checked here, before the first row.
+  file's columns and their types are checked here, before the first row. The mask's column may
+  be absent from a file: its triplets then have no mask.
   """
   if prompts not in ("first", "each"):
     raise ConfigError(f"prompts={prompts!r}: expected 'first' or 'each'")
-  columns = _mapped_columns(mapping) + [c.column for c in where] + list(skip_if_set)
-  columns = list(dict.fromkeys(columns))
+  plans = []
   for path in files:
     arrow_schema = _parquet_schema(path)
+    file_mapping = {role: column for role, column in mapping.items()
+                    if role != MASK_ROLE or column in arrow_schema.names}
+    columns = list(dict.fromkeys(_mapped_columns(file_mapping) + [c.column for c in where]
+                                 + list(skip_if_set)))
     missing = [c for c in columns if c not in arrow_schema.names]
     if missing:
       raise InputError(f"{path}: missing columns {missing} (it has {sorted(arrow_schema.names)})")
-    _check_role_types(path, arrow_schema, mapping, where, image_paths)
-  to_row = functools.partial(_mapped_rows, mapping=mapping, source=source, where=tuple(where),
-                             prompts=prompts, skip_if_set=tuple(skip_if_set))
-  return (row for path in files for rows in _parquet_rows(path, columns, to_row) for row in rows)
+    _check_role_types(path, arrow_schema, file_mapping, where, image_paths)
+    plans.append((path, columns, functools.partial(
+        _mapped_rows, mapping=file_mapping, source=source, where=tuple(where), prompts=prompts,
+        skip_if_set=tuple(skip_if_set))))
+  return (row for path, columns, to_rows in plans
+          for rows in _parquet_rows(path, columns, to_rows) for row in rows)
 
 
 def _mapped_columns(mapping: dict[str, str]) -> list[str]:
@@ -329,16 +339,18 @@ def _mapped_rows(path: str, index: int, values: dict, *, mapping: dict[str, str]
   numbers = {role: values[column] for role, column in mapping.items()
              if role in NUMBER_ROLES and values[column] is not None}
   images = [_hf_image(values[mapping[role]], path) for role in IMAGE_ROLES]
+  mask = _hf_image(values[mapping[MASK_ROLE]], path) if MASK_ROLE in mapping else None
   rows = []
   for k, instruction in enumerate(instructions):
     row_key = key if len(instructions) == 1 else f"{key}#{k}"
     rows.append(_row(row_key, group, *images, instruction, input_caption=captions[0],
-                     edited_caption=captions[1], source=source, source_id=row_key, **numbers))
+                     edited_caption=captions[1], source=source, source_id=row_key,
+                     mask=mask or b"", **numbers))
   if text.get("inverse_instruction"):
     row_key = f"{key}#inverse"
     rows.append(_row(row_key, group, images[1], images[0], text["inverse_instruction"],
                      input_caption=captions[1], edited_caption=captions[0], source=source,
-                     source_id=row_key))
+                     source_id=row_key, mask=mask or b""))
   return rows
 
 
@@ -496,14 +508,18 @@ def prepare(triplet: schema.Triplet, *, store_resolution: int | None = None,
 
   Both images are fully decoded (so the reader never meets a broken one). Formats other than
   PNG/JPEG become PNG. With `store_resolution`, an image whose short side is longer is resized
-  (Lanczos) to that short side and re-encoded as `store_format`.
+  (Lanczos) to that short side and re-encoded as `store_format`. A mask must have the input
+  image's size; it becomes a grayscale PNG (lossless), resized with the input (nearest).
   """
   images = {}
+  input_size = None
   for field in ("input_image", "edited_image"):
     data = getattr(triplet, field)
     try:
       with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if field == "input_image":
+          input_size = im.size
         resize = store_resolution is not None and min(im.size) > store_resolution
         if resize or schema.image_format(data) is None:
           im = im.convert("RGB") if im.mode not in ("RGB", "L") else im
@@ -520,6 +536,21 @@ def prepare(triplet: schema.Triplet, *, store_resolution: int | None = None,
     except (OSError, ValueError, Image.DecompressionBombError):
       return f"undecodable {field.replace('_', ' ')}"
     images[field] = data
+  if triplet.mask:
+    try:
+      with Image.open(io.BytesIO(triplet.mask)) as im:
+        im.load()
+        if im.size != input_size:
+          return "mask size differs from the input image's"
+        im = im.convert("L")
+        stored = schema.image_size(images["input_image"])[::-1]
+        if stored != im.size:
+          im = im.resize(stored, Image.Resampling.NEAREST)
+        out = io.BytesIO()
+        im.save(out, "PNG")
+        images["mask"] = out.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError):
+      return "undecodable mask"
   return dataclasses.replace(triplet, **images)
 
 
@@ -649,7 +680,8 @@ def _parquet_schema(path: str):
 
 _KIND_NAMES = {"text": "text (string)", "prompts": "text or a list of text",
                "number": "numbers", "key": "strings or integers",
-               "image": "images (binary, or a struct whose 'bytes' field is binary)"}
+               "image": "images (binary, or a struct whose 'bytes' field is binary)",
+               "mask": "images or nulls"}
 
 
 def _check_role_types(path: str, arrow_schema, mapping: dict[str, str],
@@ -659,17 +691,18 @@ def _check_role_types(path: str, arrow_schema, mapping: dict[str, str],
   is_text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
   is_bytes = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)
   is_number = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
+  is_image = lambda t: is_bytes(t) or (image_paths and is_text(t)) or (
+      pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+      and is_bytes(t.field("bytes").type)
+      and (t.get_field_index("path") < 0 or is_text(t.field("path").type)))
   checks = {
       "text": is_text, "number": is_number, "key": lambda t: is_text(t) or pa.types.is_integer(t),
       "prompts": lambda t: is_text(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t))
                                           and is_text(t.value_type)),
-      "image": lambda t: is_bytes(t) or (image_paths and is_text(t)) or (
-          pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
-          and is_bytes(t.field("bytes").type)
-          and (t.get_field_index("path") < 0 or is_text(t.field("path").type)))}
+      "image": is_image, "mask": lambda t: pa.types.is_null(t) or is_image(t)}
   kinds = []
   for role, column in mapping.items():
-    kind = ("image" if role in IMAGE_ROLES else "prompts" if role == "instruction"
+    kind = ("image" if role in IMAGE_ROLES else "mask" if role == MASK_ROLE else "prompts" if role == "instruction"
             else "text" if role in TEXT_ROLES else "number" if role in NUMBER_ROLES else "key")
     kinds += [(c, kind) for c in column.split("+")] if role in KEY_ROLES else [(column, kind)]
   kinds += [(c.column, "number" if isinstance(c.value, float) else "text") for c in where]
