@@ -1,6 +1,6 @@
 """Importers for the released edit datasets, from files a user downloaded, into a `DatasetWriter`.
 
-Sources (docs/design.md §1, "Released data formats"):
+Sources (docs/design.md §1, "Released data formats", and §5 for the parquet presets):
   * HF parquet shards of `timbrooks/instructpix2pix-clip-filtered` (original_prompt,
     original_image, edit_prompt, edited_prompt, edited_image) and
     `fusing/instructpix2pix-1000-samples` (input_image, edit_prompt, edited_image); images are

@@ -115,3 +115,7 @@ def test_ultraedit_region_masks_and_free_form_nulls(tmp_path, capsys):
   masks = [t.mask for t in reader.iter_triplets(str(out))]
   assert masks[2] == fx.encode(fx.pattern(9, 64, 64)[..., 0])  # a grayscale PNG stays as it is
   assert masks[0] == masks[1] == masks[3] == b""
+  dropped = tmp_path / "dropped"
+  assert import_data.main(["parquet", str(tmp_path), "--preset", "ultraedit", "--map", "mask=",
+                           "--out", str(dropped)]) == 0
+  assert [t.mask for t in reader.iter_triplets(str(dropped))] == [b""] * 4
