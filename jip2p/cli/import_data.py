@@ -68,8 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                      help="role=column,... (added to or overriding the preset's); roles: "
                           + ", ".join(ROLES) + ". input/edited/instruction are required; "
                           "id and group may join columns with '+'; an image column given here "
-                          "may also hold paths relative to its parquet file's folder; mask= (empty) "
-                          "drops a preset's mask")
+                          "may also hold paths relative to its parquet file's folder; "
+                          "mask= (empty) drops a preset's mask")
       p.add_argument("--where", action="append", default=[], metavar="COLUMN OP VALUE",
                      help="keep only rows where this holds, e.g. 'clip_sim_dir>0.2' or "
                           "'edit_type==remove' (OP: >= <= == != > <); repeatable, all must hold")

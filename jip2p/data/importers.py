@@ -138,7 +138,7 @@ REQUIRED_ROLES = ("input", "edited", "instruction")
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  """A published parquet layout: which column plays which role (checked against its dataset card)."""
+  """A published parquet layout: which column plays which role (checked against its card)."""
 
   source: str  # the triplets' `source` field
   mapping: dict[str, str]
@@ -167,7 +167,8 @@ PRESETS: dict[str, Preset] = {
     # BleachNick/UltraEdit: clip_sim_source/target/dir/image, dinov2_sim, ssim (float64),
     # source_caption, target_caption, idx (int64), edit_prompt, edit_object, source_image,
     # edited_image, mask_image (the region split's masks; a null column in the free-form
-    # splits; UltraEdit_500k has neither edit_object nor mask_image). Filter on any score with --where, e.g. 'clip_sim_dir>0.2' 'ssim>0.6'.
+    # splits; UltraEdit_500k has neither edit_object nor mask_image). Filter on any score
+    # with --where, e.g. 'clip_sim_dir>0.2' 'ssim>0.6'.
     "ultraedit": Preset("ultraedit", {
         "input": "source_image", "edited": "edited_image", "instruction": "edit_prompt",
         "input_caption": "source_caption", "output_caption": "target_caption", "id": "idx",
@@ -702,7 +703,8 @@ def _check_role_types(path: str, arrow_schema, mapping: dict[str, str],
       "image": is_image, "mask": lambda t: pa.types.is_null(t) or is_image(t)}
   kinds = []
   for role, column in mapping.items():
-    kind = ("image" if role in IMAGE_ROLES else "mask" if role == MASK_ROLE else "prompts" if role == "instruction"
+    kind = ("image" if role in IMAGE_ROLES else "mask" if role == MASK_ROLE
+            else "prompts" if role == "instruction"
             else "text" if role in TEXT_ROLES else "number" if role in NUMBER_ROLES else "key")
     kinds += [(c, kind) for c in column.split("+")] if role in KEY_ROLES else [(column, kind)]
   kinds += [(c.column, "number" if isinstance(c.value, float) else "text") for c in where]

@@ -1,4 +1,4 @@
-"""The optional mask: stored losslessly, cropped and flipped with its pair, imported from parquet."""
+"""The optional mask: stored losslessly, cropped and flipped with its pair, imported."""
 
 import io
 
