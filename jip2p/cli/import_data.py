@@ -1,5 +1,7 @@
 """`jip2p-import`: turns downloaded InstructPix2Pix-style datasets into jip2p TFRecord datasets.
 
+  jip2p-import parquet     PARQUET... --out DIR --preset ultraedit [--where 'clip_sim_dir>0.2']
+  jip2p-import parquet     PARQUET... --out DIR --map input=…,edited=…,instruction=…
   jip2p-import hf-parquet  PARQUET... --out DIR   # clip-filtered or 1000-samples shards
   jip2p-import generator   FOLDER     --out DIR   # the original generator's output folder
   jip2p-import magicbrush  PARQUET... --out DIR [--split validation]
@@ -34,6 +36,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                    epilog=EPILOG)
   sub = parser.add_subparsers(dest="source", required=True)
   sources = {
+      "parquet": ("any parquet edit dataset, through a --preset and/or a --map of its columns",
+                  "PARQUET"),
       "hf-parquet": ("parquet shards of timbrooks/instructpix2pix-clip-filtered or "
                      "fusing/instructpix2pix-1000-samples", "PARQUET"),
       "generator": ("the original generator's folder (seeds.json, 0000000/prompt.json, ...)",
@@ -55,12 +59,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                           "recolour,remove,add,move,background,swap)")
     else:
       p.add_argument("inputs", nargs="+" if metavar == "PARQUET" else 1, metavar=metavar)
+    if name == "parquet":
+      from jip2p.data.importers import PRESETS, ROLES
+      p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                     help="a published layout: " + "; ".join(
+                         f"{k} = {v.doc}" for k, v in sorted(PRESETS.items())))
+      p.add_argument("--map", default="",
+                     help="role=column,... (added to or overriding the preset's); roles: "
+                          + ", ".join(ROLES) + ". input/edited/instruction are required; "
+                          "id and group may join columns with '+'; an image column given here "
+                          "may also hold paths relative to its parquet file's folder; "
+                          "mask= (empty) drops a preset's mask")
+      p.add_argument("--where", action="append", default=[], metavar="COLUMN OP VALUE",
+                     help="keep only rows where this holds, e.g. 'clip_sim_dir>0.2' or "
+                          "'edit_type==remove' (OP: >= <= == != > <); repeatable, all must hold")
+      p.add_argument("--prompts", choices=("first", "each"), default="first",
+                     help="a list-valued instruction column: a triplet of its first prompt, or "
+                          "one per prompt")
     p.add_argument("--out", required=True, help="dataset directory (local or gs://)")
     p.add_argument("--name", default="jip2p_triplets",
                    help="dataset name, used in shard file names and by TFDS")
     p.add_argument("--examples-per-shard", type=int, default=1000)
     p.add_argument("--val-fraction", type=float, default=0.0,
-                   help="fraction of prompts (MagicBrush: sessions) put in 'validation'")
+                   help="fraction of prompts (MagicBrush: sessions; parquet: its groups) put "
+                        "in 'validation'")
     p.add_argument("--split-seed", type=int, default=0, help="salt of the prompt → split hash")
     p.add_argument("--split", default=None,
                    help="put every row in this split instead (e.g. MagicBrush dev → validation)")
@@ -91,6 +113,15 @@ def _rows(args: argparse.Namespace):
                                     wording=args.wording, families=families)
   if args.source == "generator":
     return importers.iter_generator(args.inputs[0])
+  if args.source == "parquet":
+    source, mapping, skip_if_set = importers.resolve_mapping(
+        args.preset, importers.parse_mapping(args.map))
+    user_mapping = importers.parse_mapping(args.map)
+    where = [importers.parse_where(w) for w in args.where]
+    return importers.iter_parquet(
+        importers.list_parquet(args.inputs), mapping, source=source, where=where,
+        prompts=args.prompts, skip_if_set=skip_if_set,
+        image_paths=any(r in user_mapping for r in importers.IMAGE_ROLES))
   if args.source == "magicbrush":
     return importers.iter_magicbrush(importers.list_parquet(args.inputs))
   return importers.iter_hf_parquet(importers.list_parquet(args.inputs))
@@ -134,6 +165,9 @@ def _main(argv: Sequence[str] | None) -> int:
               "jpeg_quality": args.jpeg_quality if args.store_resolution else None,
               "val_fraction": args.val_fraction, "split_seed": args.split_seed,
               "split": args.split}
+  if args.source == "parquet":
+    metadata |= {"preset": args.preset, "map": args.map, "where": args.where,
+                 "prompts": args.prompts}
   _check_same_import(args.out, metadata)
 
   def progress(report):

@@ -1,6 +1,6 @@
 """Importers for the released edit datasets, from files a user downloaded, into a `DatasetWriter`.
 
-Sources (docs/design.md §1, "Released data formats"):
+Sources (docs/design.md §1, "Released data formats", and §5 for the parquet presets):
   * HF parquet shards of `timbrooks/instructpix2pix-clip-filtered` (original_prompt,
     original_image, edit_prompt, edited_prompt, edited_image) and
     `fusing/instructpix2pix-1000-samples` (input_image, edit_prompt, edited_image); images are
@@ -9,7 +9,13 @@ Sources (docs/design.md §1, "Released data formats"):
     `{i:07d}/prompt.json` ({"input" or "caption", "edit", "output"}), `{seed}_0.jpg`,
     `{seed}_1.jpg` and `metadata.jsonl` (seed, p2p_threshold, cfg_scale, clip_sim_0/1/dir/image);
     every listed seed becomes one triplet with its CLIP scores.
-  * MagicBrush parquet (img_id, turn_index, source_img, mask_img, instruction, target_img).
+  * MagicBrush parquet (img_id, turn_index, source_img, mask_img, instruction, target_img), the
+    mask kept as the triplet's `mask`.
+  * any parquet edit dataset through a column mapping (`iter_parquet`: which column is the input
+    image, the edited image, the instruction, ...), with named `PRESETS` for the published
+    layouts: the three above, UltraEdit, HQ-Edit, OmniEdit, AnyEdit and the Emu Edit test set
+    (each preset says which columns it reads). Rows can be filtered on any column (`Condition`,
+    e.g. clip_sim_dir>0.2); a list-valued instruction gives one triplet per prompt or the first.
   * the procedural edit world of `jip2p.data.synthetic` (generated, exact; for the demo and tests).
 
 Each source checks what it can before its first row (parquet footers and column types, the
@@ -33,7 +39,9 @@ import hashlib
 import io
 import json
 import logging
+import operator
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from PIL import Image
@@ -42,10 +50,6 @@ from jip2p.data import schema
 from jip2p.data.writer import check_split_name
 from jip2p.errors import ConfigError, InputError
 
-CLIP_FILTERED_COLUMNS = ("original_prompt", "original_image", "edit_prompt", "edited_prompt",
-                         "edited_image")
-SAMPLES_1000_COLUMNS = ("input_image", "edit_prompt", "edited_image")
-MAGICBRUSH_COLUMNS = ("img_id", "turn_index", "source_img", "instruction", "target_img")
 _BATCH_ROWS = 16
 
 
@@ -114,59 +118,271 @@ def list_parquet(paths: str | Sequence[str]) -> list[str]:
   return out
 
 
+# ---------------------------------------------------------------- parquet with a column mapping
+
+# The roles a --map gives a column. Images: binary, an HF `Image` struct {bytes, path}, or a path
+# (string) relative to the parquet file's folder. Text: strings; `instruction` may also be a list
+# of strings (one triplet per prompt, or the first). `id` and `group` name one column or several
+# joined by "+" (their values joined by "/"). The other roles are the schema's number fields.
+IMAGE_ROLES = ("input", "edited")
+MASK_ROLE = "mask"  # an image column; null cells, a null-typed or an absent column: no mask.
+TEXT_ROLES = {"instruction": "instruction", "input_caption": "input_caption",
+              "output_caption": "edited_caption", "inverse_instruction": None}
+KEY_ROLES = ("id", "group")
+NUMBER_ROLES = tuple(f.name for f in schema.FIELDS if f.kind in ("int", "float")
+                     and f.name not in ("input_height", "input_width", "edited_height",
+                                        "edited_width"))
+ROLES = IMAGE_ROLES + (MASK_ROLE,) + tuple(TEXT_ROLES) + KEY_ROLES + NUMBER_ROLES
+REQUIRED_ROLES = ("input", "edited", "instruction")
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  """A published parquet layout: which column plays which role (checked against its card)."""
+
+  source: str  # the triplets' `source` field
+  mapping: dict[str, str]
+  doc: str
+  skip_if_set: tuple[str, ...] = ()  # rows with a value in one of these columns are skipped
+
+
+PRESETS: dict[str, Preset] = {
+    # timbrooks/instructpix2pix-clip-filtered: original_prompt, original_image, edit_prompt,
+    # edited_prompt, edited_image (images as HF Image structs).
+    "clip-filtered": Preset("clip-filtered", {
+        "input": "original_image", "edited": "edited_image", "instruction": "edit_prompt",
+        "input_caption": "original_prompt", "output_caption": "edited_prompt"},
+        "timbrooks/instructpix2pix-clip-filtered"),
+    # fusing/instructpix2pix-1000-samples: input_image, edit_prompt, edited_image.
+    "instructpix2pix-1000-samples": Preset("instructpix2pix-1000-samples", {
+        "input": "input_image", "edited": "edited_image", "instruction": "edit_prompt"},
+        "fusing/instructpix2pix-1000-samples"),
+    # osunlp/MagicBrush: img_id, turn_index, source_img, mask_img, instruction, target_img; a
+    # session (img_id) never straddles splits.
+    "magicbrush": Preset("magicbrush", {
+        "input": "source_img", "edited": "target_img", "instruction": "instruction",
+        "id": "img_id+turn_index", "group": "img_id", "turn_index": "turn_index",
+        "mask": "mask_img"},
+        "osunlp/MagicBrush"),
+    # BleachNick/UltraEdit: clip_sim_source/target/dir/image, dinov2_sim, ssim (float64),
+    # source_caption, target_caption, idx (int64), edit_prompt, edit_object, source_image,
+    # edited_image, mask_image (the region split's masks; a null column in the free-form
+    # splits; UltraEdit_500k has neither edit_object nor mask_image). Filter on any score
+    # with --where, e.g. 'clip_sim_dir>0.2' 'ssim>0.6'.
+    "ultraedit": Preset("ultraedit", {
+        "input": "source_image", "edited": "edited_image", "instruction": "edit_prompt",
+        "input_caption": "source_caption", "output_caption": "target_caption", "id": "idx",
+        "clip_sim_0": "clip_sim_source", "clip_sim_1": "clip_sim_target",
+        "clip_sim_direction": "clip_sim_dir", "clip_sim_image": "clip_sim_image",
+        "mask": "mask_image"},
+        "BleachNick/UltraEdit"),
+    # UCSC-VLAA/HQ-Edit: input, input_image, edit, inverse_edit, output, output_image. Add
+    # --map inverse_instruction=inverse_edit to import the reverse edit as a second pair.
+    "hq-edit": Preset("hq-edit", {
+        "input": "input_image", "edited": "output_image", "instruction": "edit",
+        "input_caption": "input", "output_caption": "output"},
+        "UCSC-VLAA/HQ-Edit"),
+    # TIGER-Lab/OmniEdit-Filtered-1.2M: omni_edit_id, task, src_img, edited_img,
+    # edited_prompt_list (list of strings), width, height, sc_score_1, sc_score_2, pq_score
+    # (int64), o_score (float64), sc_reasoning, pq_reasoning. Any aspect ratio; filter with e.g.
+    # --where 'o_score>=9'.
+    "omniedit": Preset("omniedit", {
+        "input": "src_img", "edited": "edited_img", "instruction": "edited_prompt_list",
+        "id": "omni_edit_id"},
+        "TIGER-Lab/OmniEdit-Filtered-1.2M"),
+    # Bin1117/AnyEdit: image_id, edit_instruction, edit_type, image_file, edited_file,
+    # visual_input (an extra image, set for the visual-editing types), input, output. Rows with a
+    # visual input need that image to be edited and are skipped; select types with e.g.
+    # --where 'edit_type==remove'.
+    "anyedit": Preset("anyedit", {
+        "input": "image_file", "edited": "edited_file", "instruction": "edit_instruction",
+        "input_caption": "input", "output_caption": "output", "id": "image_id"},
+        "Bin1117/AnyEdit", skip_if_set=("visual_input",)),
+    # facebook/emu_edit_test_set_generations: instruction, image, task, split, idx, hash,
+    # input_caption, output_caption, edited_image, model. (facebook/emu_edit_test_set has the same
+    # columns but no edited_image, so no triplet: import the generations set, e.g. for
+    # jip2p-eval; select a task with --where 'task==background'.)
+    "emu-edit": Preset("emu-edit", {
+        "input": "image", "edited": "edited_image", "instruction": "instruction",
+        "input_caption": "input_caption", "output_caption": "output_caption", "id": "idx"},
+        "facebook/emu_edit_test_set_generations"),
+}
+
+
+def parse_mapping(text: str) -> dict[str, str]:
+  """``role=column,...`` as a dict; `ConfigError` naming an unknown role or a malformed item."""
+  mapping = {}
+  for item in filter(None, (i.strip() for i in text.split(","))):
+    role, sep, column = item.partition("=")
+    role, column = role.strip(), column.strip()
+    if not sep or not (column or role == MASK_ROLE):
+      raise ConfigError(f"--map item {item!r}: expected role=column")
+    if role not in ROLES:
+      raise ConfigError(f"--map role {role!r} is unknown; roles: {', '.join(ROLES)}")
+    mapping[role] = column
+  return mapping
+
+
+def resolve_mapping(preset: str | None, mapping: dict[str, str]) -> tuple[str, dict, tuple]:
+  """(source name, the preset's mapping updated by ``mapping``, columns whose rows are skipped
+  when set); `ConfigError` for an unknown preset or a missing required role."""
+  if preset is not None and preset not in PRESETS:
+    raise ConfigError(f"--preset {preset!r} is unknown; presets: {', '.join(PRESETS)}")
+  base = PRESETS[preset] if preset else Preset("parquet", {}, "")
+  merged = {role: column for role, column in {**base.mapping, **mapping}.items() if column}
+  missing = [r for r in REQUIRED_ROLES if r not in merged]
+  if missing:
+    raise ConfigError(f"--map lacks the roles {missing} (give them, or a --preset)")
+  return base.source, merged, base.skip_if_set
+
+
+_WHERE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(>=|<=|==|!=|>|<)\s*(.+?)\s*$")
+_OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne,
+        ">": operator.gt, "<": operator.lt}
+
+
+@dataclasses.dataclass(frozen=True)
+class Condition:
+  """``column OP value``: numbers compare numerically, text only with == and !=."""
+
+  column: str
+  op: str
+  value: float | str
+  text: str
+
+  def holds(self, cell) -> bool:
+    return _OPS[self.op](cell, self.value)
+
+
+def parse_where(text: str) -> Condition:
+  """A `Condition` from ``'clip_sim_dir>0.2'`` or ``'edit_type==remove'``; `ConfigError` else."""
+  match = _WHERE.match(text)
+  if not match:
+    raise ConfigError(f"--where {text!r}: expected COLUMN OP VALUE with OP one of "
+                      f"{' '.join(_OPS)}, e.g. 'clip_sim_dir>0.2'")
+  column, op, value = match.groups()
+  try:
+    value = float(value)
+  except ValueError:
+    if op not in ("==", "!="):
+      raise ConfigError(f"--where {text!r}: {value!r} is not a number") from None
+    value = value.strip("'\"")
+  return Condition(column, op, value, f"{column}{op}{match.group(3)}")
+
+
+def iter_parquet(files: Sequence[str], mapping: dict[str, str], *, source: str = "parquet",
+                 where: Sequence[Condition] = (), prompts: str = "first",
+                 skip_if_set: Sequence[str] = (), image_paths: bool = False) -> Iterator[Row]:
+  """Rows of parquet files whose columns play the roles in ``mapping`` (`ROLES`).
+
+  ``image_paths``: image columns may also be text, a path relative to the parquet file's folder
+  (the published presets hold images, so a text column there is a wrong file, named as such).
+  ``where``: rows failing a condition are skipped, counted by condition. ``prompts``: with a list
+  of instructions, "first" makes one triplet of the first and "each" one per instruction. Every
+  file's columns and their types are checked here, before the first row. The mask's column may
+  be absent from a file: its triplets then have no mask.
+  """
+  if prompts not in ("first", "each"):
+    raise ConfigError(f"prompts={prompts!r}: expected 'first' or 'each'")
+  plans = []
+  for path in files:
+    arrow_schema = _parquet_schema(path)
+    file_mapping = {role: column for role, column in mapping.items()
+                    if role != MASK_ROLE or column in arrow_schema.names}
+    columns = list(dict.fromkeys(_mapped_columns(file_mapping) + [c.column for c in where]
+                                 + list(skip_if_set)))
+    missing = [c for c in columns if c not in arrow_schema.names]
+    if missing:
+      raise InputError(f"{path}: missing columns {missing} (it has {sorted(arrow_schema.names)})")
+    _check_role_types(path, arrow_schema, file_mapping, where, image_paths)
+    plans.append((path, columns, functools.partial(
+        _mapped_rows, mapping=file_mapping, source=source, where=tuple(where), prompts=prompts,
+        skip_if_set=tuple(skip_if_set))))
+  return (row for path, columns, to_rows in plans
+          for rows in _parquet_rows(path, columns, to_rows) for row in rows)
+
+
+def _mapped_columns(mapping: dict[str, str]) -> list[str]:
+  out = []
+  for role, column in mapping.items():
+    out += column.split("+") if role in KEY_ROLES else [column]
+  return out
+
+
+def _mapped_rows(path: str, index: int, values: dict, *, mapping: dict[str, str], source: str,
+                 where: tuple[Condition, ...], prompts: str,
+                 skip_if_set: tuple[str, ...]) -> list[Row]:
+  key = f"{os.path.basename(path)}:{index}"
+  if "id" in mapping:
+    key = "/".join(str(values[c]) for c in mapping["id"].split("+"))
+  text = {role: values[mapping[role]] for role in TEXT_ROLES if role in mapping}
+  captions = (text.get("input_caption") or "", text.get("output_caption") or "")
+  instructions = text["instruction"]
+  if isinstance(instructions, list):
+    instructions = instructions[:1] if prompts == "first" else instructions
+  else:
+    instructions = [instructions]
+  if "group" in mapping:
+    group = "/".join(str(values[c]) for c in mapping["group"].split("+"))
+  else:
+    group = "\x1f".join((captions[0], str(text["instruction"]), captions[1]))
+  for column in skip_if_set:
+    if values[column] is not None:
+      return [Row(key, group, None, f"{column} is set")]
+  for condition in where:
+    cell = values[condition.column]
+    if cell is None:
+      return [Row(key, group, None, f"no {condition.column}")]
+    if not condition.holds(cell):
+      return [Row(key, group, None, f"filtered out by {condition.text}")]
+  if not instructions:
+    return [Row(key, group, None, "empty instruction")]
+  numbers = {role: values[column] for role, column in mapping.items()
+             if role in NUMBER_ROLES and values[column] is not None}
+  images = [_hf_image(values[mapping[role]], path) for role in IMAGE_ROLES]
+  mask = _hf_image(values[mapping[MASK_ROLE]], path) if MASK_ROLE in mapping else None
+  rows = []
+  for k, instruction in enumerate(instructions):
+    row_key = key if len(instructions) == 1 else f"{key}#{k}"
+    rows.append(_row(row_key, group, *images, instruction, input_caption=captions[0],
+                     edited_caption=captions[1], source=source, source_id=row_key,
+                     mask=mask or b"", **numbers))
+  if text.get("inverse_instruction"):
+    row_key = f"{key}#inverse"
+    rows.append(_row(row_key, group, images[1], images[0], text["inverse_instruction"],
+                     input_caption=captions[1], edited_caption=captions[0], source=source,
+                     source_id=row_key, mask=mask or b""))
+  return rows
+
+
 def iter_hf_parquet(files: Sequence[str]) -> Iterator[Row]:
-  """Rows of clip-filtered or 1000-samples parquet shards (the layout is read from the columns).
+  """Rows of clip-filtered or 1000-samples parquet shards (the preset is chosen by the columns).
 
   Every file's footer is read and its columns checked here, before the first row: a file that is
   not parquet or holds another layout is an `InputError` before anything is written.
   """
   layouts = []
   for path in files:
-    arrow_schema = _parquet_schema(path)
-    names = arrow_schema.names
-    if all(c in names for c in CLIP_FILTERED_COLUMNS):
-      layouts.append((path, CLIP_FILTERED_COLUMNS, "clip-filtered"))
-    elif all(c in names for c in SAMPLES_1000_COLUMNS):
-      layouts.append((path, SAMPLES_1000_COLUMNS, "instructpix2pix-1000-samples"))
+    names = _parquet_schema(path).names
+    for name in ("clip-filtered", "instructpix2pix-1000-samples"):
+      if all(c in names for c in PRESETS[name].mapping.values()):
+        layouts.append((path, name))
+        break
     else:
-      raise InputError(f"{path}: columns {sorted(names)} match neither the clip-filtered layout "
-                       f"{list(CLIP_FILTERED_COLUMNS)} nor the 1000-samples layout "
-                       f"{list(SAMPLES_1000_COLUMNS)}")
-    _check_column_types(path, arrow_schema, layouts[-1][1])
-  return (row for path, columns, source in layouts
-          for row in _parquet_rows(path, columns, functools.partial(_hf_row, source=source)))
-
-
-def _hf_row(path: str, index: int, row: dict, *, source: str) -> Row:
-  key = f"{os.path.basename(path)}:{index}"
-  input_caption = row.get("original_prompt") or ""
-  edited_caption = row.get("edited_prompt") or ""
-  instruction = row.get("edit_prompt") or ""
-  input_image = _hf_image(row.get("original_image", row.get("input_image")), path)
-  edited_image = _hf_image(row["edited_image"], path)
-  return _row(key, "\x1f".join((input_caption, instruction, edited_caption)), input_image,
-              edited_image, instruction, input_caption=input_caption,
-              edited_caption=edited_caption, source=source, source_id=key)
+      raise InputError(
+          f"{path}: columns {sorted(names)} match neither the clip-filtered layout "
+          f"{list(PRESETS['clip-filtered'].mapping.values())} nor the 1000-samples layout "
+          f"{list(PRESETS['instructpix2pix-1000-samples'].mapping.values())}")
+  iterators = [iter_parquet([path], PRESETS[name].mapping, source=name)
+               for path, name in layouts]
+  return (row for rows in iterators for row in rows)
 
 
 def iter_magicbrush(files: Sequence[str]) -> Iterator[Row]:
-  """Rows of MagicBrush parquet shards; the group is the image session (img_id). Every file's
-  columns are checked here, before the first row."""
-  for path in files:
-    arrow_schema = _parquet_schema(path)
-    missing = [c for c in MAGICBRUSH_COLUMNS if c not in arrow_schema.names]
-    if missing:
-      raise InputError(f"{path}: not a MagicBrush parquet file, missing columns {missing}")
-    _check_column_types(path, arrow_schema, MAGICBRUSH_COLUMNS)
-  return (row for path in files for row in _parquet_rows(path, MAGICBRUSH_COLUMNS, _magicbrush_row))
-
-
-def _magicbrush_row(path: str, index: int, row: dict) -> Row:
-  img_id, turn = str(row["img_id"]), row["turn_index"]
-  key = f"{img_id}/{turn}"
-  return _row(key, img_id, _hf_image(row["source_img"], path), _hf_image(row["target_img"], path),
-              row["instruction"] or "", source="magicbrush", source_id=key,
-              turn_index=-1 if turn is None else int(turn))
+  """Rows of MagicBrush parquet shards (the "magicbrush" preset); the group is the image session
+  (img_id). Every file's columns are checked here, before the first row."""
+  preset = PRESETS["magicbrush"]
+  return iter_parquet(files, preset.mapping, source=preset.source)
 
 
 def iter_synthetic(num: int, *, seed: int = 0, size: int = 64, wording: str = "train",
@@ -293,14 +509,18 @@ def prepare(triplet: schema.Triplet, *, store_resolution: int | None = None,
 
   Both images are fully decoded (so the reader never meets a broken one). Formats other than
   PNG/JPEG become PNG. With `store_resolution`, an image whose short side is longer is resized
-  (Lanczos) to that short side and re-encoded as `store_format`.
+  (Lanczos) to that short side and re-encoded as `store_format`. A mask must have the input
+  image's size; it becomes a grayscale PNG (lossless), resized with the input (nearest).
   """
   images = {}
+  input_size = None
   for field in ("input_image", "edited_image"):
     data = getattr(triplet, field)
     try:
       with Image.open(io.BytesIO(data)) as im:
         im.load()
+        if field == "input_image":
+          input_size = im.size
         resize = store_resolution is not None and min(im.size) > store_resolution
         if resize or schema.image_format(data) is None:
           im = im.convert("RGB") if im.mode not in ("RGB", "L") else im
@@ -317,6 +537,21 @@ def prepare(triplet: schema.Triplet, *, store_resolution: int | None = None,
     except (OSError, ValueError, Image.DecompressionBombError):
       return f"undecodable {field.replace('_', ' ')}"
     images[field] = data
+  if triplet.mask:
+    try:
+      with Image.open(io.BytesIO(triplet.mask)) as im:
+        im.load()
+        if im.size != input_size:
+          return "mask size differs from the input image's"
+        im = im.convert("L")
+        stored = schema.image_size(images["input_image"])[::-1]
+        if stored != im.size:
+          im = im.resize(stored, Image.Resampling.NEAREST)
+        out = io.BytesIO()
+        im.save(out, "PNG")
+        images["mask"] = out.getvalue()
+    except (OSError, ValueError, Image.DecompressionBombError):
+      return "undecodable mask"
   return dataclasses.replace(triplet, **images)
 
 
@@ -417,11 +652,14 @@ def _png(image) -> bytes:
 
 
 def _hf_image(value, parquet_path: str) -> bytes | None:
-  """Bytes of an HF `Image` cell ({bytes, path}, or raw bytes); None when absent."""
+  """Bytes of an image cell (an HF `Image` struct {bytes, path}, raw bytes, or a path relative to
+  the parquet file's folder); None when absent."""
   if value is None:
     return None
   if isinstance(value, bytes):
     return value
+  if isinstance(value, str):
+    value = {"path": value}
   if value.get("bytes"):
     return value["bytes"]
   if value.get("path"):
@@ -441,37 +679,44 @@ def _parquet_schema(path: str):
                      f"format): {_first_line(e)}") from None
 
 
-# What each column must hold, and how to say so.
-_COLUMN_KINDS = {"img_id": "id", "turn_index": "int"} | {
-    c: "image" for c in ("original_image", "input_image", "edited_image", "source_img",
-                         "target_img")} | {
-    c: "text" for c in ("original_prompt", "edit_prompt", "edited_prompt", "instruction")}
-_KIND_NAMES = {"text": "text (string)", "int": "integers", "id": "strings or integers",
-               "image": "images (binary, or a struct whose 'bytes' field is binary)"}
+_KIND_NAMES = {"text": "text (string)", "prompts": "text or a list of text",
+               "number": "numbers", "key": "strings or integers",
+               "image": "images (binary, or a struct whose 'bytes' field is binary)",
+               "mask": "images or nulls"}
 
 
-def _check_column_types(path: str, arrow_schema, columns: Sequence[str]) -> None:
-  """`InputError` naming the first of ``columns`` whose type in ``arrow_schema`` cannot hold its
-  kind."""
+def _check_role_types(path: str, arrow_schema, mapping: dict[str, str],
+                      where: Sequence[Condition], image_paths: bool) -> None:
+  """`InputError` naming the first mapped (or filtered) column whose type cannot play its role."""
   import pyarrow as pa
   is_text = lambda t: pa.types.is_string(t) or pa.types.is_large_string(t)
   is_bytes = lambda t: pa.types.is_binary(t) or pa.types.is_large_binary(t)
-  for name in columns:
-    t = arrow_schema.field(name).type
-    kind = _COLUMN_KINDS[name]
-    ok = {"text": is_text(t), "int": pa.types.is_integer(t),
-          "id": is_text(t) or pa.types.is_integer(t),
-          "image": is_bytes(t) or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
-                                   and is_bytes(t.field("bytes").type)
-                                   and (t.get_field_index("path") < 0
-                                        or is_text(t.field("path").type)))}[kind]
-    if not ok:
-      raise InputError(f"{path}: column {name!r} holds {t}; expected {_KIND_NAMES[kind]}")
+  is_number = lambda t: pa.types.is_integer(t) or pa.types.is_floating(t)
+  is_image = lambda t: is_bytes(t) or (image_paths and is_text(t)) or (
+      pa.types.is_struct(t) and t.get_field_index("bytes") >= 0
+      and is_bytes(t.field("bytes").type)
+      and (t.get_field_index("path") < 0 or is_text(t.field("path").type)))
+  checks = {
+      "text": is_text, "number": is_number, "key": lambda t: is_text(t) or pa.types.is_integer(t),
+      "prompts": lambda t: is_text(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                                          and is_text(t.value_type)),
+      "image": is_image, "mask": lambda t: pa.types.is_null(t) or is_image(t)}
+  kinds = []
+  for role, column in mapping.items():
+    kind = ("image" if role in IMAGE_ROLES else "mask" if role == MASK_ROLE
+            else "prompts" if role == "instruction"
+            else "text" if role in TEXT_ROLES else "number" if role in NUMBER_ROLES else "key")
+    kinds += [(c, kind) for c in column.split("+")] if role in KEY_ROLES else [(column, kind)]
+  kinds += [(c.column, "number" if isinstance(c.value, float) else "text") for c in where]
+  for column, kind in kinds:
+    t = arrow_schema.field(column).type
+    if not checks[kind](t):
+      raise InputError(f"{path}: column {column!r} holds {t}; expected {_KIND_NAMES[kind]}")
 
 
 def _parquet_rows(path: str, columns: Sequence[str],
-                  to_row: Callable[[str, int, dict], Row]) -> Iterator[Row]:
-  """``to_row(path, index, values)`` for each row, a row group at a time, a few rows at once.
+                  to_rows: Callable[[str, int, dict], list[Row]]) -> Iterator[list[Row]]:
+  """``to_rows(path, index, values)`` for each row, a row group at a time, a few rows at once.
 
   A row group whose data cannot be read (a damaged page) becomes skipped rows, so the rows after
   it keep their numbers and a rerun resumes where it should.
@@ -487,14 +732,14 @@ def _parquet_rows(path: str, columns: Sequence[str],
         for batch in parquet.iter_batches(batch_size=_BATCH_ROWS, row_groups=[group],
                                           columns=list(columns)):
           for values in batch.to_pylist():
-            yield to_row(path, index, values)
+            yield to_rows(path, index, values)
             index += 1
       except (pa.ArrowException, OSError) as e:
         logging.warning("%s: rows %d to %d are unreadable (%s); skipping them", path, index,
                         end - 1, _first_line(e))
       for skipped in range(index, end):
         key = f"{os.path.basename(path)}:{skipped}"
-        yield Row(key, key, None, "unreadable parquet data")
+        yield [Row(key, key, None, "unreadable parquet data")]
       index = end
 
 

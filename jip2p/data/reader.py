@@ -7,13 +7,15 @@ Pipeline, per epoch e (each host builds its own):
          ─ + an end-of-epoch marker ─ enumerate → position p
          ─ parse, check, decode, paired augmentation (random keyed by (seed, host, e, p)) ─┐
   then, across epochs:  count bad records (one sequential scan) ─ drop them ─ batch ─ tokenize
-         ─ prefetch ─→ numpy {"input", "edited", "input_ids", ("instruction")}
+         ─ prefetch ─→ numpy {"input", "edited", "input_ids", ("instruction"), ("mask")}
 
 Paired augmentation (the paper's): both images are resized to one random square size in
 [min_resize, max_resize], then one shared random crop of `resolution` and one shared horizontal
 flip (probability `flip_prob`) are applied, so the two stay aligned. It is computed crop-first
 (see `decode_and_augment`): only the part of each source that the crop keeps is decoded and
-resized. Values are scaled to [-1, 1].
+resized. Values are scaled to [-1, 1]. With `include_mask`, the record's mask (schema field
+"mask") gets the same crop, flip and resize and comes out as "mask" in [0, 1], [S, S, 1]; a record
+without one gets ones (all of it may change). Without it the mask is not even parsed.
 
 Determinism: the output depends only on the data, the config's seed and (process_index,
 process_count); thread counts and timing do not change it.
@@ -83,6 +85,7 @@ class ReaderConfig:
   max_bad_fraction: float = 0.01
   min_records_for_check: int = 1000  # Capped at one epoch of this host's records.
   include_text: bool = False  # Also yield "instruction": str [B].
+  include_mask: bool = False  # Also yield "mask": float32 [B, S, S, 1] in [0, 1].
 
   def validate(self) -> None:
     if self.batch_size < 1:
@@ -298,10 +301,11 @@ def make_dataset(data_dirs: str | Sequence[str], config: ReaderConfig, *,
 def _process_record(tf, config: ReaderConfig, base_key, epoch, position, record, is_sentinel):
   """Parse, check and (for good records) decode + augment one record; never raises on bad data
   it can detect, and lets ignore_errors drop what it cannot (a corrupt image body)."""
-  spec = {k: tf.io.RaggedFeature(tf.string) for k in ("input_image", "edited_image",
-                                                      "instruction")}
+  required = ("input_image", "edited_image", "instruction")
+  spec = {k: tf.io.RaggedFeature(tf.string)
+          for k in required + (("mask",) if config.include_mask else ())}
   parsed = tf.io.parse_single_example(record, spec)
-  present = [tf.size(parsed[k]) == 1 for k in spec]
+  present = [tf.size(parsed[k]) == 1 for k in required]
   values = {k: tf.concat([parsed[k], [b""]], 0)[0] for k in spec}
   missing = ~tf.reduce_all(present)
   magic_ok = [_is_png_or_jpeg(tf, values[k]) for k in ("input_image", "edited_image")]
@@ -314,16 +318,22 @@ def _process_record(tf, config: ReaderConfig, base_key, epoch, position, record,
 
   def placeholder():
     z = tf.zeros([size, size, 3], tf.float32)
-    return z, z
+    return (z, z, tf.zeros([size, size, 1], tf.float32)) if config.include_mask else (z, z)
 
-  a, b = tf.cond(status == _OK, lambda: decode_and_augment(
-      tf, values["input_image"], values["edited_image"], key, config), placeholder)
-  return {"input": a, "edited": b, "instruction": values["instruction"],
-          "_epoch": epoch, "_position": position, "_status": tf.cast(status, tf.int64)}
+  images = tf.cond(status == _OK, lambda: decode_and_augment(
+      tf, values["input_image"], values["edited_image"], key, config, values.get("mask")),
+      placeholder)
+  out = {"input": images[0], "edited": images[1], "instruction": values["instruction"],
+         "_epoch": epoch, "_position": position, "_status": tf.cast(status, tf.int64)}
+  if config.include_mask:
+    out["mask"] = images[2]
+  return out
 
 
-def decode_and_augment(tf, input_image, edited_image, key, config: ReaderConfig):
-  """Encoded pair → float32 [S, S, 3] pair in [-1, 1], S = config.resolution.
+def decode_and_augment(tf, input_image, edited_image, key, config: ReaderConfig, mask=None):
+  """Encoded pair → float32 [S, S, 3] pair in [-1, 1], S = config.resolution; with ``mask``
+  (encoded PNG bytes, b"" for none) also the mask, float32 [S, S, 1] in [0, 1], given the same
+  geometry (ones where the bytes are empty).
 
   With `config.augment`, the reference's "resize both to a random side in [min_resize,
   max_resize], one random crop of S, one flip" is done crop-first: the crop is mapped to each
@@ -333,9 +343,19 @@ def decode_and_augment(tf, input_image, edited_image, key, config: ReaderConfig)
   from the stateless `key` (shape [2] int64) only.
   """
   s = config.resolution
+
+  def mask_of(window, flip):
+    def decoded():
+      m = _decode(tf, mask, window, channels=1)
+      if flip is not None:
+        m = tf.cond(flip, lambda: tf.reverse(m, axis=[1]), lambda: m)
+      return _resize(tf, m, s, config) / 255.0
+    return tf.cond(tf.strings.length(mask) > 0, decoded, lambda: tf.ones([s, s, 1], tf.float32))
+
   if not config.augment:
-    return tuple(_scale(tf, _resize(tf, _decode(tf, data, None), s, config))
+    pair = tuple(_scale(tf, _resize(tf, _decode(tf, data, None), s, config))
                  for data in (input_image, edited_image))
+    return pair if mask is None else pair + (mask_of(None, None),)
   size_key, crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
   side = tf.random.stateless_uniform([], seed=size_key, minval=config.min_resize,
                                      maxval=config.max_resize + 1, dtype=tf.int32)
@@ -349,13 +369,16 @@ def decode_and_augment(tf, input_image, edited_image, key, config: ReaderConfig)
     image = _decode(tf, data, window)
     image = tf.cond(flip, lambda im=image: tf.reverse(im, axis=[1]), lambda im=image: im)
     out.append(_scale(tf, _resize(tf, image, s, config)))
+  if mask is not None:
+    out.append(mask_of(window, flip))
   return tuple(out)
 
 
-def _decode(tf, data, window):
-  """uint8 [h, w, 3]: the whole image, or its part `window` = ([top, left], size) in [0, 1]."""
+def _decode(tf, data, window, channels: int = 3):
+  """uint8 [h, w, channels]: the whole image, or its part `window` = ([top, left], size) in
+  [0, 1]."""
   if window is None:
-    return tf.io.decode_image(data, channels=3, expand_animations=False)
+    return tf.io.decode_image(data, channels=channels, expand_animations=False)
 
   def pixels(height, width):
     corner, size = window
@@ -367,12 +390,12 @@ def _decode(tf, data, window):
   def jpeg():
     shape = tf.image.extract_jpeg_shape(data)
     start, extent = pixels(shape[0], shape[1])
-    return tf.io.decode_and_crop_jpeg(data, tf.concat([start, extent], 0), channels=3)
+    return tf.io.decode_and_crop_jpeg(data, tf.concat([start, extent], 0), channels=channels)
 
   def other():
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
     start, extent = pixels(tf.shape(image)[0], tf.shape(image)[1])
-    return tf.slice(image, tf.concat([start, [0]], 0), tf.concat([extent, [3]], 0))
+    return tf.slice(image, tf.concat([start, [0]], 0), tf.concat([extent, [channels]], 0))
 
   return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
@@ -456,6 +479,8 @@ class BatchIterator:
     out = {"input": batch["input"], "edited": batch["edited"]}
     if "input_ids" in batch:
       out["input_ids"] = batch["input_ids"]
+    if self._config.include_mask:
+      out["mask"] = batch["mask"]
     if self._config.include_text:
       out["instruction"] = np.array([t.decode("utf-8", errors="replace")
                                      for t in batch["instruction"]], dtype=object)
@@ -500,7 +525,8 @@ def iter_triplets(data_dirs: str | Sequence[str], split: str = "train"):
   tf = import_tf()
   spec = {}
   for f in schema.FIELDS:
-    dtype = {"image": tf.string, "text": tf.string, "int": tf.int64, "float": tf.float32}[f.kind]
+    dtype = {"image": tf.string, "mask": tf.string, "text": tf.string, "int": tf.int64,
+             "float": tf.float32}[f.kind]
     default = None if f.required else f.default
     if f.kind == "text" and default is not None:
       default = default.encode()

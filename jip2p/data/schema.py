@@ -6,8 +6,13 @@ read from the header beside them. Every field is written in every record, so tha
 parses with fixed-length specs) reads any record; absent provenance takes the field's default
 (-1 for integers, NaN for floats, "" for text).
 
+An optional `mask` (the edit region, as UltraEdit's region split and MagicBrush publish) is stored
+losslessly as a grayscale PNG of the input image's size, or b"" when the triplet has none; the
+reader crops and flips it with the pair when a config asks for it (`ReaderConfig.include_mask`),
+and otherwise ignores it, so masked records train as ordinary ones.
+
 This module does not import TensorFlow: `kind` says how each consumer maps a field
-("image" → bytes, "text" → UTF-8 bytes, "int" → int64, "float" → float32).
+("image" and "mask" → bytes, "text" → UTF-8 bytes, "int" → int64, "float" → float32).
 """
 
 from __future__ import annotations
@@ -27,13 +32,13 @@ IMAGE_FORMATS = ("png", "jpeg")
 @dataclasses.dataclass(frozen=True)
 class Field:
   name: str
-  kind: str  # "image", "text", "int" or "float".
+  kind: str  # "image", "mask", "text", "int" or "float".
   required: bool  # The reader skips a record that lacks it.
   doc: str
 
   @property
   def default(self):
-    return {"image": b"", "text": "", "int": -1, "float": math.nan}[self.kind]
+    return {"image": b"", "mask": b"", "text": "", "int": -1, "float": math.nan}[self.kind]
 
 
 FIELDS: tuple[Field, ...] = (
@@ -43,6 +48,7 @@ FIELDS: tuple[Field, ...] = (
     Field("edited_image", "image", True, "the image after the edit, encoded PNG/JPEG bytes"),
     Field("edited_height", "int", False, "height of edited_image in pixels"),
     Field("edited_width", "int", False, "width of edited_image in pixels"),
+    Field("mask", "mask", False, "the edit region: grayscale PNG of input_image's size, or empty"),
     Field("instruction", "text", True, "the edit instruction (what the model is conditioned on)"),
     Field("input_caption", "text", False, "caption of the input image"),
     Field("edited_caption", "text", False, "caption of the edited image"),
@@ -77,6 +83,7 @@ class Triplet:
   prompt_index: int = -1
   seed: int = -1
   turn_index: int = -1
+  mask: bytes = b""
   p2p_threshold: float = math.nan
   cfg_scale: float = math.nan
   clip_sim_0: float = math.nan
@@ -126,6 +133,14 @@ def to_record(t: Triplet) -> dict[str, bytes | int | float]:
       value = value.encode("utf-8")
     elif f.kind == "image":
       value = bytes(value)
+    elif f.kind == "mask":
+      value = bytes(value)
+      if value and image_format(value) != "png":
+        raise InputError(f"triplet field {f.name!r} must be PNG (lossless), starts with "
+                         f"{value[:8]!r}")
+      if value and image_size(value, f.name) != (record["input_height"], record["input_width"]):
+        raise InputError(f"triplet field {f.name!r} is {image_size(value, f.name)} (h, w), "
+                         f"input_image {(record['input_height'], record['input_width'])}")
     elif f.kind == "int":
       value = int(value)
     else:

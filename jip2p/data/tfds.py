@@ -36,6 +36,8 @@ def features() -> tfds_lib.features.FeaturesDict:
   for f in schema.FIELDS:
     if f.kind == "image":
       mapping[f.name] = tfds_lib.features.Image(shape=(None, None, 3), doc=f.doc)
+    elif f.kind == "mask":  # Encoded PNG bytes, b"" when absent (an Image feature needs pixels).
+      mapping[f.name] = tfds_lib.features.Tensor(shape=(), dtype=np.bytes_, doc=f.doc)
     elif f.kind == "text":
       mapping[f.name] = tfds_lib.features.Text(doc=f.doc)
     elif f.kind == "int":

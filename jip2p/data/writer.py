@@ -59,7 +59,7 @@ def serialize(record: Mapping[str, Any]) -> bytes:
   feature = {}
   for f in schema.FIELDS:
     value = record[f.name]
-    if f.kind in ("image", "text"):
+    if f.kind in ("image", "mask", "text"):
       feature[f.name] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
     elif f.kind == "int":
       feature[f.name] = tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))

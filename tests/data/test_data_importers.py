@@ -179,10 +179,9 @@ def test_generator_folders_keep_every_seed_and_its_clip_scores(tmp_path):
   assert triplets[1].p2p_threshold == pytest.approx(0.4)
 
 
-def test_killed_import_resumes_to_exactly_the_uninterrupted_result(clip_filtered, tmp_path):
-  args = ["hf-parquet", str(clip_filtered), "--val-fraction", "0.4", "--examples-per-shard", "2"]
-  assert import_data.main(args + ["--out", str(tmp_path / "straight")]) == 0
-  killed = tmp_path / "killed"
+def kill_import(argv, at_write):
+  """Runs ``jip2p-import argv`` in a subprocess killed (SIGKILL) at its ``at_write``-th triplet
+  write; the dataset it leaves is incomplete."""
   script = f"""
 import os, signal
 from jip2p.data import writer
@@ -190,16 +189,24 @@ from jip2p.cli import import_data
 write, calls = writer.DatasetWriter.write, []
 def dying_write(self, *a, **k):
   calls.append(1)
-  if len(calls) == 10:  # Mid-shard, with both splits in progress.
+  if len(calls) == {at_write}:
     os.kill(os.getpid(), signal.SIGKILL)
   write(self, *a, **k)
 writer.DatasetWriter.write = dying_write
-import_data.main({args + ["--out", str(killed)]!r})
+import_data.main({argv!r})
 """
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
                         env={**os.environ, "PYTHONPATH": REPO})
   assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-  assert not writer.read_manifest(str(killed))["complete"]
+  out = argv[argv.index("--out") + 1]
+  assert not writer.read_manifest(out)["complete"]
+
+
+def test_killed_import_resumes_to_exactly_the_uninterrupted_result(clip_filtered, tmp_path):
+  args = ["hf-parquet", str(clip_filtered), "--val-fraction", "0.4", "--examples-per-shard", "2"]
+  assert import_data.main(args + ["--out", str(tmp_path / "straight")]) == 0
+  killed = tmp_path / "killed"
+  kill_import(args + ["--out", str(killed)], at_write=10)  # Mid-shard, both splits in progress.
   assert import_data.main(args + ["--out", str(killed)]) == 0
   straight = writer.read_manifest(str(tmp_path / "straight"))
   resumed = writer.read_manifest(str(killed))
