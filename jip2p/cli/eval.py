@@ -57,7 +57,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--model", required=True, metavar="DIR", help="InstructPix2Pix model folder")
-  p.add_argument("--output", required=True, metavar="DIR", help="results folder (resumable)")
+  p.add_argument("--output", required=True, metavar="DIR",
+                 help="results folder (resumable; local or gs://)")
   g = p.add_argument_group("evaluation set")
   g.add_argument("--set", required=True, choices=sets.SETS)
   g.add_argument("--data", nargs="+", metavar="PATH",
