@@ -85,6 +85,7 @@ class Settings:
     if self.pretrained is not None and not os.path.isdir(self.pretrained):
       raise CheckpointError(f"no model folder at {self.pretrained}; run without --pretrained to "
                             "train one")
+    files.require_local(self.out, "--out")
     storage.check_writable(self.out, "the output folder")
 
 

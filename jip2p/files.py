@@ -20,6 +20,15 @@ def is_remote(path: str) -> bool:
   return "://" in path
 
 
+def require_local(path: str, what: str) -> None:
+  """`OutputError` for a ``gs://`` (or other URL) ``path`` given to a tool that writes it with
+  local files only: refused before any work, instead of written to a folder named ``gs:`` in the
+  working directory."""
+  if is_remote(path):
+    raise OutputError(f"{what} {path}: this tool writes local files only; write to a local "
+                      "folder and copy it (gcloud storage cp -r)")
+
+
 def read_text(path: str, what: str) -> str:
   """The UTF-8 text of ``path``; `InputError` naming it and ``what`` it is when it is missing, a
   folder, unreadable or not UTF-8 (with the line of the first bad byte)."""

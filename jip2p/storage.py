@@ -9,19 +9,23 @@ here, each correct on both:
     libraries that need local files: safetensors maps them);
   * `AppendedText`: a text file that each start of a program appends to (a local file is
     appended in place; a remote one is rewritten whole, its earlier text kept);
+  * `working_copy`: a local folder standing for a remote output folder while a program that
+    writes local files fills it, copied back when it ends;
   * `check_writable`: a local output path checked before the work that fills it starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 from etils import epath
 
-from jip2p.errors import InputError
+from jip2p.errors import InputError, Jip2pError
 
 CACHE_ENV = "JIP2P_MODEL_CACHE"
 _CHUNK = 64 << 20
@@ -120,6 +124,45 @@ def local_copy(url: str) -> str:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
   return final
+
+
+def _stamps(folder: str) -> dict[str, tuple[int, int]]:
+  """(size, modification time in ns) of every file under the local ``folder``, by relative path."""
+  return {name: (st.st_size, st.st_mtime_ns)
+          for name in _files(epath.Path(folder))
+          for st in [os.stat(os.path.join(folder, name))]}
+
+
+@contextlib.contextmanager
+def working_copy(url: str) -> Iterator[str]:
+  """A local folder for a program that writes an output folder with local files (appends, renames,
+  plotting libraries). A local ``url`` is yielded as it is. A remote one: a temporary folder filled
+  with what ``url`` already holds (a resumed run reads it), whose new and changed files are copied
+  to ``url`` when the block ends, also when it fails, so that the work done is kept (a process
+  killed outright keeps nothing of this start: a resumed run redoes it). Errors of jip2p name
+  ``url``, not the local folder."""
+  if not is_remote(url):
+    yield url
+    return
+  remote = epath.Path(url)
+  local = tempfile.mkdtemp(prefix="jip2p-output-")
+  try:
+    if remote.exists():
+      for name in _files(remote):
+        os.makedirs(os.path.dirname(os.path.join(local, name)), exist_ok=True)
+        _copy_file(remote / name, epath.Path(local) / name)
+    before = _stamps(local)
+    try:
+      yield local
+    except Jip2pError as e:  # named by the folder the user gave, not the local copy
+      raise type(e)(str(e).replace(local, url.rstrip("/"))) from None
+    finally:
+      for name, stamp in _stamps(local).items():
+        if before.get(name) != stamp:
+          (remote / name).parent.mkdir(parents=True, exist_ok=True)
+          _copy_file(epath.Path(local) / name, remote / name)
+  finally:
+    shutil.rmtree(local, ignore_errors=True)
 
 
 class AppendedText:

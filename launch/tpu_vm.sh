@@ -13,7 +13,8 @@
 #   bash launch/tpu_vm.sh stop    NAME ZONE       SIGTERM on all workers: save a checkpoint and exit
 #   bash launch/tpu_vm.sh delete  NAME ZONE
 #
-# SPOT=1 asks for spot capacity (queue or create). RUNTIME defaults by accelerator: v4
+# SPOT=1 asks for spot capacity (queue, create, and resume: give it again). RUNTIME defaults by
+# accelerator (the Cloud TPU runtime table, cloud.google.com/tpu/docs/runtimes): v4
 # tpu-ubuntu2204-base, v5e (v5litepod-*) v2-alpha-tpuv5-lite, v5p v2-alpha-tpuv5, v6e
 # v2-alpha-tpuv6e. These images are Ubuntu 22.04 with Python 3.10, and jip2p (like JAX 0.10)
 # needs 3.11: `setup` installs uv and makes .venv with a Python 3.11 of uv's.
@@ -114,8 +115,11 @@ case "$action" in
   train)
     args=$(printf ' %q' "$@")
     # Appended: the log of every start of the run stays (the work directory has train.log too).
-    ssh_all "cd jip2p && LIBTPU_INIT_ARGS='$LIBTPU_INIT_ARGS' JAX_COMPILATION_CACHE_DIR=$JAX_CACHE \
-      nohup .venv/bin/jip2p-train$args >> train.log 2>&1 < /dev/null & echo \$! > train.pid"
+    # Only the trainer goes to the background (the braces), so train.pid lands in jip2p/ and holds
+    # the trainer's own process id (nohup execs it), which 'stop' signals.
+    ssh_all "cd jip2p && { LIBTPU_INIT_ARGS='$LIBTPU_INIT_ARGS' \
+      JAX_COMPILATION_CACHE_DIR=$JAX_CACHE nohup .venv/bin/jip2p-train$args >> train.log 2>&1 \
+      < /dev/null & echo \$! > train.pid; }"
     ;;
   resume)
     # A preempted spot slice cannot be restarted: it is deleted and created again (a queued

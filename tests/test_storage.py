@@ -48,3 +48,37 @@ def test_appended_text_keeps_every_start(tmp_path):
     log.write(f"{start} start\n")
     log.flush()
   assert open(path).read() == "first start\nsecond start\n"
+
+
+def test_working_copy_stores_new_and_changed_files_back_even_on_failure(tmp_path, monkeypatch):
+  """A remote output folder (a local one standing in: only `is_remote` is faked; the GCS emulator
+  test runs jip2p-eval on gs://): a local copy holding what is there, new and changed files
+  copied back, unchanged ones left alone, errors naming the remote folder."""
+  import pytest
+
+  from jip2p.errors import ConfigError
+  remote = tmp_path / "remote-out"
+  _tree(remote, {"run.json": "{}", "results.jsonl": "row 1\n"})
+  monkeypatch.setattr(storage, "is_remote", lambda path: "remote-out" in os.fspath(path))
+  copied = []
+  copy = storage._copy_file
+  monkeypatch.setattr(storage, "_copy_file", lambda a, b: (copied.append(str(b)), copy(a, b)))
+  with storage.working_copy(str(remote)) as local:
+    assert local != str(remote) and sorted(os.listdir(local)) == ["results.jsonl", "run.json"]
+    with open(os.path.join(local, "results.jsonl"), "a") as f:
+      f.write("row 2\n")
+    _tree(tmp_path / local, {"images/a.png": "png"})
+    copied.clear()
+  assert (remote / "results.jsonl").read_text() == "row 1\nrow 2\n"
+  assert (remote / "images" / "a.png").read_text() == "png"
+  assert sorted(copied) == [str(remote / "images" / "a.png"), str(remote / "results.jsonl")]
+  assert not os.path.exists(local)
+
+  with pytest.raises(ConfigError, match=f"^{remote} holds results of another run$"):
+    with storage.working_copy(str(remote) + "/") as local:
+      _tree(tmp_path / local, {"summary.csv": "kept"})
+      raise ConfigError(f"{local} holds results of another run")
+  assert (remote / "summary.csv").read_text() == "kept"
+
+  with storage.working_copy(str(tmp_path / "plain")) as local:  # a local folder: itself
+    assert local == str(tmp_path / "plain")

@@ -296,6 +296,7 @@ def _main(argv: Sequence[str] | None) -> int:
   command = " ".join([PROG] + [shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)])
   for flag, path in (("--json", args.json), ("--markdown", args.markdown)):
     if path is not None:  # before any case runs: they are rewritten after each one
+      files.require_local(path, flag)
       if os.path.isdir(path):
         raise OutputError(f"{flag} {path} is a folder; name a file")
       files.check_output_dir(os.path.dirname(os.path.abspath(path)), f"folder of {flag}")

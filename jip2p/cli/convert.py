@@ -17,6 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from jip2p import files
 from jip2p.checkpoints import convert
 from jip2p.checkpoints.folders import SAVE_DTYPES, check_output_folder
 from jip2p.checkpoints.presets import PRESETS
@@ -61,6 +62,7 @@ def _main(argv: Sequence[str] | None) -> int:
       raise ConfigError("--open-clip-config converts a text tower only: drop --preset, --no-ema "
                         "and --expand-conv-in")
     convert.check_source(args.src)
+    files.require_local(args.dst, "dst (with --open-clip-config)")
     if not (args.overwrite and os.path.isdir(args.dst)):  # else save_text_encoder decides
       check_output_folder(args.dst)
     elif not os.access(os.path.dirname(os.path.abspath(args.dst)), os.W_OK | os.X_OK):

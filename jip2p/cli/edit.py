@@ -176,6 +176,7 @@ def load_images(paths: Sequence[str]) -> dict[str, object]:
 def output_paths(output: str, inputs: Sequence[str], keep_existing: bool) -> list[str]:
   """One PNG path per edit: ``output`` itself, or ``output/<input stem>.png`` (``-<j>`` appended
   where stems repeat). Existing files are refused unless ``keep_existing``."""
+  files.require_local(output, "--output")
   stem, ext = os.path.splitext(output)
   if not os.path.isdir(output) and ext.lower() in IMAGE_EXTENSIONS:
     if ext.lower() != ".png":

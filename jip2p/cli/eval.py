@@ -34,7 +34,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from jip2p import edit, files
+from jip2p import edit, files, storage
 from jip2p.cli import run
 from jip2p.errors import ConfigError
 from jip2p.eval import sets, sweep
@@ -61,7 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--model", required=True, metavar="DIR", help="InstructPix2Pix model folder")
-  p.add_argument("--output", required=True, metavar="DIR", help="results folder (resumable)")
+  p.add_argument("--output", required=True, metavar="DIR",
+                 help="results folder (resumable; local or gs://)")
   g = p.add_argument_group("evaluation set")
   g.add_argument("--set", required=True, choices=sets.SETS)
   g.add_argument("--data", nargs="+", metavar="PATH",
@@ -170,7 +171,7 @@ def print_summary(table: list[dict], file=None) -> None:
 
 
 def _absolute(path: str | None) -> str | None:
-  return os.path.abspath(path) if path else None
+  return (path if storage.is_remote(path) else os.path.abspath(path)) if path else None
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -214,36 +215,42 @@ def _main(argv: Sequence[str] | None) -> int:
                          else None,
            "dino_weights": _absolute(args.dino_weights),
            "dino_config": _absolute(args.dino_config)}
-  check_run_info(args.output, eval_set, config, facts, write=False)
-  if args.sdedit_model is not None:
-    check_sdedit_prompts(eval_set)
-  scorer = _scorer(args)
-  closing = contextlib.closing(scorer) if scorer is not None else contextlib.nullcontext()
-  # The sidecar loads its models while this process loads the editor; on the way out the pool
-  # waits for a start in progress, then the sidecar is shut down.
-  with closing, concurrent.futures.ThreadPoolExecutor(1) as pool:
-    started = pool.submit(scorer.start) if scorer is not None else None
-    editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
-                                         attention_impl=args.attention_impl)
-    editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
-    sdedit_editor = None
+  # A gs:// output folder is worked on in a local copy, stored back at the end (or on failure).
+  with storage.working_copy(args.output) as out_dir:
+    check_run_info(out_dir, eval_set, config, facts, write=False)
     if args.sdedit_model is not None:
-      sdedit_editor = edit.Editor.from_pretrained(args.sdedit_model, dtype=args.dtype,
-                                                  attention_impl=args.attention_impl)
-      sdedit_editor.check_method("sdedit")
-    if started is not None:
-      started.result()
-    rows = evaluate(editor, eval_set, settings, args.output, config=config, scorer=scorer,
-                    save_images=args.save_images, progress=not args.no_progress,
-                    run_info=facts, sdedit_editor=sdedit_editor)
-  table = sweep.summary_table(rows, settings, group_key="group" if eval_set.group_name else None,
-                              confidence=args.confidence)
-  csv_path = os.path.join(args.output, "summary.csv")
-  sweep.write_csv(table, csv_path)
-  plots = [os.path.join(args.output, f"tradeoff.{ext}") for ext in ("png", "svg")]
-  title = f"{os.path.basename(os.path.abspath(args.model))} on {eval_set.name}"
-  plotted = sweep.plot_tradeoff(table, plots, title=title, error_bars=args.plot_ci)
+      check_sdedit_prompts(eval_set)
+    scorer = _scorer(args)
+    closing = contextlib.closing(scorer) if scorer is not None else contextlib.nullcontext()
+    # The sidecar loads its models while this process loads the editor; on the way out the pool
+    # waits for a start in progress, then the sidecar is shut down.
+    with closing, concurrent.futures.ThreadPoolExecutor(1) as pool:
+      started = pool.submit(scorer.start) if scorer is not None else None
+      editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
+                                           attention_impl=args.attention_impl)
+      editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
+      sdedit_editor = None
+      if args.sdedit_model is not None:
+        sdedit_editor = edit.Editor.from_pretrained(args.sdedit_model, dtype=args.dtype,
+                                                    attention_impl=args.attention_impl)
+        sdedit_editor.check_method("sdedit")
+      if started is not None:
+        started.result()
+      rows = evaluate(editor, eval_set, settings, out_dir, config=config, scorer=scorer,
+                      save_images=args.save_images, progress=not args.no_progress,
+                      run_info=facts, sdedit_editor=sdedit_editor)
+    table = sweep.summary_table(rows, settings,
+                                group_key="group" if eval_set.group_name else None,
+                                confidence=args.confidence)
+    sweep.write_csv(table, os.path.join(out_dir, "summary.csv"))
+    model = args.model.rstrip("/") if storage.is_remote(args.model) else os.path.abspath(args.model)
+    title = f"{os.path.basename(model)} on {eval_set.name}"
+    plotted = sweep.plot_tradeoff(table, [os.path.join(out_dir, f"tradeoff.{ext}")
+                                          for ext in ("png", "svg")],
+                                  title=title, error_bars=args.plot_ci)
   print_summary(table)
+  csv_path = os.path.join(args.output, "summary.csv")
+  plots = [os.path.join(args.output, f"tradeoff.{ext}") for ext in ("png", "svg")]
   print(f"{PROG}: wrote {csv_path}" + (f" and {', '.join(plots)}" if plotted else
                                        " (no plot: CLIP metrics need --clip-weights)"))
   return 0

@@ -88,6 +88,7 @@ def _main(argv: Sequence[str] | None) -> int:
   generation_config.validate(c, scoring=args.show_attention is None)
   if args.show_attention is not None:
     from jip2p.p2p import sampling
+    files.require_local(args.out, "--out (with --show-attention)")
     out = os.path.join(args.out, "attention")
     files.check_output_dir(out)
     paths = sampling.show_attention(_load_pipeline(c), args.show_attention, out, seed=c.seed,

@@ -132,6 +132,25 @@ def test_a_rerun_finishes_an_interrupted_cache(cache, dataset, tmp_path):
       np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def test_data_and_cache_on_a_non_local_filesystem(cache, dataset):
+  """jip2p-cache-latents --data/--out on TensorFlow's in-memory ram:// filesystem, which takes the
+  tf.io.gfile path that gs:// takes: the same cache as on local disk, read back by LatentSource."""
+  from jip2p.data.tf_setup import import_tf
+  gfile = import_tf().io.gfile
+  data, out = "ram://jip2p-latent-test/triplets", "ram://jip2p-latent-test/latents"
+  gfile.makedirs(data)
+  for name in gfile.listdir(dataset):
+    gfile.copy(os.path.join(dataset, name), f"{data}/{name}", overwrite=True)
+  assert cache_latents.main(["--data", data, "--out", out, *ARGS]) == 0
+  assert latents.CacheInfo.read(out) == latents.CacheInfo.read(cache)
+  for got, want in zip(latents.iter_records(out), latents.iter_records(cache), strict=True):
+    for key in got:
+      np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  remote = latents.LatentSource(out, global_batch=2, seed=0).validation_batch(3)
+  local = latents.LatentSource(cache, global_batch=2, seed=0).validation_batch(3)
+  np.testing.assert_array_equal(remote["input"], local["input"])
+
+
 def test_a_full_disk_is_one_line_and_a_rerun_finishes(cache, dataset, tmp_path):
   """A shard the file system refuses (a write past 16 KiB fails with EFBIG, as one on a full disk
   with ENOSPC) was a TensorFlow traceback; now one line, its temporary file removed."""

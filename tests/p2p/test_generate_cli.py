@@ -161,6 +161,34 @@ def test_clip_filter_rescores_and_keeps_the_subset(assets, uninterrupted, tmp_pa
   assert len(scores) == 6 and {"sim_0", "sim_1", "sim_direction", "sim_image"} <= set(scores[0])
 
 
+def test_generate_and_clip_filter_on_a_non_local_filesystem(assets, uninterrupted, monkeypatch):
+  """--out (and the clip filter's input) on TensorFlow's in-memory ram:// filesystem, which takes
+  the tf.io.gfile path that gs:// takes: the records and scores of a local run. The TFDS metadata
+  files are written through etils.epath, which knows gs:// but not ram://: recorded here, not
+  written."""
+  from jip2p.data import tfds
+  from jip2p.data.tf_setup import import_tf
+  gfile = import_tf().io.gfile
+  metadata = []
+  monkeypatch.setattr(tfds, "write_metadata", lambda directory, _: metadata.append(directory))
+  root, spec, prompts, _ = assets
+  gen, filtered = "ram://jip2p-generate-test/gen", "ram://jip2p-generate-test/filtered"
+  assert generate_cli.main(["--config", spec + ",shard=1", "--prompts", prompts,
+                            "--out", gen]) == 0
+  assert _records(gen) == _records(uninterrupted)
+  with gfile.GFile(f"{gen}/candidates.jsonl") as f:
+    assert f.read() == (uninterrupted / "candidates.jsonl").read_text()
+  argv = [gen, "--out", filtered, "--clip-weights", str(root / "tiny_clip.pt"),
+          "--clip-config", str(root / "tiny_clip.json"), "--device", "cpu",
+          "--min-sim-image", "-1", "--min-sim-0", "-1", "--min-sim-1", "-1",
+          "--min-sim-direction", "-1", "--top-k", "1"]
+  assert clip_filter_cli.main(argv) == 0
+  assert [r[0] for r in _records(filtered)] == [0, 2, 5]
+  with gfile.GFile(f"{filtered}/scores.jsonl") as f:
+    assert len(f.read().splitlines()) == 6
+  assert metadata == [gen, filtered]
+
+
 def test_prompts_partitions_and_seeds():
   from jip2p.p2p import dataset
   from jip2p.tokenizer import CLIPTokenizer

@@ -1,7 +1,8 @@
 """Everything on gs://, against a local GCS emulator (gcp-storage-emulator, in memory, on
 127.0.0.1; see gcs_emulator.py): a model saved to a bucket, a run trained from it with its work directory there
 (config, checkpoints, samples, TensorBoard events, train.log), resumed, exported by jip2p-export
-to the bucket, and loaded back through the local model cache.
+to the bucket, loaded back through the local model cache and evaluated by jip2p-eval with its
+results in the bucket; and JAX's compilation cache kept there.
 
 The programs reach the emulator as they would reach GCS: etils.epath through gcsfs (with
 ``EPATH_USE_TF=false``: TensorFlow's GCS client has no emulator endpoint), orbax's array data
@@ -117,3 +118,41 @@ def test_train_resume_export_and_load_on_gs(gcs, micro_folder, compile_cache, tm
   # One local copy per model version: the micro model (read by both starts) and the export (read
   # twice), nothing half-downloaded.
   assert len(os.listdir(gcs_env["JIP2P_MODEL_CACHE"])) == 2
+
+  # jip2p-eval of the exported model with its results on gs://, run twice: the second start finds
+  # the stored results and has nothing left to edit.
+  evaluation = f"gs://{BUCKET}/eval/world"
+  command = [sys.executable, "-m", "jip2p.cli.eval", f"--model={out}", "--set=world",
+             "--world-n=2", "--steps=2", "--no-progress", f"--output={evaluation}"]
+  for start in (1, 2):
+    result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"wrote {evaluation}/summary.csv" in result.stdout
+    assert len(bucket.cat(f"{BUCKET}/eval/world/results.jsonl").decode().splitlines()) == 2
+  assert json.loads(bucket.cat(f"{BUCKET}/eval/world/run.json"))["model"] == out
+  assert bucket.cat(f"{BUCKET}/eval/world/summary.csv").decode().startswith("setting")
+  assert not os.path.exists(tmp_path / "gs:")  # nothing written to a local folder named gs:
+
+
+def test_compilation_cache_on_gs(gcs):
+  """runtime.configure keeps a JAX_COMPILATION_CACHE_DIR on gs://: the first process stores its
+  compiled programs there, a second one loads them (cache hits) instead of compiling."""
+  url, gcs_env = gcs
+  env = {k: v for k, v in os.environ.items() if k != "JIP2P_COMPILATION_CACHE"}
+  env.update(gcs_env, JAX_COMPILATION_CACHE_DIR=f"gs://{BUCKET}/jax-cache")
+  code = ("from jax._src import monitoring\n"
+          "hits = []\n"
+          "monitoring.register_event_listener(lambda event, **_: hits.append(event))\n"
+          "from jip2p import runtime\n"
+          "settings = runtime.configure(gpu_flags=False, min_compile_seconds=0)\n"
+          "import jax, jax.numpy as jnp\n"
+          "jax.jit(lambda x: jnp.tanh(x @ x.T) * 3)(jnp.ones((8, 8))).block_until_ready()\n"
+          "print(settings['compilation_cache'], hits.count('/jax/compilation_cache/cache_hits'))")
+  bucket = GCSFileSystem(token="anon", endpoint_url=url)
+  assert _python(code, env).split() == [f"gs://{BUCKET}/jax-cache", "0"]
+  stored = len(bucket.ls(f"{BUCKET}/jax-cache"))
+  assert stored > 0
+  folder, hits = _python(code, env).split()
+  assert folder == f"gs://{BUCKET}/jax-cache" and int(hits) > 0
+  assert len(bucket.ls(f"{BUCKET}/jax-cache", refresh=True)) == stored  # nothing compiled again

@@ -9,6 +9,7 @@ compiles.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import signal
@@ -41,7 +42,8 @@ def reference(micro_folder, compile_cache, tmp_path_factory):
   """One uninterrupted run on 8 devices, exporting EMA and raw weights at the end."""
   workdir = str(tmp_path_factory.mktemp("reference"))
   _check(run_trainer(ARG.format(steps=STEPS, init=micro_folder), workdir, *COMMON,
-                     "--config.export.at_end=ema,raw", cache_dir=compile_cache))
+                     "--config.export.at_end=ema,raw", "--config.profile.steps=2",
+                     "--config.profile.skip=1", cache_dir=compile_cache))
   return workdir
 
 
@@ -54,6 +56,8 @@ def test_reference_run_logs_checkpoints_and_exports(reference):
   assert any(f.startswith("events.out.tfevents") for f in os.listdir(f"{reference}/tensorboard"))
   for which in ("ema", "raw"):
     assert os.path.isfile(f"{reference}/export/{which}/unet/diffusion_pytorch_model.safetensors")
+  # --config.profile.steps=2: a jax.profiler trace of steps 3-4 (after skip=1 step of warm-up).
+  assert glob.glob(f"{reference}/profile/plugins/profile/*/*.xplane.pb")
 
 
 def test_preempted_and_killed_runs_resume_identically(reference, micro_folder, compile_cache,
@@ -88,6 +92,14 @@ def test_preempted_and_killed_runs_resume_identically(reference, micro_folder, c
   assert f"resumed from the checkpoint of step {complete}" in out
   assert losses(workdir) == losses(reference)
   assert not [f for f in os.listdir(checkpointing.checkpoint_dir(workdir)) if "tmp" in f]
+  # train.log keeps every start, the killed one's lines too.
+  log = open(os.path.join(workdir, "train.log")).read()
+  marks = ["training steps 1..8", f"preempted: saved step {saved}",
+           f"resumed from the checkpoint of step {saved}",
+           f"resumed from the checkpoint of step {complete}", "step 8 "]
+  assert all(m in log for m in marks), log[-3000:]
+  assert [log.index(m) for m in marks[:3]] == sorted(log.index(m) for m in marks[:3])
+  assert log.rindex(marks[3]) > log.index(marks[2]) and log.rindex(marks[4]) > log.rindex(marks[3])
 
 
 def test_two_processes_agree_with_one(reference, micro_folder, compile_cache, tmp_path):

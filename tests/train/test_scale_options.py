@@ -14,6 +14,7 @@ import pytest
 from jip2p.errors import ConfigError
 from jip2p.train import config as config_lib
 from jip2p.train import profiler, sharding
+from tests.train.helpers import REPO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,3 +64,13 @@ def test_profiler_traces_the_chosen_steps(tmp_path):
   off = profiler.StepProfiler(str(tmp_path / "off"), first_step=1, steps=0, skip=0)
   off.before_step(1)
   assert not off.active
+
+
+@pytest.mark.parametrize("name", ["ip2p_sd15.py", "ip2p_sd15_512.py", "ip2p_sd21.py"])
+def test_scale_configs_save_often_enough_for_spot_preemption(name):
+  """A spot TPU VM gets ~30 s between notice and power-off, too little to promise a save of SD's
+  train state: the periodic, asynchronous saves bound what a preemption loses (100 steps, minutes
+  at these configs' step times), and the newest few are kept."""
+  c = config_lib.load(str(REPO / "configs" / name))
+  assert config_lib.base_config().checkpoint.every_steps == 100
+  assert c.checkpoint.every_steps <= 100 and c.checkpoint.async_save and c.checkpoint.keep >= 2

@@ -40,8 +40,8 @@ exit 0
 
 # Records the process id it was given and its arguments, then exits with $FAKE_STATUS.
 FAKE_TRAINER = """#!/usr/bin/env bash
-echo "jip2p-train JAX_PROCESS_ID=$JAX_PROCESS_ID JAX_NUM_PROCESSES=$JAX_NUM_PROCESSES $*" \
-  >> "$CALLS"
+echo "jip2p-train JAX_PROCESS_ID=$JAX_PROCESS_ID JAX_NUM_PROCESSES=$JAX_NUM_PROCESSES" \
+  "JAX_LOCAL_DEVICE_IDS=$JAX_LOCAL_DEVICE_IDS $*" >> "$CALLS"
 exit "$FAKE_STATUS"
 """
 
@@ -96,13 +96,16 @@ def test_time_limit_signal_saves_then_requeues(micro_folder, compile_cache, tmp_
 
 def test_finished_or_failed_runs_are_not_requeued(tmp_path):
   env = _job(tmp_path, FAKE_TRAINER, dict(os.environ))
-  env.update(CONFIG="configs/tiny.py", WORKDIR=str(tmp_path / "run"), FAKE_STATUS="0")
+  env.update(CONFIG="configs/tiny.py", WORKDIR=str(tmp_path / "run"), FAKE_STATUS="0",
+             SLURM_GPUS_ON_NODE="4")
   done = subprocess.run(["bash", str(SCRIPT), "--config.seed=3"], env=env, capture_output=True,
                         text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   calls = _calls(tmp_path)
+  # One task per node drives every GPU of its node.
   assert calls[2] == (f"jip2p-train JAX_PROCESS_ID=0 JAX_NUM_PROCESSES=1 "
-                      f"--config=configs/tiny.py --workdir={tmp_path}/run --config.seed=3")
+                      f"JAX_LOCAL_DEVICE_IDS=0,1,2,3 --config=configs/tiny.py "
+                      f"--workdir={tmp_path}/run --config.seed=3")
   assert calls[3:] == ["srun: task exited 0"]
 
   (tmp_path / "calls").unlink()
@@ -111,3 +114,12 @@ def test_finished_or_failed_runs_are_not_requeued(tmp_path):
                           timeout=60)
   assert failed.returncode == 2
   assert not [c for c in _calls(tmp_path) if "requeue" in c]
+
+
+def test_the_job_asks_for_the_notice_requeue_and_one_log():
+  """The #SBATCH lines the requeue path relies on: USR1 to the batch shell before the limit,
+  requeueable, and each start's output appended to the same file."""
+  directives = [line.split(None, 1)[1] for line in SCRIPT.read_text().splitlines()
+                if line.startswith("#SBATCH ")]
+  assert {"--signal=B:USR1@300", "--requeue", "--open-mode=append",
+          "--ntasks-per-node=1"} <= set(directives)
