@@ -12,9 +12,11 @@ of the world CLIP (the open_clip model in ``data/world-clip``, converted once an
 Stable Diffusion's is a CLIP's.
 
 Expect: the loss (v-MSE) falls from 0.84 at the first steps to 0.52 by step 20 (a 20-step run on
-the 2-core CPU, 2026-12-07, with other work beside it: 4.5–7.7 s a step of 16). How many steps the
-model needs to draw held-out captions right is being measured; score an export with
-``python -m jip2p.eval.drawings --model <workdir>/export/ema``.
+the 2-core CPU, 2026-12-07, with other work beside it: 4.5–7.7 s a step of 16) and to 0.056 by
+step 3,000. How many steps the model needs to draw held-out captions right is being measured
+(bench/RESULTS.md: at step 2,500 it reads colour words but does not yet bind them to objects);
+score an export with ``python -m jip2p.eval.drawings --model <workdir>/export/ema``, and see
+whether it reads its captions at all, in seconds, with ``... --caption-use``.
 
 Arguments (``configs/synthetic_t2i.py:key=value,…``): init, text (an open_clip config JSON or a
 text-encoder folder; "" keeps init's), steps, batch, lr, res, scenes.
