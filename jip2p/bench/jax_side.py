@@ -161,6 +161,7 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
                                               ).astype(np.float32)}
   frozen = {"vae": vae_state, "text_encoder": text_state, "null_text": null_text}
   unet_def, params = nnx.split(pipe.unet, nnx.Param)
+  del pipe  # Its UNet's arrays become the train state's (donated below), its other parts unused.
   scheduler = schedules.from_scheduler_config(configs["scheduler"])
   loss_fn = step_lib.make_loss_fn(unet_def, vae_def, text_def,
                                   alphas_cumprod=scheduler.alphas_cumprod(),
@@ -168,8 +169,8 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
                                   prediction_type=scheduler.prediction_type)
   optimizer = step_lib.make_optimizer(1e-4)
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
-  init = lambda p: step_lib.init_state(p, optimizer, seed=0)
-  state_sh = sharding.tree_shardings(jax.eval_shape(init, params), mesh)
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, seed=0), params)
+  state_sh = sharding.tree_shardings(abstract_state, mesh)
   frozen_sh = jax.tree.map(lambda _: sharding.replicated(mesh), frozen)
   batch_sh = sharding.batch_sharding(mesh)
   train_step = jax.jit(
@@ -177,7 +178,8 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
                                ema_decay_rate=0.9999, ema_warmup=True, lr=1e-4),
       in_shardings=(state_sh, frozen_sh, batch_sh),
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
-  state = jax.jit(init, out_shardings=state_sh)(jax.device_put(params, state_sh.params))
+  state = step_lib.initial_state(params, optimizer, 0, state_sh)
+  del params  # Donated: the state holds the only copy of the weights.
   frozen = jax.device_put(frozen, frozen_sh)
   batch = jax.device_put(batch, batch_sh)
   jax.block_until_ready((state, frozen, batch))
@@ -188,9 +190,8 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
   sds = jax.ShapeDtypeStruct
   unet_loss = lambda p, x, t, c: jnp.mean(jnp.square(nnx.merge(unet_def, p)(x, t, c)))
   xla_flops = metrics.cost_flops(
-      jax.value_and_grad(unet_loss), jax.tree.map(lambda x: sds(x.shape, x.dtype), params),
-      sds((b, h, h, 8), jnp.float32), sds((b,), jnp.int32),
-      sds((b, length, text_config.hidden_size), jnp.float32)) / b
+      jax.value_and_grad(unet_loss), abstract_state.params, sds((b, h, h, 8), jnp.float32),
+      sds((b,), jnp.int32), sds((b, length, text_config.hidden_size), jnp.float32)) / b
 
   holder = {"state": state}
 
