@@ -188,6 +188,10 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
       jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                    abstract_state, state_sh), frozen, batch).compile()
   compile_s = time.perf_counter() - start
+  memory = train_step.memory_analysis()
+  xla_gib = {part: getattr(memory, f"{part}_size_in_bytes") / 2 ** 30
+             for part in ("argument", "output", "alias", "temp")}
+  print(f"jax_side: the compiled step's buffers, GiB: {xla_gib}", file=sys.stderr, flush=True)
   state = step_lib.initial_state(params, optimizer, 0, state_sh)
   del params  # Donated: the state holds the only copy of the weights.
   jax.block_until_ready((state, frozen, batch))
@@ -209,7 +213,7 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
 
   out = _timed(case, run, jax.block_until_ready, first_only)
   loss = float(jax.device_get(run()[1]["loss"]))
-  out.update(items=b, xla_unet_flops_per_image=xla_flops, loss=loss, compile_s=compile_s,
+  out.update(items=b, xla_unet_flops_per_image=xla_flops, loss=loss, compile_s=compile_s, xla_gib=xla_gib,
              first_s=compile_s + out["first_s"])
   return out
 
