@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--compile-cache", default=None, help="persistent compilation cache folder")
   p.add_argument("--first-only", action="store_true",
                  help="time only the first run (a start with a warm compilation cache)")
+  p.add_argument("--compile-only", action="store_true",
+                 help="train cases: compile the step, record XLA's buffer sizes (xla_gib) and "
+                      "stop before the train state is allocated")
   return p.parse_args(argv)
 
 
@@ -57,8 +60,9 @@ def main(argv=None) -> int:
     attention = fast.get(device.platform, "xla")
   dtype = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.dtype]
   run = {"train": _train, "edit": _edit, "p2p": _p2p}[case.kind]
+  extra = {"compile_only": args.compile_only} if case.kind == "train" else {}
   record = run(case, configs, dtype=dtype, attention=attention, remat=args.remat,
-               first_only=args.first_only)
+               first_only=args.first_only, **extra)
   stats = device.memory_stats() or {}
   peak = stats.get("peak_bytes_in_use")
   import flax
@@ -127,7 +131,7 @@ def _timed(case: cases.Case, fn, sync, first_only: bool) -> dict:
 
 
 def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: bool,
-           first_only: bool) -> dict:
+           first_only: bool, compile_only: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -192,6 +196,8 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
   xla_gib = {part: getattr(memory, f"{part}_size_in_bytes") / 2 ** 30
              for part in ("argument", "output", "alias", "temp")}
   print(f"jax_side: the compiled step's buffers, GiB: {xla_gib}", file=sys.stderr, flush=True)
+  if compile_only:
+    return {"items": b, "compile_s": compile_s, "xla_gib": xla_gib}
   state = step_lib.initial_state(params, optimizer, 0, state_sh)
   del params  # Donated: the state holds the only copy of the weights.
   jax.block_until_ready((state, frozen, batch))
