@@ -38,6 +38,9 @@ from jip2p.errors import Jip2pError, Jip2pWarning  # noqa: E402
 MAX_RANDOM_SEED = 100_000
 TEXT_RANGE = (6.0, 9.0)
 IMAGE_RANGE = (1.2, 1.8)
+# Uploads are centre-fitted to one of 2 · 4 − 1 = 7 shapes (`jip2p.edit.bucket_size`): a handful
+# of compiled programs (with the steps as data, one per shape) serve every aspect ratio.
+SIZE_BUCKETS = 4
 PHOTOS = (  # scikit-image's photos with an instruction each
     ("astronaut", "make it a watercolour painting"),
     ("chelsea", "turn the cat into a tiger"),
@@ -125,10 +128,11 @@ def save_png(image: Image.Image, folder: str, instruction: str, values: Values) 
   return path
 
 
-def edit_one(editor, image_path: str, instruction: str, values: Values,
-             resolution: int) -> Image.Image:
-  """One edit; a problem with the image, the values or the model becomes a message in the page,
-  and an input used other than as given (an animated image, a long instruction) a warning."""
+def edit_one(editor, image_path: str, instruction: str, values: Values, resolution: int,
+             size_buckets: int | None = SIZE_BUCKETS) -> Image.Image:
+  """One edit (sizes bucketed as `Editor.edits` does with ``size_buckets``); a problem with the
+  image, the values or the model becomes a message in the page, and an input used other than as
+  given (an animated image, a long instruction) a warning."""
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", Jip2pWarning)
     try:
@@ -136,7 +140,7 @@ def edit_one(editor, image_path: str, instruction: str, values: Values,
       [result] = editor([image], [instruction], steps=values.steps,
                         text_guidance=values.text_guidance,
                         image_guidance=values.image_guidance, seed=values.seed,
-                        resolution=resolution)
+                        resolution=resolution, size_buckets=size_buckets)
     except Jip2pError as e:
       raise gr.Error(f"The image cannot be edited: {e}") from None
   for warning in caught:
@@ -148,10 +152,13 @@ def edit_one(editor, image_path: str, instruction: str, values: Values,
 
 
 def build_app(editor, *, resolution: int | None = None, steps: int = 50, title: str = "jip2p",
-              work_dir: str | None = None) -> gr.Blocks:
+              work_dir: str | None = None,
+              size_buckets: int | None = SIZE_BUCKETS) -> gr.Blocks:
   """The editor's page. ``resolution``: the resize rule's long side (default: the model's own
-  size, `Editor.native_size`); ``work_dir`` holds examples and results (a fresh temporary folder
-  by default)."""
+  size, `Editor.native_size`); ``size_buckets``: uploads are centre-fitted to at most
+  ``2 · size_buckets − 1`` shapes (`jip2p.edit.bucket_size`), so that any aspect ratio reuses a
+  compiled program (None: the reference's resize rule, one program per shape it makes);
+  ``work_dir`` holds examples and results (a fresh temporary folder by default)."""
   if resolution is None:
     resolution = editor.native_size
   work_dir = work_dir or tempfile.mkdtemp(prefix="jip2p-app-")
@@ -169,7 +176,7 @@ def build_app(editor, *, resolution: int | None = None, steps: int = 50, title: 
       gr.Warning("The instruction is empty: the result is the resized input.")
     values = choose_values(seed, text_guidance, image_guidance, n_steps, randomize_seed,
                            randomize_guidance, rng)
-    result = edit_one(editor, image_path, instruction, values, resolution)
+    result = edit_one(editor, image_path, instruction, values, resolution, size_buckets)
     try:
       path = save_png(result, results_dir, instruction, values)
     except OSError as e:

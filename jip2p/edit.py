@@ -19,8 +19,11 @@ sampler runs with two-scale guidance on the batch of 3 and the result is decoded
 
 Encoding, the whole sampling loop and decoding are one `jax.jit` program
 (`jip2p.diffusion.editing.edit`, which training's validation grid runs too), compiled once per
-(batch, image shape, steps, sampler). Images are batched by their resized shape and the last batch
-is padded, so a run of many images compiles each shape once. Image j of a call is drawn from seed
+(batch, image shape, sampler): the step count and the sigma grid are data (the grid is padded to
+the model's training timesteps, `schedules.pad`), so moving a steps slider compiles nothing.
+Images are batched by their resized shape and the last batch is padded, so a run of many images
+compiles each shape once; ``size_buckets`` (`bucket_size`) snaps every aspect ratio to a few
+shapes, so that a handful of programs serve any upload (what `jip2p-app` does). Image j of a call is drawn from seed
 ``seed + j`` alone (initial noise and every ancestral step), so its result does not depend on the
 batch it lands in, and ``seed + j`` reproduces it on its own.
 """
@@ -215,10 +218,37 @@ def edit_size(width: int, height: int, resolution: int, name: str = "image",
   return size
 
 
+def bucket_size(width: int, height: int, resolution: int, multiple: int,
+                buckets: int) -> tuple[int, int]:
+  """The edit size (width, height) of a ``width × height`` image with sizes bucketed.
+
+  The long side is ``resolution``; the short side is one of ``buckets`` sizes, ``resolution ·
+  k / buckets`` for k = 1 … buckets rounded to a multiple of ``multiple`` (at least one), the one
+  whose aspect ratio is nearest the image's (in log ratio; a tie goes to the larger). So every
+  image maps to one of at most ``2 · buckets − 1`` shapes: at 512 px with 4 buckets, 512×512,
+  512×384, 512×256, 512×128 and the three portrait ones. The image is then centre-fitted to it
+  (`preprocess`): an aspect ratio between two buckets loses a strip at the sides, where the
+  reference's rule (`preprocess_size`) loses at most ``multiple − 1`` pixels but makes one shape,
+  and one compiled program, per 1/``multiple`` of aspect ratio.
+  """
+  if width <= 0 or height <= 0:
+    raise InputError(f"an image of {width}×{height} pixels has nothing to edit")
+  shorts = {max(multiple, round(resolution * k / buckets / multiple) * multiple)
+            for k in range(1, buckets + 1)}
+  ratio = math.log(min(width, height) / max(width, height))
+  short = min(sorted(shorts, reverse=True),
+              key=lambda s: abs(math.log(s / resolution) - ratio))
+  return (resolution, short) if width >= height else (short, resolution)
+
+
 def preprocess(image: Image.Image, resolution: int = 512, name: str = "image",
-               multiple: int = 64) -> Image.Image:
-  """An RGB image resized to `preprocess_size` by centre fit (LANCZOS), as the reference does."""
-  size = edit_size(*image.size, resolution, name, multiple)
+               multiple: int = 64, size_buckets: int | None = None) -> Image.Image:
+  """An RGB image resized to `preprocess_size` by centre fit (LANCZOS), as the reference does;
+  with ``size_buckets``, to its `bucket_size` instead."""
+  if size_buckets is None:
+    size = edit_size(*image.size, resolution, name, multiple)
+  else:
+    size = bucket_size(*image.size, resolution, multiple, size_buckets)
   if size == image.size:
     return image
   return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
@@ -243,8 +273,8 @@ def _as_list(x: Any, single: tuple[type, ...]) -> list:
 def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, image_scale, *,
                 graphdefs, method: str, scaling_factor: float, prediction_type: str):
   """`editing.edit` on one padded batch, in [0, 1]; compiled per model architecture (the static
-  graphdefs, so editors of one architecture share programs), batch, image shape, steps and
-  sampler. Arrays as `editing.edit`'s (scales float32 scalars); → (float32 [B, H, W, 3] in
+  graphdefs, so editors of one architecture share programs), batch, image shape and sampler
+  (``schedule`` padded by `schedules.pad`: any step count, one program). Arrays as `editing.edit`'s (scales float32 scalars); → (float32 [B, H, W, 3] in
   [0, 1], the stages' finite flags bool [len(editing.STAGES)]).
   """
   unet, vae, text_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
@@ -304,6 +334,9 @@ class Editor:
     self._downscale = vae.downscale
     self.size_multiple = size_multiple(unet, vae)
     self.native_size = native_size(unet, vae)
+    # Every grid is padded to this many steps (the most a grid of this model may have), so one
+    # program serves every step count.
+    self.max_steps = self.scheduler_config.num_train_timesteps
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
@@ -348,7 +381,8 @@ class Editor:
             seed: int | Sequence[int] | None = None,
             sampler: str = "euler_ancestral", schedule: str = "discrete", batch_size: int = 1,
             noise=None, output_type: str = "pil", names: Sequence[str] | None = None,
-            method: str = "ip2p", strength: float = 0.75) -> Iterator[tuple[int, Any]]:
+            method: str = "ip2p", strength: float = 0.75,
+            size_buckets: int | None = None) -> Iterator[tuple[int, Any]]:
     """Validates every input now, then yields ``(index, edited image)`` as batches finish.
 
     Args:
@@ -371,17 +405,22 @@ class Editor:
       method: "ip2p" (an InstructPix2Pix model; instructions) or "sdedit" (a text-to-image
         model; the instructions are the edited captions).
       strength: SDEdit's, in (0, 1]: the fraction of the grid run, from its noisy end.
+      size_buckets: None resizes by the reference's rule (`preprocess_size`); N centre-fits
+        each image to one of at most 2N − 1 shapes (`bucket_size`), so that any mix of aspect
+        ratios compiles a handful of programs (needs a ``resolution``).
     """
     self.check_method(method)
     start = editing.sdedit_start(steps, strength) if method == "sdedit" else 0
     jobs, empty = self._prepare(images, instructions, steps=steps, text_guidance=text_guidance,
                                 image_guidance=image_guidance, resolution=resolution, seed=seed,
                                 sampler=sampler, schedule=schedule, batch_size=batch_size,
-                                noise=noise, output_type=output_type, names=names)
+                                noise=noise, output_type=output_type, names=names,
+                                size_buckets=size_buckets)
     grid = schedules.make(schedule, steps, self.scheduler_config)
     if method == "sdedit":
       grid = dataclasses.replace(grid, sigmas=grid.sigmas[start:],
                                  timesteps=grid.timesteps[start:])
+    grid = schedules.pad(grid, self.max_steps)
     return self._generate(jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
                           output_type, method)
 
@@ -405,11 +444,15 @@ class Editor:
           f"SDEdit needs a text-to-image model ({latent}), such as the one it was trained from")
 
   def _prepare(self, images, instructions, *, steps, text_guidance, image_guidance, resolution,
-               seed, sampler, schedule, batch_size, noise, output_type, names):
+               seed, sampler, schedule, batch_size, noise, output_type, names, size_buckets):
     """Checks arguments and inputs; → (jobs to sample, jobs with empty instructions)."""
     _check_int("steps", steps, 1)
     if resolution is not None:
       check_resolution(resolution, self.size_multiple)
+    if size_buckets is not None:
+      _check_int("size_buckets", size_buckets, 1)
+      if resolution is None:
+        raise ConfigError("size_buckets resizes to a resolution: give one (not None)")
     _check_int("batch_size", batch_size, 1)
     for key, value in (("text_guidance", text_guidance), ("image_guidance", image_guidance)):
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -453,7 +496,7 @@ class Editor:
           raise InputError(f"{name}: with resolution=None the image size must be multiples of "
                            f"{m}, got {image.size[0]}×{image.size[1]}")
         loaded[key] = (image if resolution is None else
-                       preprocess(image, resolution, name, multiple=m))
+                       preprocess(image, resolution, name, multiple=m, size_buckets=size_buckets))
       image = loaded[key]
       job_noise = None
       if noise is not None:

@@ -42,6 +42,9 @@ def test_every_case_has_figures_from_both_sides(bench):
     assert "error" not in r, r
     assert r["iters"] == 2 and len(r["times"]) == 2 and r["time_s"] in r["times"]
     assert r["first_s"] > 0 and r["items_per_s"] == pytest.approx(r["items"] / r["time_s"])
+    # A CPU reports no device memory: both sides give their process's resident high-water mark,
+    # which the table's peak column shows.
+    assert r["peak_gib"] is None and 0.1 < r["peak_rss_gib"] < 20
   assert rows["train_full_32_b2", "torch"]["variant"] == "eager"
   assert rows["train_full_32_b2", "torch"]["ema"] is True
   for case in ("train_full_32_b2", "edit_64_s1_b1"):
@@ -75,7 +78,7 @@ def test_second_start_compiles_from_the_persistent_cache(bench):
 
 
 def test_markdown_table_is_well_formed(bench):
-  stdout, _, md = bench
+  stdout, doc, md = bench
   assert md.strip() in stdout
   for title in ("### Train step", "### Edit latency", "### P2P paired generation"):
     assert title in md
@@ -88,6 +91,9 @@ def test_markdown_table_is_well_formed(bench):
   assert "| train_full_32_b2 | JAX (float32, xla) |" in md
   assert "| train_full_32_b2 | PyTorch eager |" in md
   assert "| edit_64_s1_b1 | PyTorch float32 |" in md
+  rss = next(r["peak_rss_gib"] for r in doc["records"] if r["case"] == "edit_64_s1_b1"
+             and r["side"] == "torch")
+  assert "| edit_64_s1_b1 | PyTorch float32 | " in md and f"| {rss:.1f} |" in md
 
 
 def test_case_names():

@@ -20,6 +20,7 @@ from skimage import data as skdata
 from flax import nnx
 
 from jip2p import checkpoints, edit
+from jip2p.diffusion import editing, schedules
 from jip2p.errors import CheckpointError, ConfigError, InputError, Jip2pWarning
 from tests.reference import save_torch_pipeline
 
@@ -209,6 +210,72 @@ def test_empty_instruction_returns_the_resized_input(editor):
   np.testing.assert_array_equal(np.asarray(out[0]), np.asarray(expected))
   assert out[1].size == out[0].size and np.abs(np.asarray(out[1], np.int32)
                                                - np.asarray(out[0], np.int32)).max() > 4
+
+
+# ------------------------------------------------------------------------------ compiled programs
+
+
+def test_step_counts_share_one_program(editor, photos):
+  """The step count is data: 2, 3 and 5 steps (and another grid) run one compiled program, and
+  each edit equals what a program compiled for its own unpadded grid gives, to float rounding."""
+  kw = dict(resolution=64, seed=3, output_type="np")
+  editor(photos[:1], "make it snowy", steps=2, **kw)
+  programs = edit._edit_batch._cache_size()
+  image = np.asarray(photos[0], np.float32)[None] / 127.5 - 1.0
+  input_ids = editor.pipeline.tokenizer(["make it snowy", ""])
+  seeds = np.asarray([3], np.uint32)
+  noise = np.asarray(editing.initial_noise(seeds, shape=editor.noise_shape(64, 64)))
+  runs = ((3, "discrete"), (5, "discrete"), (5, "karras"))
+  outs = [editor(photos[:1], "make it snowy", steps=steps, schedule=grid, **kw)[0]
+          for steps, grid in runs]
+  assert edit._edit_batch._cache_size() == programs
+  for (steps, grid), ours in zip(runs, outs):
+    unpadded = schedules.make(grid, steps, editor.scheduler_config)
+    assert unpadded.steps is None
+    want, _ = edit._edit_batch(editor._states, image, input_ids, noise, seeds, unpadded,
+                               np.float32(7.5), np.float32(1.5), graphdefs=editor._graphdefs,
+                               method="euler_ancestral", scaling_factor=editor._scaling_factor,
+                               prediction_type=editor.scheduler_config.prediction_type)
+    np.testing.assert_allclose(ours, np.asarray(want)[0], atol=1e-5)
+  assert edit._edit_batch._cache_size() == programs + 2  # one per unpadded step count
+  assert np.abs(outs[0] - outs[1]).max() > 2 / 255 and np.abs(outs[1] - outs[2]).max() > 2 / 255
+
+
+@pytest.mark.parametrize("size,expected", [
+    ((512, 512), (512, 512)),
+    ((1024, 768), (512, 384)),  # 4:3
+    ((768, 1024), (384, 512)),
+    ((1920, 1080), (512, 256)),  # 16:9 → 2:1 (nearer in log ratio than 4:3)
+    ((1000, 900), (512, 512)),
+    ((640, 400), (512, 384)),  # 8:5 → 4:3
+    ((4000, 100), (512, 128)),  # anything wider than 4:1 → 4:1
+    ((100, 4000), (128, 512)),
+])
+def test_bucket_size_table(size, expected):
+  assert edit.bucket_size(*size, 512, 64, 4) == expected
+
+
+def test_buckets_make_few_shapes_for_any_upload():
+  rng = np.random.RandomState(1)
+  sizes = [tuple(int(v) for v in rng.randint(1, 6000, 2)) for _ in range(3000)]
+  for resolution, multiple, buckets, at_most in ((512, 64, 4, 7), (768, 64, 6, 11),
+                                                 (32, 4, 4, 7), (64, 64, 4, 1)):
+    shapes = {edit.bucket_size(w, h, resolution, multiple, buckets) for w, h in sizes}
+    assert len(shapes) == at_most
+    assert all(max(s) == resolution and min(s) % multiple == 0 for s in shapes)
+  # The world model (32 px, step 4): 4:3 and 8:5 share the 32×24 program.
+  assert edit.bucket_size(64, 48, 32, 4, 4) == edit.bucket_size(64, 40, 32, 4, 4) == (32, 24)
+  assert edit.preprocess_size(64, 40, 32, 4) == (32, 20)
+
+
+def test_bucketed_edits_take_the_bucket_shape(editor):
+  image = Image.fromarray(skdata.chelsea())  # 451×300 → 192×128 by the reference's rule
+  [out] = editor([image], "make it snowy", steps=2, resolution=128, seed=0, size_buckets=4)
+  assert out.size == (128, 64) == edit.bucket_size(451, 300, 128, 64, 4)
+  with pytest.raises(ConfigError, match="size_buckets"):
+    editor([image], "x", steps=2, resolution=None, size_buckets=4)
+  with pytest.raises(ConfigError, match="size_buckets"):
+    editor([image], "x", steps=2, resolution=128, size_buckets=0)
 
 
 # ------------------------------------------------------------------------------ preprocessing

@@ -79,6 +79,12 @@ def _side(r: dict) -> str:
   return f"PyTorch {r.get('variant', '?')}"
 
 
+def _peak_gib(r: dict) -> float | None:
+  """The device's memory high-water mark, or on a CPU (no device memory) the process's resident
+  one, GiB."""
+  return r.get("peak_gib") if r.get("peak_gib") is not None else r.get("peak_rss_gib")
+
+
 def _runs(r: dict) -> str:
   return f"{r['iters']}" if "iters" in r else "—"
 
@@ -111,7 +117,7 @@ def table(records: Sequence[dict], second_start: Mapping[str, float] | None = No
         continue
       lines.append(
           f"| {r['case']} | {_side(r)} | {_f(r['items_per_s'], '.1f')} "
-          f"| {_f(1000 * r['time_s'], '.1f')} | {_runs(r)} | {_f(r.get('peak_gib'), '.1f')} "
+          f"| {_f(1000 * r['time_s'], '.1f')} | {_runs(r)} | {_f(_peak_gib(r), '.1f')} "
           f"| {_f(r.get('tflops'), '.4g')} | {_f(r.get('mfu'), '.1%')} "
           f"| {_f(r['first_s'], '.1f')} "
           f"| {_f(second_start.get(r['case']) if r['side'] == 'jax' else None, '.1f')} "
@@ -132,7 +138,7 @@ def table(records: Sequence[dict], second_start: Mapping[str, float] | None = No
         continue
       lines.append(
           f"| {r['case']} | {_side(r)} | {_f(r['time_s'], '.3f')} | {_f(r['items_per_s'], '.2f')} "
-          f"| {_runs(r)} | {_f(r.get('peak_gib'), '.1f')} | {_f(r['first_s'], '.1f')} "
+          f"| {_runs(r)} | {_f(_peak_gib(r), '.1f')} | {_f(r['first_s'], '.1f')} "
           f"| {_f(r.get('speedup'), '.2f')}{'×' if r.get('speedup') else ''} |")
     lines.append("")
   return "\n".join(lines)
@@ -169,7 +175,8 @@ def markdown(records: Sequence[dict], *, title: str, command: str,
   lines += [
       f"- Times are medians of the `runs` timed runs after warm-up runs (both excluded from the "
       f"first-run figure), device-synchronised. {SINGLE}: a single run — the first step/run "
-      "includes compilation; peak memory is the process's high-water mark; 2nd start is the "
+      "includes compilation; peak memory is the device's high-water mark (on a CPU: the process's "
+      "resident high-water mark, getrusage maxrss, on both sides); 2nd start is the "
       "first step of a fresh process with the persistent compilation cache filled by the first.",
       "- JAX ÷ this: JAX's throughput over this row's (> 1: JAX is faster).", "",
       table(records, second_start)]

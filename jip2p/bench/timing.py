@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +31,15 @@ def median_run(fn: Callable[[], object], sync: Callable[[object], None], *, warm
   return sorted(times)[len(times) // 2], times
 
 
+def peak_rss_gib() -> float:
+  """This process's resident-memory high-water mark (``getrusage`` maxrss, the kernel's VmHWM),
+  GiB: the same measure of both sides where the device (a CPU) reports no memory of its own."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
 def emit(record: dict) -> None:
-  """One JSON line on stdout: how a side hands its figures to `jip2p-bench`."""
+  """One JSON line on stdout: how a side hands its figures to `jip2p-bench` (with the process's
+  `peak_rss_gib`)."""
+  record = dict(record, peak_rss_gib=peak_rss_gib())
   print("BENCH " + json.dumps(record), flush=True)
   sys.stdout.flush()

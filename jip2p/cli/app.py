@@ -7,7 +7,10 @@
 Without ``--model`` it serves the small world editor shipped in data/synthetic-ip2p (32 px scenes
 of shapes), so it works on a fresh machine. ``--resolution`` defaults to the model's own size and
 must be a multiple of its size step (VAE downscale × UNet downsampling: 64 for Stable Diffusion,
-4 for the shipped model). One edit runs at a time; others wait in a queue of ``--max-queue``. The
+4 for the shipped model). Uploads are centre-fitted to a few shapes (``--size-buckets``), the
+step count is data in the compiled edit, and compiled programs are kept on disk
+(`jip2p.runtime`): another step count, an aspect ratio in a shape already used, or a restart
+compiles nothing. One edit runs at a time; others wait in a queue of ``--max-queue``. The
 address is checked free and the model folder loaded before the server starts, so either problem
 is one line, exit 2.
 """
@@ -19,7 +22,7 @@ import socket
 import sys
 from collections.abc import Sequence
 
-from jip2p import edit
+from jip2p import edit, runtime
 from jip2p.cli import run
 from jip2p.errors import ConfigError
 from jip2p.models.attention import IMPLEMENTATIONS
@@ -41,6 +44,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                       "(default: the model's own size: 512 for Stable Diffusion, 32 for the "
                       "shipped model)")
   p.add_argument("--steps", type=int, default=50, help="the steps field's starting value")
+  p.add_argument("--size-buckets", type=int, default=4, metavar="N",
+                 help="centre-fit uploads to one of 2N − 1 shapes (long side --resolution, short "
+                      "side a multiple of resolution/N), so that a handful of compiled programs "
+                      "serve every aspect ratio; 0: the reference's resize rule, one program per "
+                      "1/64 of aspect ratio")
   p.add_argument("--max-queue", type=int, default=16, help="edits that may wait")
   p.add_argument("--dtype", choices=sorted(edit.DTYPES), default="float32")
   p.add_argument("--attention-impl", choices=IMPLEMENTATIONS, default="xla")
@@ -71,7 +79,8 @@ def resolution(model: str, asked: int | None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
   args = parse_args(argv)
-  for name, least in (("steps", 1), ("max_queue", 1), ("port", 1)):
+  runtime.configure()  # Before JAX starts its backend: the persistent compilation cache.
+  for name, least in (("steps", 1), ("max_queue", 1), ("port", 1), ("size_buckets", 0)):
     if getattr(args, name) < least:
       raise ConfigError(f"--{name.replace('_', '-')} must be ≥ {least}, got "
                         f"{getattr(args, name)}")
@@ -84,7 +93,8 @@ def _main(argv: Sequence[str] | None) -> int:
   editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
   from jip2p import app  # Gradio loads only once the model did.
   print(f"{PROG}: serving {args.model} on http://{args.host}:{args.port}", file=sys.stderr)
-  app.launch(app.build_app(editor, resolution=args.resolution, steps=args.steps),
+  app.launch(app.build_app(editor, resolution=args.resolution, steps=args.steps,
+                           size_buckets=args.size_buckets or None),
              host=args.host, port=args.port, max_queue=args.max_queue)
   return 0
 

@@ -127,7 +127,7 @@ def sdedit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
   start = latents0 + jnp.asarray(schedule.sigmas, jnp.float32)[0] * noise
   # `sample` starts from ``noise · init_sigma``: a grid whose init_sigma is 1 starts at ``start``.
   tail = Schedule(sigmas=schedule.sigmas, timesteps=schedule.timesteps,
-                  init_sigma=jnp.ones((), jnp.float32))
+                  init_sigma=jnp.ones((), jnp.float32), steps=schedule.steps)
   return _sample_and_decode(eps_fn, start, tail, seeds, vae, embeddings, latents0,
                             method=method, scaling_factor=scaling_factor,
                             prediction_type=prediction_type)

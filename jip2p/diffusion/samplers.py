@@ -1,8 +1,10 @@
-"""Samplers for ε- and v-prediction diffusion models: the whole loop is one `lax.scan`.
+"""Samplers for ε- and v-prediction diffusion models: the whole loop is one XLA loop.
 
 `sample` is a pure, traceable function: call it inside the caller's `jax.jit` (with the model
 closed over in ``eps_fn``) and a run of n steps is one compiled program, reused for every input,
-schedule and key of the same shapes.
+schedule and key of the same shapes. A grid of fixed length loops over its steps (a `lax.scan`,
+differentiable); a grid padded by `schedules.pad` carries its step count as data and loops that
+many times (a while loop), so one program serves every step count up to the padded length.
 
 Conventions (k-diffusion's, which the original InstructPix2Pix uses):
   * Latents are in VE form, ``x = x0 + σ·ε``. The model is called as
@@ -132,22 +134,17 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
   if post_state is not None and post_step is None:
     raise ValueError("a post_state is carried for a post_step: pass post_step too")
   sigmas = jnp.asarray(schedule.sigmas, jnp.float32)
-  n = schedule.num_steps
-  per_step = {
-      "sigma": sigmas[:-1],
-      "sigma_next": sigmas[1:],
-      "sigma_prev": jnp.concatenate([sigmas[:1], sigmas[:-2]]),
-      "t": jnp.asarray(schedule.timesteps, jnp.float32),
-      "i": jnp.arange(n, dtype=jnp.int32),
-  }
+  timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
+  # A padded grid's count is data (a while loop of `steps` trips); otherwise a fixed-length loop.
+  n = schedule.timesteps.shape[0] if schedule.steps is None else schedule.steps
   x = jnp.asarray(noise, jnp.float32) * jnp.asarray(schedule.init_sigma, jnp.float32)
 
-  def body(carry, s):
+  def body(i, carry):
     x, old_denoised, state = carry
-    sigma, sigma_next, i = s["sigma"], s["sigma_next"], s["i"]
+    sigma, sigma_next = sigmas[i], sigmas[i + 1]
     c_in = jax.lax.rsqrt(sigma ** 2 + 1)
     x_in = x * c_in
-    eps = eps_fn(x_in, s["t"], i).astype(jnp.float32)
+    eps = eps_fn(x_in, timesteps[i], i).astype(jnp.float32)
     if prediction_type == "v_prediction":
       eps = (eps + sigma * x_in) * c_in
     if method == "euler":
@@ -159,16 +156,17 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
         x = x + noise_fn(key, i, x.shape) * sigma_up
     else:
       denoised = x - sigma * eps
-      x = _dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, s["sigma_prev"], i)
+      sigma_prev = sigmas[jnp.maximum(i - 1, 0)]
+      x = _dpmpp_2m_step(x, denoised, old_denoised, sigma, sigma_next, sigma_prev, i)
       old_denoised = denoised
     if post_state is not None:
       x, state = post_step(x, i, state)
     elif post_step is not None:
       x = post_step(x, i)
-    return (x, old_denoised, state), None
+    return x, old_denoised, state
 
-  (x, _, state), _ = jax.lax.scan(body, (x, jnp.zeros_like(x), post_state), per_step)
-  x = x * jax.lax.rsqrt(sigmas[-1] ** 2 + 1)
+  x, _, state = jax.lax.fori_loop(0, n, body, (x, jnp.zeros_like(x), post_state))
+  x = x * jax.lax.rsqrt(sigmas[n] ** 2 + 1)
   return x if post_state is None else (x, state)
 
 

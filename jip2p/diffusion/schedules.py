@@ -74,19 +74,42 @@ class Schedule:
   init_sigma: float32 scalar; the initial latents are ``unit noise · init_sigma`` (in VE form).
     σ_0 for k-diffusion grids and diffusers' Euler with linspace/trailing spacing; √(σ_0² + 1)
     where diffusers starts from unit-variance DDPM latents (DDIM, DPM-Solver, Euler "leading").
+  steps: None (the run walks every step of the arrays), or, in a grid made by `pad`, an int32
+    scalar: the run walks steps ``0 … steps − 1`` of longer arrays and ends at ``sigmas[steps]``.
+    The step count is then data, not shape: one compiled sampler serves every count up to the
+    arrays' length.
   """
 
   sigmas: Any
   timesteps: Any
   init_sigma: Any
+  steps: Any = None
 
   @property
   def num_steps(self) -> int:
-    return self.timesteps.shape[0]
+    """The steps the run walks (outside a trace; inside one, a padded grid's count is traced)."""
+    return self.timesteps.shape[0] if self.steps is None else int(self.steps)
 
 
 jax.tree_util.register_dataclass(
-    Schedule, data_fields=["sigmas", "timesteps", "init_sigma"], meta_fields=[])
+    Schedule, data_fields=["sigmas", "timesteps", "init_sigma", "steps"], meta_fields=[])
+
+
+def pad(schedule: Schedule, length: int) -> Schedule:
+  """``schedule`` in arrays of ``length`` steps, its own count carried as data (`Schedule.steps`).
+
+  The entries past its last step repeat the last ones and are never read: the sampler walks
+  exactly the same steps, and every grid of at most ``length`` steps has the same shapes, so one
+  compiled program serves them all (the editor pads to the model's training timesteps, the
+  largest count a grid may have).
+  """
+  n = schedule.num_steps
+  if n > length:
+    raise ConfigError(f"a grid of {n} steps does not fit arrays of {length}")
+  sigmas, timesteps = np.asarray(schedule.sigmas)[:n + 1], np.asarray(schedule.timesteps)[:n]
+  return Schedule(sigmas=np.pad(sigmas, (0, length - n), mode="edge"),
+                  timesteps=np.pad(timesteps, (0, length - n), mode="edge"),
+                  init_sigma=schedule.init_sigma, steps=np.int32(n))
 
 
 def _schedule(sigmas: np.ndarray, timesteps: np.ndarray, init_sigma: float) -> Schedule:

@@ -132,12 +132,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                                             keep_every=c.keep_every, async_save=c.async_save)
   resumed = checkpointer.latest_step() is not None
   if resumed:
+    del params  # The checkpoint's parameters replace them: never both at once.
     state, positions = checkpointer.restore(_abstract(abstract_state, state_shardings))
     source.set_position(_resume_position(source, positions, workdir))
   else:
-    params = jax.device_put(params, state_shardings.params)
-    state = jax.jit(init_fn, out_shardings=state_shardings)(params)
-  del params
+    state = step_lib.initial_state(params, optimizer, config.seed, state_shardings)
+    del params  # Donated to the state: deleted.
 
   # ------------------------------------------------------------------ work directory
   # Only now: a resume refused above leaves the run's config.json (what export reads) as it was.

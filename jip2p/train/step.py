@@ -63,6 +63,18 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> Tr
                     rng=jax.random.key_data(jax.random.key(seed)))
 
 
+def initial_state(params, optimizer: optax.GradientTransformation, seed: int,
+                  shardings: TrainState) -> TrainState:
+  """`init_state` compiled to the state's ``shardings``, taking over ``params``: their buffers are
+  donated and become the state's parameters, so the weights are not held twice while the
+  optimizer state and EMA are made (five copies of the UNet at once where four are the state).
+  ``params`` are deleted: drop every other reference to them (e.g. the module they came from)."""
+  params = jax.device_put(params, shardings.params)
+  init = jax.jit(lambda p: init_state(p, optimizer, seed), out_shardings=shardings,
+                 donate_argnums=0)
+  return init(params)
+
+
 def ema_decay(step: jax.Array, decay: float, warmup: bool) -> jax.Array:
   """The original's LitEma: min(decay, (1 + n)/(10 + n)) at the n-th update (n from 1)."""
   if not warmup:

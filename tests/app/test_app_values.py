@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from jip2p import app as web
-from jip2p import checkpoints, edit
+from jip2p import checkpoints, edit, runtime
 from jip2p.cli import app as app_cli
 from jip2p.demo_run import PRETRAINED
 from jip2p.errors import CheckpointError
@@ -136,3 +136,20 @@ def test_a_model_giving_nan_shows_a_message_naming_the_stage(tiny_folder, tmp_pa
   with pytest.raises(gr.Error, match="the VAE decoder produced NaN or inf"):
     web.edit_one(edit.Editor(pipeline), str(tmp_path / "grey.png"), "x",
                  web.Values(1, 7.5, 1.5, 1), 64)
+
+
+def test_cli_keeps_programs_on_disk_and_buckets_uploads(monkeypatch, capsys):
+  """The persistent compilation cache is on before the model loads, and uploads are bucketed
+  into 2 · 4 − 1 shapes unless --size-buckets 0 asks for the reference's rule."""
+  events = []
+  monkeypatch.setattr(runtime, "configure", lambda **kwargs: events.append("cache"))
+
+  def loader(path, **kwargs):
+    events.append("load")
+    raise CheckpointError("stop here")
+
+  monkeypatch.setattr(edit.Editor, "from_pretrained", loader)
+  assert app_cli.main([]) == 2 and events == ["cache", "load"]
+  assert app_cli.parse_args([]).size_buckets == web.SIZE_BUCKETS == 4
+  assert app_cli.main(["--size-buckets", "-1"]) == 2
+  assert "--size-buckets must be ≥ 0, got -1" in capsys.readouterr().err

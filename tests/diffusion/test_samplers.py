@@ -197,3 +197,36 @@ def test_bad_arguments_are_named():
     samplers.sample(FAKE_EPS, noise, schedule, method="euler_ancestral")
   with pytest.raises(ValueError, match="groups of 3"):
     samplers.shared_noise(3)(jax.random.key(0), 0, (4, 2))
+
+
+@pytest.mark.parametrize("method,grid", [("euler_ancestral", "discrete"), ("euler", "karras"),
+                                         ("dpmpp_2m", "discrete"),
+                                         ("ddim", "diffusers_ddim")])
+def test_a_padded_grid_walks_the_same_steps(method, grid):
+  """`schedules.pad`: the step count is data; the samples equal the unpadded grid's (the same
+  steps, the same per-step noise, the same end σ), to float32 rounding."""
+  noise, key = unit_noise(3), jax.random.key(5)
+  for n in (1, 7, 20):
+    schedule = schedules.make(grid, n)
+    padded = schedules.pad(schedule, 40)
+    assert padded.sigmas.shape == (41,) and padded.num_steps == n
+    kwargs = {"eta": 0.8} if method == "ddim" else {}
+    want = run(method, schedule, noise, key, **kwargs)
+    got = run(method, padded, noise, key, **kwargs)
+    assert_close(got, want, 1e-6)
+
+
+def test_a_padded_grid_compiles_once_for_every_step_count():
+  traces = []
+
+  def eps_fn(x_in, t, i):
+    traces.append(1)
+    return FAKE_EPS(x_in, t, i)
+
+  fn = jax.jit(lambda n, s, k: samplers.sample(eps_fn, n, s, k))
+  outs = [np.asarray(fn(unit_noise(), schedules.pad(schedules.discrete(AC, n), 64),
+                        jax.random.key(0))) for n in (5, 6, 30, 64)]
+  assert len(traces) == 1 and fn._cache_size() == 1
+  assert all(np.abs(a - b).max() > 1e-3 for a, b in zip(outs, outs[1:]))
+  with pytest.raises(ConfigError, match="65 steps"):
+    schedules.pad(schedules.discrete(AC, 65), 64)

@@ -146,3 +146,35 @@ def test_an_unknown_prediction_type_is_named():
   with pytest.raises(ConfigError, match="prediction_type 'sample'"):
     step_lib.make_loss_fn(None, None, None, alphas_cumprod=np.ones(10), scaling_factor=1.0,
                           dropout=0.0, prediction_type="sample")
+
+
+def test_the_state_holds_the_only_copy_of_the_weights(micro_folder):
+  """`initial_state` takes the parameters over (donated: not held twice while the moments and EMA
+  are made), and the trainer's jitted step updates the state in place: every byte of the state
+  is aliased from input to output, and the old state is gone after a step."""
+  params, frozen, loss_fn, batch = _setup(micro_folder)
+  mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
+  optimizer = step_lib.make_optimizer(LR)
+  abstract = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, seed=0), params)
+  state_sh = sharding.tree_shardings(abstract, mesh)
+  values = [np.array(x) for x in jax.tree.leaves(params)]  # copies: a view would pin a buffer
+  state = step_lib.initial_state(params, optimizer, 0, state_sh)
+  assert all(x.is_deleted() for x in jax.tree.leaves(params))
+  for tree in (state.params, state.ema):
+    for got, want in zip(jax.tree.leaves(tree), values):
+      np.testing.assert_array_equal(got, want)
+  assert all(not np.any(m) for m in jax.tree.leaves(state.opt_state[0].mu))
+
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, mesh=mesh, grad_accum=1,
+                                          ema_decay_rate=0.9999, ema_warmup=True, lr=LR),
+                 in_shardings=(state_sh, jax.tree.map(lambda _: replicated, frozen),
+                               sharding.batch_sharding(mesh)),
+                 out_shardings=(state_sh, replicated), donate_argnums=0)
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  memory = step.lower(state, frozen, batch).compile().memory_analysis()
+  assert memory.alias_size_in_bytes >= state_bytes - 64  # all but the step counter and key
+  old = state
+  state, metrics = step(state, frozen, batch)
+  assert bool(metrics["finite"]) and int(state.step) == 1
+  assert all(x.is_deleted() for x in jax.tree.leaves(old))
