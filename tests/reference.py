@@ -14,14 +14,6 @@ from jip2p.checkpoints import preset_configs
 from jip2p.tokenizer import CLIPTokenizer
 
 
-def available_gb() -> float:
-  """The memory the system can give now (MemAvailable), in GiB: real-shape parity tests need
-  several, and skip, naming how many, where the machine lacks them."""
-  with open("/proc/meminfo") as f:
-    info = dict(line.split(":", 1) for line in f)
-  return int(info["MemAvailable"].split()[0]) / 2**20
-
-
 def _kwargs(config: dict) -> dict:
   return {k: v for k, v in config.items()
           if not k.startswith("_") and k not in ("architectures", "model_type")}
