@@ -233,7 +233,7 @@ def convert_state(state: dict, *, preset: str | None = None, extract_ema: bool =
   for name, sd in (("unet", unet_sd), ("vae", vae_sd), ("text_encoder", text_sd)):
     modules[name] = build_component(configs[name], abstract=True, where=f"{preset}/{name}")
     load_torch_state_dict(modules[name], _torch_to_numpy(sd), source=f"converted {name}")
-  tokenizer = open_clip_tokenizer() if _OPEN_CLIP_KEY in state else CLIPTokenizer.default()
+  tokenizer = CLIPTokenizer.open_clip() if _OPEN_CLIP_KEY in state else CLIPTokenizer.default()
   return Pipeline(unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
                   tokenizer=tokenizer, scheduler_config=configs["scheduler"])
 
@@ -249,13 +249,6 @@ def convert_file(src: str, dst: str, *, preset: str | None = None, extract_ema: 
     pipeline.unet = conv_in.expand_conv_in(pipeline.unet, expand_conv_in)
   save_pipeline(pipeline, dst, overwrite=overwrite, dtype=dtype)
   return pipeline
-
-
-def open_clip_tokenizer() -> CLIPTokenizer:
-  """open_clip's tokenizer as a transformers one: CLIP's vocabulary, padded with "!" (id 0), as
-  open_clip pads and as SD 2.x's tokenizer folders say."""
-  tokenizer = CLIPTokenizer.default()
-  return CLIPTokenizer(tokenizer.vocab, tokenizer.merges, pad_token="!")
 
 
 # open_clip text_cfg keys whose non-default values jip2p's CLIPTextEncoder cannot express.
@@ -320,7 +313,7 @@ def convert_open_clip_text(weights: str, config: str):
                  **text_config.to_dict()}
   encoder = build_component(config_dict, abstract=True, where=config)
   load_torch_state_dict(encoder, _torch_to_numpy(text_sd), source=f"text tower of {weights}")
-  return encoder, open_clip_tokenizer()
+  return encoder, CLIPTokenizer.open_clip()
 
 
 def save_text_encoder(encoder, tokenizer: CLIPTokenizer, folder: str, *, overwrite: bool = False,
