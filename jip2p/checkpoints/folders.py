@@ -216,7 +216,8 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"
   read_json(os.path.join(local, INDEX))
   load = lambda path: load_component(path, dtype=dtype, attention_impl=attention_impl)
   unet_model = load(os.path.join(local, "unet"))
-  vae_model = load(os.path.join(local, "vae") if vae is None else _vae_folder(vae))
+  vae_model = (load(os.path.join(local, "vae")) if vae is None else
+               load_vae(vae, dtype=dtype, attention_impl=attention_impl))
   if vae is not None:
     latent = vae_model.config.latent_channels
     if unet_model.config.in_channels not in (latent, 2 * latent):
@@ -262,6 +263,12 @@ def _local_folder(folder: str, marker: str) -> str:
     raise CheckpointError(f"missing file: {folder}/{marker} (not a model folder, or one still "
                           "being written)")
   return storage.local_copy(folder)
+
+
+def load_vae(vae: str, *, dtype=jnp.float32, attention_impl: str = "xla"):
+  """A separately given VAE (``--vae DIR``, ``config.model.vae``): a component folder
+  (``config.json`` of an ``AutoencoderKL`` + weights) or a model folder holding ``vae/``."""
+  return load_component(_vae_folder(vae), dtype=dtype, attention_impl=attention_impl)
 
 
 def _vae_folder(vae: str) -> str:
