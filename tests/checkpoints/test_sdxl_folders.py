@@ -73,7 +73,7 @@ def test_random_sdxl_preset_round_trip(tmp_path):
   """A random tiny-sdxl folder written by JAX alone loads back with its second encoder."""
   folder = checkpoints.create_random_pipeline(str(tmp_path / "r"), "tiny-sdxl")
   pipe = checkpoints.load_pipeline(folder)
-  assert pipe.is_sdxl and pipe.text_encoder_2.config.projection_dim == 32
+  assert pipe.is_sdxl and pipe.text_encoder_2.config.projection_dim == 40
   assert pipe.unet.config.cross_attention_dim == (pipe.text_encoder.config.hidden_size
                                                   + pipe.text_encoder_2.config.hidden_size)
 
