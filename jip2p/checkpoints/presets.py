@@ -71,7 +71,7 @@ _SDXL_UNET = {
     "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
     "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
+    "upcast_attention": None, "use_linear_projection": True,
 }
 _SDXL_VAE = {**_SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 _SDXL_TEXT = {**_SD15_TEXT, "pad_token_id": 1}

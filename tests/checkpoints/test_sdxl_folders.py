@@ -122,3 +122,23 @@ def test_sdxl_folder_errors(sdxl_torch, tmp_path):
   with pytest.raises(CheckpointError, match="is not a VAE folder: .* describes a "
                                             "UNet2DConditionModel"):
     checkpoints.load_pipeline(folder, vae=os.path.join(folder, "unet"))
+
+
+def test_sdxl_preset_has_sdxl_base_shapes():
+  """The sdxl preset (what jip2p-convert reads an SDXL file with) is SDXL base 1.0's
+  config.json shapes, as the parity tests write them."""
+  from jip2p.models.clip_text import CLIPTextConfig
+  from jip2p.models.unet import UNetConfig
+  from tests.models.test_clip_text import SDXL_TEXT, SDXL_TEXT_2
+  from tests.models.test_unet import SDXL
+  configs = checkpoints.preset_configs("sdxl", unet_in_channels=8)
+  assert UNetConfig.from_dict(configs["unet"]) == UNetConfig.from_dict(SDXL)
+  shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+           "hidden_act", "projection_dim", "max_position_embeddings", "vocab_size")
+  for name, real in (("text_encoder", SDXL_TEXT), ("text_encoder_2", SDXL_TEXT_2)):
+    ours = CLIPTextConfig.from_dict(configs[name])
+    assert {k: getattr(ours, k) for k in shape} == {k: real[k] for k in shape}, name
+  assert configs["text_encoder_2"]["architectures"] == ["CLIPTextModelWithProjection"]
+  vae = configs["vae"]
+  assert (vae["scaling_factor"], vae["force_upcast"], vae["block_out_channels"]) == (
+      0.13025, True, [128, 256, 512, 512])
