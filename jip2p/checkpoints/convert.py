@@ -2,7 +2,7 @@
 
 Covers ``v1-5-pruned-emaonly.ckpt``-style SD 1.x files, SD 2.x (OpenCLIP text encoder) files,
 the released ``instruct-pix2pix-00-22000.ckpt`` (8 input channels, EMA and raw weights) and SDXL
-files in the SGM layout (``sd_xl_base_1.0.safetensors``, CosXL): ``model.diffusion_model.*`` (the
+files in the SGM layout (``sd_xl_base_1.0.safetensors``): ``model.diffusion_model.*`` (the
 UNet, its ``label_emb`` the text_time ``add_embedding``), ``first_stage_model.*``,
 ``conditioner.embedders.0.transformer.*`` (CLIP ViT-L in transformers' layout) and
 ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG in open_clip's layout: ``in_proj``
