@@ -8,8 +8,9 @@ UNet, its ``label_emb`` the text_time ``add_embedding``), ``first_stage_model.*`
 ``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG in open_clip's layout: ``in_proj``
 split into q/k/v, ``text_projection`` transposed). The key renaming is diffusers' own
 (``diffusers.loaders.single_file_utils``); the configurations come from jip2p's presets with the
-input channels read off the weights, so nothing is fetched from a hub. This needs torch, so `convert_single_file` runs `convert_file` in a separate process,
-the ``jip2p-convert`` console script (`jip2p.cli.convert`).
+input channels read off the weights, so nothing is fetched from a hub. This needs torch, so
+`convert_single_file` runs `convert_file` in a separate process, the ``jip2p-convert`` console
+script (`jip2p.cli.convert`).
 
 Pickle files (``.ckpt``/``.pt``/``.pth``/``.bin``) are opened with
 ``torch.load(weights_only=True)``: a file that holds anything but tensors and plain containers is

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from jip2p import checkpoints
 from tests.checkpoints.test_convert import run_convert, unet_to_ldm, vae_to_ldm
+from tests.checkpoints.test_sdxl_folders import assert_same_weights
 from tests.cli_errors import named_error
 from tests.reference import torch_sdxl_pipeline
 
@@ -61,17 +62,6 @@ def sgm_state(pipe) -> dict:
   return {k: v.contiguous() for k, v in state.items()}
 
 
-def _assert_equal(ours, torch_model, name):
-  got = checkpoints.to_torch_state_dict(ours)
-  want = {k: v.numpy() for k, v in torch_model.state_dict().items()
-          if not k.endswith("position_ids")}
-  if name == "text_encoder":
-    want = {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in want.items()}
-  assert got.keys() == want.keys(), name
-  for key, value in want.items():
-    np.testing.assert_array_equal(got[key], value, err_msg=f"{name}:{key}")
-
-
 @pytest.fixture(scope="module")
 def sdxl_file(tmp_path_factory):
   """(the diffusers SDXL InstructPix2Pix pipeline, its single file, a diffusers folder of it)."""
@@ -93,9 +83,9 @@ def test_sdxl_single_file_converts_exactly(sdxl_file, tmp_path):
   assert ours.vae.config.scaling_factor == 0.13025 and ours.vae.config.force_upcast
   assert ours.tokenizer_2.pad_token == "!"
   for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-    _assert_equal(getattr(ours, name), getattr(pipe, name), name)
+    assert_same_weights(getattr(ours, name), getattr(pipe, name), name)
   again = diffusers.StableDiffusionXLInstructPix2PixPipeline.from_pretrained(str(tmp_path / "out"))
-  _assert_equal(ours.text_encoder_2, again.text_encoder_2, "text_encoder_2")
+  assert_same_weights(ours.text_encoder_2, again.text_encoder_2, "text_encoder_2")
 
 
 def test_diffusers_single_file_loader_reads_the_file_alike(sdxl_file):
@@ -126,7 +116,8 @@ def test_sdxl_text_to_image_file_expands_conv_in(tmp_path):
   assert kernel.shape[1] == 8 and not kernel[:, 4:].any()
   index = json.load(open(tmp_path / "ip2p" / "model_index.json"))
   assert index["_class_name"] == "StableDiffusionXLInstructPix2PixPipeline"
-  loaded = diffusers.StableDiffusionXLInstructPix2PixPipeline.from_pretrained(str(tmp_path / "ip2p"))
+  loaded = diffusers.StableDiffusionXLInstructPix2PixPipeline.from_pretrained(
+      str(tmp_path / "ip2p"))
   assert loaded.unet.config.in_channels == 8
 
 

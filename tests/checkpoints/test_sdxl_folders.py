@@ -23,7 +23,8 @@ def sdxl_torch(tmp_path_factory):
   return pipe, folder
 
 
-def _assert_same_weights(ours, torch_model, name):
+def assert_same_weights(ours, torch_model, name):
+  """A jip2p module's weights, exported, equal a diffusers / transformers module's."""
   exported = checkpoints.to_torch_state_dict(ours)
   reference = {k: v.numpy() for k, v in torch_model.state_dict().items()
                if not k.endswith("position_ids")}
@@ -43,7 +44,7 @@ def test_sdxl_folder_loads_and_exports_for_diffusers(sdxl_torch, tmp_path):
   assert ours.vae.config.scaling_factor == 0.13025
   assert ours.tokenizer_2.pad_token == "!" and ours.tokenizer.pad_token == "<|endoftext|>"
   for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-    _assert_same_weights(getattr(ours, name), getattr(pipe, name), name)
+    assert_same_weights(getattr(ours, name), getattr(pipe, name), name)
 
   out = str(tmp_path / "exported")
   checkpoints.save_pipeline(ours, out)
@@ -51,7 +52,7 @@ def test_sdxl_folder_loads_and_exports_for_diffusers(sdxl_torch, tmp_path):
   assert index["_class_name"] == "StableDiffusionXLInstructPix2PixPipeline"
   again = diffusers.StableDiffusionXLInstructPix2PixPipeline.from_pretrained(out)
   for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-    _assert_same_weights(getattr(ours, name), getattr(again, name), name)
+    assert_same_weights(getattr(ours, name), getattr(again, name), name)
   assert again.vae.config.scaling_factor == 0.13025 and again.vae.config.force_upcast
   assert again.tokenizer_2.pad_token == "!"
   assert again.tokenizer_2("a cat").input_ids == pipe.tokenizer_2("a cat").input_ids
@@ -66,7 +67,7 @@ def test_sdxl_text_to_image_folder_exports_for_diffusers(tmp_path):
   checkpoints.save_pipeline(ours, str(tmp_path / "out"))
   again = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "out"))
   assert again.unet.config.in_channels == 4
-  _assert_same_weights(ours.text_encoder_2, again.text_encoder_2, "text_encoder_2")
+  assert_same_weights(ours.text_encoder_2, again.text_encoder_2, "text_encoder_2")
 
 
 def test_random_sdxl_preset_round_trip(tmp_path):
