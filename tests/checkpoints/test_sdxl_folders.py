@@ -59,6 +59,25 @@ def test_sdxl_folder_loads_and_exports_for_diffusers(sdxl_torch, tmp_path):
   assert type(again.scheduler).__name__ == "EulerDiscreteScheduler"
 
 
+def test_sdxl_pipeline_settings_survive_the_round_trip(sdxl_torch, tmp_path):
+  """model_index.json's force_zeros_for_empty_prompt and is_cosxl_edit (CosXL Edit) are kept:
+  they change what diffusers' pipeline computes."""
+  import diffusers
+  _, folder = sdxl_torch
+  cosxl = str(tmp_path / "cosxl")
+  shutil.copytree(folder, cosxl)
+  index_path = os.path.join(cosxl, "model_index.json")
+  index = json.load(open(index_path))
+  json.dump({**index, "force_zeros_for_empty_prompt": False, "is_cosxl_edit": True},
+            open(index_path, "w"))
+  ours = checkpoints.load_pipeline(cosxl)
+  assert ours.sdxl_options == {"force_zeros_for_empty_prompt": False, "is_cosxl_edit": True}
+  checkpoints.save_pipeline(ours, str(tmp_path / "out"))
+  again = diffusers.StableDiffusionXLInstructPix2PixPipeline.from_pretrained(str(tmp_path / "out"))
+  assert again.is_cosxl_edit is True  # an __init__ argument, read from model_index.json
+  assert again.config.force_zeros_for_empty_prompt is False
+
+
 def test_sdxl_text_to_image_folder_exports_for_diffusers(tmp_path):
   import diffusers
   folder = str(tmp_path / "t2i")
