@@ -312,6 +312,7 @@ class Editor:
 
   def __init__(self, pipeline: checkpoints.Pipeline):
     where = pipeline.folder or "the model"
+    checkpoints.refuse_sdxl(pipeline, where, "the editor")
     unet, vae, text = pipeline.unet.config, pipeline.vae.config, pipeline.text_encoder.config
     latent = vae.latent_channels
     if unet.in_channels not in (latent, 2 * latent) or unet.out_channels != latent:
@@ -340,15 +341,16 @@ class Editor:
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
-                      attention_impl: str = "xla") -> Editor:
+                      attention_impl: str = "xla", vae: str | None = None) -> Editor:
     """Loads a diffusers-format InstructPix2Pix folder; ``dtype`` is the compute dtype
-    ("float32" or "bfloat16"; parameters stay float32)."""
+    ("float32" or "bfloat16"; parameters stay float32); ``vae``: a VAE folder in the folder's
+    VAE's place (`checkpoints.load_pipeline`)."""
     path = os.fspath(path)
     if dtype not in DTYPES:
       raise ConfigError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     _check_folder(path)
     return cls(checkpoints.load_pipeline(path, dtype=DTYPES[dtype],
-                                         attention_impl=attention_impl))
+                                         attention_impl=attention_impl, vae=vae))
 
   def _warn_if_cut(self, instruction: str) -> None:
     """Warns when the text encoder reads only the start of ``instruction`` (as the reference, it

@@ -154,6 +154,13 @@ class CLIPTokenizer:
     return cls({t: i for i, t in enumerate(tokens)}, merges, normalization=normalization)
 
   @classmethod
+  def open_clip(cls) -> "CLIPTokenizer":
+    """open_clip's tokenizer as a transformers one: CLIP's vocabulary, padded with "!" (id 0), as
+    open_clip pads and as the tokenizer folders of SD 2.x and SDXL's ``tokenizer_2/`` say."""
+    default = cls.default()
+    return cls(default.vocab, default.merges, pad_token="!")
+
+  @classmethod
   def from_folder(cls, path: str | os.PathLike, normalization: str = "ftfy") -> "CLIPTokenizer":
     """Reads a transformers tokenizer folder: `path/tokenizer/` if present, else `path` itself."""
     path = os.fspath(path)

@@ -53,3 +53,28 @@ def save_torch_pipeline(folder: str, preset: str = "tiny", *, unet_in_channels: 
                         seed: int = 0) -> str:
   torch_pipeline(preset, unet_in_channels=unet_in_channels, seed=seed).save_pretrained(folder)
   return folder
+
+
+def torch_sdxl_pipeline(preset: str = "tiny-sdxl", *, unet_in_channels: int = 8, seed: int = 0):
+  """A random diffusers SDXL InstructPix2Pix (8 channels) or text-to-image pipeline at a preset's
+  shapes: CLIP ViT-L's tokenizer padded with <|endoftext|>, tokenizer_2 with "!" (bigG's)."""
+  import diffusers
+  import transformers
+  configs = preset_configs(preset, unet_in_channels=unet_in_channels)
+  torch.manual_seed(seed)
+  unet = diffusers.UNet2DConditionModel(**_kwargs(configs["unet"]))
+  vae = diffusers.AutoencoderKL(**_kwargs(configs["vae"]))
+  text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**_kwargs(configs["text_encoder"])))
+  text_2 = transformers.CLIPTextModelWithProjection(
+      transformers.CLIPTextConfig(**_kwargs(configs["text_encoder_2"])))
+  tok_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"jip2p-tokenizers-{os.getpid()}")
+  CLIPTokenizer.default().write_folder(os.path.join(tok_dir, "tokenizer"))
+  CLIPTokenizer.open_clip().write_folder(os.path.join(tok_dir, "tokenizer_2"))
+  tokenizers = [transformers.CLIPTokenizer.from_pretrained(os.path.join(tok_dir, name))
+                for name in ("tokenizer", "tokenizer_2")]
+  scheduler = diffusers.EulerDiscreteScheduler.from_config(configs["scheduler"])
+  cls = (diffusers.StableDiffusionXLInstructPix2PixPipeline if unet_in_channels == 8
+         else diffusers.StableDiffusionXLPipeline)
+  return cls(vae=vae.eval(), text_encoder=text.eval(), text_encoder_2=text_2.eval(),
+             tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet.eval(),
+             scheduler=scheduler, add_watermarker=False)

@@ -2,8 +2,10 @@
 
 A pipeline folder holds ``model_index.json`` and the components ``unet/``, ``vae/``,
 ``text_encoder/`` (each a ``config.json`` plus safetensors weights), ``tokenizer/`` and
-``scheduler/``. `load_pipeline` reads it straight into Flax NNX modules; `save_pipeline` writes one
-that `diffusers.StableDiffusionInstructPix2PixPipeline.from_pretrained` loads.
+``scheduler/``; an SDXL one also ``text_encoder_2/`` (``CLIPTextModelWithProjection``) and
+``tokenizer_2/``, and its UNet takes the ``text_time`` added conditioning. `load_pipeline` reads it
+straight into Flax NNX modules; `save_pipeline` writes one that diffusers'
+``StableDiffusion(XL)InstructPix2PixPipeline.from_pretrained`` loads.
 """
 
 from __future__ import annotations
@@ -31,6 +33,11 @@ from jip2p.models.layers import abstract_module
 from jip2p.tokenizer import CLIPTokenizer, load_tokenizer
 
 INDEX = "model_index.json"  # written last: a folder without it is not (yet) a model
+# model_index.json settings of diffusers' SDXL pipelines that change what they compute (the
+# unconditional text: zeros or the encoded empty prompt; CosXL Edit's EDM image-latent scaling),
+# kept from the folder read to the folder written. diffusers passes model_index.json's entries
+# to the pipeline's __init__, so is_cosxl_edit there is honoured though its own save omits it.
+SDXL_INDEX_OPTIONS = ("force_zeros_for_empty_prompt", "is_cosxl_edit")
 
 # diffusers / transformers class name → (config class, jip2p module class, weights file stem).
 COMPONENT_CLASSES = {
@@ -56,7 +63,9 @@ CANONICAL_KEYS = {"UNet2DConditionModel": dict, "AutoencoderKL": vae.canonical_s
 
 @dataclasses.dataclass
 class Pipeline:
-  """The models of a Stable Diffusion (InstructPix2Pix) checkpoint, as jip2p modules."""
+  """The models of a Stable Diffusion (InstructPix2Pix) checkpoint, as jip2p modules; SDXL's
+  second text encoder and its tokenizer in ``text_encoder_2`` / ``tokenizer_2`` (None for SD
+  1.x/2.x)."""
 
   unet: unet.UNet2DCondition
   vae: vae.AutoencoderKL
@@ -64,6 +73,25 @@ class Pipeline:
   tokenizer: CLIPTokenizer
   scheduler_config: dict[str, Any]
   folder: str | None = None
+  text_encoder_2: clip_text.CLIPTextEncoderWithProjection | None = None
+  tokenizer_2: CLIPTokenizer | None = None
+  sdxl_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # SDXL_INDEX_OPTIONS
+
+  @property
+  def is_sdxl(self) -> bool:
+    return self.text_encoder_2 is not None
+
+
+def is_sdxl_unet(config: unet.UNetConfig) -> bool:
+  """Whether a UNet takes SDXL's added conditioning (pooled text + time ids)."""
+  return config.addition_embed_type == "text_time"
+
+
+def refuse_sdxl(pipeline: Pipeline, where: str, tool: str) -> None:
+  """A named `CheckpointError` where an SDXL model reaches a tool that runs SD 1.x/2.x only."""
+  if pipeline.is_sdxl:
+    raise CheckpointError(f"{where} is an SDXL model (text_encoder_2/, a text_time UNet); "
+                          f"{tool} runs Stable Diffusion 1.x/2.x models only so far")
 
 
 def read_json(path: str) -> dict:
@@ -180,17 +208,22 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"
                   vae: str | None = None) -> Pipeline:
   """A diffusers-format pipeline folder → `Pipeline` of jip2p modules (float32 parameters).
 
+  An SDXL folder (its UNet takes ``text_time`` conditioning) must hold ``text_encoder_2/`` and
+  ``tokenizer_2/``, which become ``text_encoder_2`` / ``tokenizer_2``.
+
   ``vae``: a separately given VAE in the folder's VAE's place (e.g. SDXL's fp16-fix VAE): a
   component folder (``config.json`` + weights) or a model folder holding ``vae/``; its latent
   channels must be the UNet's. A ``gs://`` folder (either) is read from a local copy, made once
-  per host (`storage.local_copy`)."""
+  per host (`storage.local_copy`). The VAE computes in float32 in a half-precision run when its
+  config says ``force_upcast`` (`vae.compute_dtype`)."""
   local = _local_folder(folder, INDEX)
   if not os.path.isdir(local):
     raise CheckpointError(f"missing model folder: {folder}")
-  read_json(os.path.join(local, INDEX))
+  index = read_json(os.path.join(local, INDEX))
   load = lambda path: load_component(path, dtype=dtype, attention_impl=attention_impl)
   unet_model = load(os.path.join(local, "unet"))
-  vae_model = load(os.path.join(local, "vae") if vae is None else _vae_folder(vae))
+  vae_model = (load(os.path.join(local, "vae")) if vae is None else
+               load_vae(vae, dtype=dtype, attention_impl=attention_impl))
   if vae is not None:
     latent = vae_model.config.latent_channels
     if unet_model.config.in_channels not in (latent, 2 * latent):
@@ -198,11 +231,34 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"
           f"VAE {vae} has {latent} latent channels; the UNet of {folder} takes "
           f"{unet_model.config.in_channels} input channels (the latents, or twice them for an "
           "edit model)")
+  sdxl = {}
+  second = os.path.join(local, "text_encoder_2")
+  if is_sdxl_unet(unet_model.config) or os.path.isdir(second):
+    sdxl = _sdxl_components(folder, local, unet_model, load)
+    sdxl["sdxl_options"] = {k: index[k] for k in SDXL_INDEX_OPTIONS if k in index}
   return Pipeline(
       unet=unet_model, vae=vae_model, text_encoder=load(os.path.join(local, "text_encoder")),
       tokenizer=load_tokenizer(local),
       scheduler_config=read_json(os.path.join(local, "scheduler", "scheduler_config.json")),
-      folder=folder)
+      folder=folder, **sdxl)
+
+
+def _sdxl_components(folder: str, local: str, unet_model, load) -> dict[str, Any]:
+  """``text_encoder_2`` and ``tokenizer_2`` of an SDXL folder, checked against its UNet."""
+  if not is_sdxl_unet(unet_model.config):
+    raise CheckpointError(f"{folder} has text_encoder_2/ but its UNet does not take SDXL's "
+                          "text_time conditioning (unet/config.json addition_embed_type)")
+  for name in ("text_encoder_2", "tokenizer_2"):
+    if not os.path.isdir(os.path.join(local, name)):
+      raise CheckpointError(f"{folder} is not a complete SDXL folder: its UNet takes SDXL's "
+                            f"text_time conditioning but it has no {name}/ (SDXL's second text "
+                            "encoder and its tokenizer)")
+  second = load(os.path.join(local, "text_encoder_2"))
+  if not isinstance(second, clip_text.CLIPTextEncoderWithProjection):
+    raise CheckpointError(f"{folder}/text_encoder_2 must be a CLIPTextModelWithProjection (SDXL's "
+                          "pooled text is its projection)")
+  return {"text_encoder_2": second,
+          "tokenizer_2": load_tokenizer(os.path.join(local, "tokenizer_2"))}
 
 
 def _local_folder(folder: str, marker: str) -> str:
@@ -216,16 +272,26 @@ def _local_folder(folder: str, marker: str) -> str:
   return storage.local_copy(folder)
 
 
+def load_vae(vae: str, *, dtype=jnp.float32, attention_impl: str = "xla"):
+  """A separately given VAE (``--vae DIR``, ``config.model.vae``): a component folder
+  (``config.json`` of an ``AutoencoderKL`` + weights) or a model folder holding ``vae/``."""
+  return load_component(_vae_folder(vae), dtype=dtype, attention_impl=attention_impl)
+
+
 def _vae_folder(vae: str) -> str:
   """The component folder of a separately given VAE: ``vae`` itself (one with ``config.json``;
   a ``gs://`` one must be such) or its ``vae/``."""
   local = _local_folder(vae, "config.json")
   if not os.path.isdir(local):
     raise CheckpointError(f"missing VAE folder: {vae}")
-  if os.path.isfile(os.path.join(local, "config.json")):
-    return local
-  if os.path.isdir(os.path.join(local, "vae")):
-    return os.path.join(local, "vae")
+  for candidate in (local, os.path.join(local, "vae")):
+    config = os.path.join(candidate, "config.json")
+    if os.path.isfile(config):
+      name = read_json(config).get("_class_name")
+      if name != "AutoencoderKL":
+        raise CheckpointError(f"{vae} is not a VAE folder: {config} describes a {name}, not an "
+                              "AutoencoderKL")
+      return candidate
   raise CheckpointError(f"{vae} is not a VAE folder: it holds neither config.json nor vae/")
 
 
@@ -330,7 +396,8 @@ def save_pipeline(pipeline: Pipeline, folder: str, *, overwrite: bool = False,
   ``model_index.json`` last (`load_pipeline` reads nothing without it).
 
   An 8-channel UNet is declared a `StableDiffusionInstructPix2PixPipeline`, a 4-channel one a
-  `StableDiffusionPipeline`.
+  `StableDiffusionPipeline` (``StableDiffusionXL…`` for an SDXL pipeline, with
+  ``text_encoder_2/`` and ``tokenizer_2/``).
   """
   remote = storage.is_remote(folder)
   folder = folder if remote else os.path.abspath(folder)
@@ -371,9 +438,9 @@ def _write_folder(pipeline: Pipeline, folder: str, dtype: str) -> None:
   with open(os.path.join(folder, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump(pipeline.scheduler_config, f, indent=2, sort_keys=True)
   ip2p = pipeline.unet.config.in_channels == 8
+  family = "StableDiffusionXL" if pipeline.is_sdxl else "StableDiffusion"
   index = {
-      "_class_name": ("StableDiffusionInstructPix2PixPipeline" if ip2p
-                      else "StableDiffusionPipeline"),
+      "_class_name": f"{family}InstructPix2PixPipeline" if ip2p else f"{family}Pipeline",
       "_diffusers_version": "0.42.1",
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
@@ -381,11 +448,17 @@ def _write_folder(pipeline: Pipeline, folder: str, dtype: str) -> None:
       "tokenizer": ["transformers", "CLIPTokenizer"],
       "scheduler": ["diffusers", pipeline.scheduler_config.get("_class_name",
                                                                "EulerAncestralDiscreteScheduler")],
-      "safety_checker": [None, None],
-      "feature_extractor": [None, None],
-      "requires_safety_checker": False,
   }
+  if pipeline.is_sdxl:
+    save_component(pipeline.text_encoder_2, os.path.join(folder, "text_encoder_2"), dtype=dtype)
+    pipeline.tokenizer_2.write_folder(os.path.join(folder, "tokenizer_2"))
+    index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                 tokenizer_2=["transformers", "CLIPTokenizer"], **pipeline.sdxl_options)
+  else:
+    index.update(safety_checker=[None, None], requires_safety_checker=False)
   if not ip2p:
     index["image_encoder"] = [None, None]
+  if not (ip2p and pipeline.is_sdxl):
+    index["feature_extractor"] = [None, None]
   with open(os.path.join(folder, INDEX), "w") as f:
     json.dump(index, f, indent=2, sort_keys=True)

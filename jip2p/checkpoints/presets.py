@@ -2,7 +2,8 @@
 
 No weights can be downloaded here, so tests, benchmarks and smoke runs start from random models at
 the real Stable Diffusion 1.5 shapes (``sd15``) or at a tiny size (``tiny``), written as ordinary
-diffusers-format folders by JAX alone.
+diffusers-format folders by JAX alone. ``sdxl`` (SDXL base 1.0's shapes) and ``tiny-sdxl`` have
+a second text encoder (``text_encoder_2``: OpenCLIP bigG's layout, with its projection).
 """
 
 from __future__ import annotations
@@ -58,8 +59,32 @@ _SD15_VAE = {
     "up_block_types": ["UpDecoderBlock2D"] * 4,
 }
 
+# SDXL base 1.0: the UNet attends to both text encoders' states (768 + 1280) and adds the
+# text_time embedding of bigG's projected pooled text (1280) and 6 time ids × 256 sinusoids.
+_SDXL_UNET = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu", "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20], "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4, "layers_per_block": 2,
+    "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None, "use_linear_projection": True,
+}
+_SDXL_VAE = {**_SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
+_SDXL_TEXT = {**_SD15_TEXT, "pad_token_id": 1}
+_SDXL_TEXT_2 = {**_SDXL_TEXT, "architectures": ["CLIPTextModelWithProjection"],
+                "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20,
+                "num_hidden_layers": 32, "hidden_act": "gelu", "projection_dim": 1280}
+# SDXL's scheduler: Euler, "leading" timesteps.
+_SDXL_SCHEDULER = {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "leading"}
+
 PRESETS = {
     "sd15": {"unet": _SD15_UNET, "vae": _SD15_VAE, "text_encoder": _SD15_TEXT},
+    "sdxl": {"scheduler": _SDXL_SCHEDULER, "unet": _SDXL_UNET, "vae": _SDXL_VAE,
+             "text_encoder": _SDXL_TEXT, "text_encoder_2": _SDXL_TEXT_2},
     # SD 2.x base (512 px, epsilon prediction): OpenCLIP ViT-H text encoder cut to 23 layers.
     "sd21": {
         "unet": {**_SD15_UNET, "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024,
@@ -90,6 +115,26 @@ PRESETS = {
         "text_encoder": {**_SD15_TEXT, "hidden_size": 32, "intermediate_size": 37,
                          "num_attention_heads": 4, "num_hidden_layers": 2,
                          "projection_dim": 32},
+    },
+    # SDXL's layout at tiny widths: text states 32 + 48 wide, pooled text 40 + 6 time ids × 8.
+    # The two encoders differ in width, as SDXL's do (single-file loaders tell them apart so).
+    "tiny-sdxl": {
+        "scheduler": _SDXL_SCHEDULER,
+        "unet": {**_SDXL_UNET, "addition_time_embed_dim": 8, "attention_head_dim": [2, 4],
+                 "block_out_channels": [32, 64], "cross_attention_dim": 80,
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+                 "projection_class_embeddings_input_dim": 88, "sample_size": 32,
+                 "transformer_layers_per_block": [1, 2]},
+        "vae": {**_SDXL_VAE, "block_out_channels": [32, 64],
+                "down_block_types": ["DownEncoderBlock2D"] * 2,
+                "up_block_types": ["UpDecoderBlock2D"] * 2, "layers_per_block": 1,
+                "sample_size": 64},
+        "text_encoder": {**_SDXL_TEXT, "hidden_size": 32, "intermediate_size": 37,
+                         "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": 32},
+        "text_encoder_2": {**_SDXL_TEXT_2, "hidden_size": 48, "intermediate_size": 64,
+                           "num_attention_heads": 4, "num_hidden_layers": 3,
+                           "projection_dim": 40},
     },
     # The procedural edit world (jip2p.data.synthetic, 32 px): the exact pixel codec in the VAE's
     # place (patch 1: latents are the 32×32×3 pixels) and a small 3-level UNet and text encoder.
@@ -145,8 +190,10 @@ def random_pipeline(preset: str = "tiny", *, unet_in_channels: int = 8, seed: in
   make = lambda name, i: build_component(configs[name], dtype=dtype, seed=seed + i,
                                          where=f"preset {preset}/{name}",
                                          embedding_std=init.get(name))
+  sdxl = ({"text_encoder_2": make("text_encoder_2", 3), "tokenizer_2": CLIPTokenizer.open_clip()}
+          if "text_encoder_2" in configs else {})
   return Pipeline(unet=make("unet", 0), vae=make("vae", 1), text_encoder=make("text_encoder", 2),
-                  tokenizer=CLIPTokenizer.default(), scheduler_config=configs["scheduler"])
+                  tokenizer=CLIPTokenizer.default(), scheduler_config=configs["scheduler"], **sdxl)
 
 
 def create_random_pipeline(folder: str, preset: str = "tiny", *, unet_in_channels: int = 8,

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Sequence
 
 from jip2p import edit, runtime
-from jip2p.cli import run
+from jip2p.cli import VAE_HELP, run
 from jip2p.errors import ConfigError
 from jip2p.models.attention import IMPLEMENTATIONS
 
@@ -37,6 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--model", default=PRETRAINED, metavar="DIR",
                  help="InstructPix2Pix model folder (default: the world editor shipped in "
                       "data/synthetic-ip2p)")
+  p.add_argument("--vae", metavar="DIR", default=None, help=VAE_HELP)
   p.add_argument("--host", default="127.0.0.1", help="address to listen on")
   p.add_argument("--port", type=int, default=7860)
   p.add_argument("--resolution", type=int,
@@ -89,7 +90,7 @@ def _main(argv: Sequence[str] | None) -> int:
   check_address(args.host, args.port)
   args.resolution = resolution(args.model, args.resolution)
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
-                                       attention_impl=args.attention_impl)
+                                       attention_impl=args.attention_impl, vae=args.vae)
   editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
   from jip2p import app  # Gradio loads only once the model did.
   print(f"{PROG}: serving {args.model} on http://{args.host}:{args.port}", file=sys.stderr)

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from jip2p.cli import run
+from jip2p.cli import VAE_HELP, run
 
 PROG = "jip2p-cache-latents"
 
@@ -31,6 +31,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--model", required=True,
                       help="diffusers-format folder (SD 1.5 / an InstructPix2Pix model), or "
                            "random:<preset> (sd15, tiny)")
+  parser.add_argument("--vae", metavar="DIR", default=None, help=VAE_HELP)
   parser.add_argument("--out", required=True, help="the cache folder to create (local or gs://)")
   parser.add_argument("--split", default="train")
   parser.add_argument("--resolution", type=int, default=256, help="crop side in pixels")
@@ -51,15 +52,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-def load_model(spec: str, compute_dtype: str):
-  """A `Pipeline` from a folder or ``random:<preset>``."""
+def load_model(spec: str, compute_dtype: str, vae: str | None = None):
+  """A `Pipeline` from a folder or ``random:<preset>``, its VAE replaced by ``vae``'s."""
   import jax.numpy as jnp
 
   from jip2p import checkpoints
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[compute_dtype]
   if spec.startswith("random:"):
-    return checkpoints.random_pipeline(spec.split(":", 1)[1], unet_in_channels=8, dtype=dtype)
-  return checkpoints.load_pipeline(spec, dtype=dtype)
+    pipeline = checkpoints.random_pipeline(spec.split(":", 1)[1], unet_in_channels=8, dtype=dtype)
+    if vae:
+      pipeline.vae = checkpoints.load_vae(vae, dtype=dtype)
+  else:
+    pipeline = checkpoints.load_pipeline(spec, dtype=dtype, vae=vae)
+  checkpoints.refuse_sdxl(pipeline, spec, PROG)
+  return pipeline
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -67,7 +73,7 @@ def _main(argv: Sequence[str] | None) -> int:
   from jip2p.data import latents
 
   latents.check_target(args.data, args.out, args.split)
-  pipeline = load_model(args.model, args.compute_dtype)
+  pipeline = load_model(args.model, args.compute_dtype, args.vae)
   start = time.perf_counter()
 
   def log(message: str) -> None:

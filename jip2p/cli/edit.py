@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from jip2p import edit, files, runtime, storage
-from jip2p.cli import run
+from jip2p.cli import VAE_HELP, run
 from jip2p.diffusion import editing
 from jip2p.errors import ConfigError, InputError, OutputError
 from jip2p.models.attention import IMPLEMENTATIONS
@@ -56,6 +56,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
       epilog=RULES, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, metavar="DIR",
                       help="diffusers-format InstructPix2Pix folder (see jip2p-convert)")
+  parser.add_argument("--vae", metavar="DIR", default=None, help=VAE_HELP)
   parser.add_argument("--input", nargs="+", metavar="PATH",
                       help="image files and/or folders of images (with --instruction)")
   what = parser.add_mutually_exclusive_group(required=True)
@@ -247,7 +248,7 @@ def _main(argv: Sequence[str] | None) -> int:
   loaded = load_images([jobs[j][0] for j in todo])
   storage.check_writable(os.path.dirname(outputs[0]) or ".", "the output folder")
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
-                                       attention_impl=args.attention_impl)
+                                       attention_impl=args.attention_impl, vae=args.vae)
   editor.check_method(args.method)
   if args.resolution is None:
     args.resolution = editor.native_size

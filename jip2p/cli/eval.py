@@ -35,7 +35,7 @@ import sys
 from collections.abc import Sequence
 
 from jip2p import edit, files, storage
-from jip2p.cli import run
+from jip2p.cli import VAE_HELP, run
 from jip2p.errors import ConfigError
 from jip2p.eval import sets, sweep
 from jip2p.eval.runner import RunConfig, check_run_info, check_sdedit_prompts, evaluate
@@ -61,6 +61,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--model", required=True, metavar="DIR", help="InstructPix2Pix model folder")
+  p.add_argument("--vae", metavar="DIR", default=None,
+                 help=VAE_HELP + " (for --model and --sdedit-model)")
   p.add_argument("--output", required=True, metavar="DIR",
                  help="results folder (resumable; local or gs://)")
   g = p.add_argument_group("evaluation set")
@@ -227,12 +229,13 @@ def _main(argv: Sequence[str] | None) -> int:
     with closing, concurrent.futures.ThreadPoolExecutor(1) as pool:
       started = pool.submit(scorer.start) if scorer is not None else None
       editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
-                                           attention_impl=args.attention_impl)
+                                           attention_impl=args.attention_impl, vae=args.vae)
       editor.check_method("ip2p")  # an InstructPix2Pix model, before any work
       sdedit_editor = None
       if args.sdedit_model is not None:
         sdedit_editor = edit.Editor.from_pretrained(args.sdedit_model, dtype=args.dtype,
-                                                    attention_impl=args.attention_impl)
+                                                    attention_impl=args.attention_impl,
+                                                    vae=args.vae)
         sdedit_editor.check_method("sdedit")
       if started is not None:
         started.result()

@@ -56,8 +56,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def _load_pipeline(c):
   import jax.numpy as jnp
 
-  from jip2p.checkpoints import load_pipeline
-  return load_pipeline(c.model, dtype=getattr(jnp, c.compute_dtype))
+  from jip2p import checkpoints
+  pipeline = checkpoints.load_pipeline(c.model, dtype=getattr(jnp, c.compute_dtype),
+                                       vae=c.vae or None)
+  checkpoints.refuse_sdxl(pipeline, c.model, "jip2p-generate")
+  return pipeline
 
 
 def _read_prompts(path: str, model: str, options, index: int, total: int) -> list:

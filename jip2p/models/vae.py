@@ -8,8 +8,9 @@ Shapes: images ``[B, H, W, in_channels]`` in [-1, 1]; latents ``[B, H/f, W/f, la
 with f = 2^(len(block_out_channels) − 1) (8 for SD). ``encode`` and ``decode`` work on *unscaled*
 latents, as diffusers' model does: the diffusion model sees ``config.scaling_factor · z`` and the
 caller multiplies (InstructPix2Pix scales the target latents but feeds the image-conditioning
-latent unscaled). Parameters are float32; ``dtype`` is the compute dtype; group norms, softmax and
-the returned moments and images are float32.
+latent unscaled). Parameters are float32; ``dtype`` is the compute dtype (float32 instead of a
+half type when the config says ``force_upcast``, as SDXL's VAE does: `compute_dtype`); group norms,
+softmax and the returned moments and images are float32.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ _CUDNN_MAX_HEAD_DIM = 128
 class VAEConfig:
   """The fields of a diffusers ``AutoencoderKL`` ``config.json``; defaults are diffusers'.
 
-  ``sample_size`` and ``force_upcast`` are kept for round trips only: jip2p computes norms and
-  softmax in float32 whatever the compute dtype, and the caller picks that dtype.
+  ``sample_size`` is kept for round trips only. ``force_upcast`` (diffusers' default true, so
+  also for SD 1.x folders that do not say it) makes the VAE compute in float32 in a bfloat16 /
+  float16 run (`compute_dtype`): SDXL's VAE overflows in half precision; the fp16-fix VAE says
+  false.
   """
 
   in_channels: int = 3
@@ -110,6 +113,14 @@ class VAEConfig:
   def downscale(self) -> int:
     """Image pixels per latent pixel along each side."""
     return 2 ** (len(self.block_out_channels) - 1)
+
+
+def compute_dtype(config: VAEConfig, dtype):
+  """The VAE's compute dtype in a run of ``dtype``: float32 for a half type when
+  ``config.force_upcast``, else ``dtype``."""
+  if config.force_upcast and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return jnp.float32
+  return dtype
 
 
 @flax.struct.dataclass
@@ -265,13 +276,15 @@ class Decoder(nnx.Module):
 
 
 class AutoencoderKL(nnx.Module):
-  """The KL-regularised autoencoder of Stable Diffusion (diffusers ``AutoencoderKL``)."""
+  """The KL-regularised autoencoder of Stable Diffusion (diffusers ``AutoencoderKL``); ``dtype``
+  is the run's compute dtype, upcast by `compute_dtype` (``self.dtype`` is the one used)."""
 
   def __init__(self, config: VAEConfig, *, dtype=jnp.float32, attention_impl: str = "xla",
                rngs: nnx.Rngs):
     if attention_impl not in IMPLEMENTATIONS:
       raise ConfigError(f"unknown attention_impl {attention_impl!r}; choose one of "
                         f"{IMPLEMENTATIONS}")
+    dtype = compute_dtype(config, dtype)
     self.config = config
     self.dtype = dtype
     c2 = 2 * config.latent_channels

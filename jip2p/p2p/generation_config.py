@@ -27,6 +27,7 @@ def base_config() -> ml_collections.ConfigDict:
   """All keys a generation config may have, with InstructPix2Pix's values (SD 1.5, 512 px)."""
   c = ml_collections.ConfigDict()
   c.model = ""  # a diffusers-format SD folder (text-to-image UNet)
+  c.vae = ""  # a VAE folder (or a model folder's vae/) in the model's VAE's place
   c.compute_dtype = "float32"
   c.steps = 100  # Euler ancestral on the discrete grid
   c.height = c.width = 512

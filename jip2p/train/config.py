@@ -52,9 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   # tokenizer (frozen, as SD keeps its CLIP's): a folder with text_encoder/ and tokenizer/, or an
   # open_clip model config JSON with its weights beside it, whose text tower is converted once
   # per host (`jip2p-convert --open-clip-config`, cached); its width must be the UNet's
-  # cross-attention width.
+  # cross-attention width. vae: replaces init's VAE (e.g. an fp16-fix VAE): a VAE folder or a
+  # model folder holding vae/ (`checkpoints.load_vae`); its latent channels must be the UNet's.
   c.model = ml_collections.ConfigDict(dict(
-      init="", text_encoder="", seed=0, unet_in_channels=8, compute_dtype="bfloat16",
+      init="", text_encoder="", vae="", seed=0, unet_in_channels=8, compute_dtype="bfloat16",
       attention_impl="xla", remat=False))
 
   # source "tfrecord": jip2p's triplet shards under `path` (jip2p.data.reader); "synthetic":

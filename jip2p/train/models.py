@@ -28,8 +28,9 @@ from jip2p.train import config as config_lib
 
 
 def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
-  """The initial models of a run: ``config.model.init`` loaded (or random), its text encoder and
-  tokenizer replaced by ``config.model.text_encoder``'s if given, the UNet's conv_in
+  """The initial models of a run: ``config.model.init`` loaded (or random), its VAE replaced by
+  ``config.model.vae`` and its text encoder and tokenizer by ``config.model.text_encoder``'s if
+  given, the UNet's conv_in
   grown to 2 × latent channels (an edit run), remat and the compute dtype applied. Parameters
   are float32."""
   m = config.model
@@ -40,7 +41,11 @@ def build_pipeline(config: ml_collections.ConfigDict) -> checkpoints.Pipeline:
     pipeline = checkpoints.random_pipeline(preset, unet_in_channels=m.unet_in_channels // images,
                                            seed=m.seed, dtype=dtype)
   else:
-    pipeline = checkpoints.load_pipeline(m.init, dtype=dtype, attention_impl=m.attention_impl)
+    pipeline = checkpoints.load_pipeline(m.init, dtype=dtype, attention_impl=m.attention_impl,
+                                         vae=m.vae or None)
+  checkpoints.refuse_sdxl(pipeline, f"config.model.init={m.init}", "jip2p-train")
+  if m.vae and m.init.startswith(config_lib.RANDOM_INIT_PREFIX):
+    pipeline.vae = checkpoints.load_vae(m.vae, dtype=dtype, attention_impl=m.attention_impl)
   if m.text_encoder:
     folder = (checkpoints.open_clip_text_folder(m.text_encoder) if m.text_encoder.endswith(".json")
               else m.text_encoder)

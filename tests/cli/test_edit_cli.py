@@ -15,6 +15,7 @@ from skimage import data as skdata
 
 from jip2p import checkpoints, edit
 from jip2p.cli.edit import main
+from tests.cli_errors import named_error
 from tests.reference import save_torch_pipeline
 from tests.test_edit import bad_files, nan_weights
 
@@ -295,3 +296,54 @@ def test_bad_settings_are_named(model, photos, tmp_path, capsys, extra, words):
   code, err = run_cli(args, capsys)
   assert code == 2 and words in err, err
   assert sorted(os.listdir(tmp_path)) == [], os.listdir(tmp_path)
+
+
+def _other_vae(model, folder):
+  """Another random VAE of ``model``'s VAE's shape, saved alone in ``folder`` (a VAE folder,
+  force_upcast false as the fp16-fix VAE ships)."""
+  import diffusers
+  import torch
+  config = {k: v for k, v in json.load(open(os.path.join(model, "vae", "config.json"))).items()
+            if not k.startswith("_")}
+  torch.manual_seed(11)
+  diffusers.AutoencoderKL(**{**config, "force_upcast": False}).save_pretrained(folder)
+  return folder
+
+
+def test_vae_option_edits_with_that_vae(model, photos, tmp_path, capsys):
+  """--vae DIR edits as the model folder with DIR in its vae/ would, not as the model's own."""
+  import shutil
+  vae = _other_vae(model, str(tmp_path / "vae"))
+  swapped = tmp_path / "swapped"
+  shutil.copytree(model, swapped)
+  shutil.rmtree(swapped / "vae")
+  shutil.copytree(vae, swapped / "vae")
+  outputs = {}
+  for name, args in (("own", ["--model", model]), ("option", ["--model", model, "--vae", vae]),
+                     ("swapped", ["--model", str(swapped)])):
+    out = tmp_path / f"{name}.png"
+    code, err = run_cli([*args, "--input", str(photos / "rocket.png"), "--instruction", "x",
+                         "--output", str(out), "--steps", "2", "--resolution", "64", "--seed",
+                         "0"], capsys)
+    assert code == 0, err
+    outputs[name] = np.asarray(Image.open(out).convert("RGB"))
+  np.testing.assert_array_equal(outputs["option"], outputs["swapped"])
+  assert not np.array_equal(outputs["option"], outputs["own"])
+
+
+def test_vae_option_refuses_a_folder_that_is_not_a_vae(model, photos, tmp_path, capsys):
+  out = tmp_path / "out.png"
+  code, err = run_cli(["--model", model, "--vae", os.path.join(model, "unet"), "--input",
+                       str(photos / "rocket.png"), "--instruction", "x", "--output", str(out)],
+                      capsys)
+  line = named_error(err, code, "jip2p-edit")
+  assert "is not a VAE folder" in line and "UNet2DConditionModel" in line and not out.exists()
+
+
+def test_sdxl_folder_is_refused_in_one_line(photos, tmp_path, capsys):
+  folder = checkpoints.create_random_pipeline(str(tmp_path / "sdxl"), "tiny-sdxl")
+  out = tmp_path / "out.png"
+  code, err = run_cli(["--model", folder, "--input", str(photos / "rocket.png"), "--instruction",
+                       "x", "--output", str(out)], capsys)
+  line = named_error(err, code, "jip2p-edit")
+  assert "is an SDXL model" in line and not out.exists()

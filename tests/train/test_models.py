@@ -1,0 +1,59 @@
+"""The run's models (`jip2p.train.models.build_pipeline`): config.model.vae in the initial model's
+VAE's place, and an SDXL model refused in one line (jip2p trains SD 1.x/2.x only so far)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jip2p import checkpoints
+from jip2p.errors import CheckpointError
+from jip2p.train import config as config_lib
+from jip2p.train import models
+from tests.train.test_config import load
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  """(an SD-shaped tiny model folder, another tiny model folder whose vae/ is the VAE to use)."""
+  root = tmp_path_factory.mktemp("models")
+  model = checkpoints.create_random_pipeline(str(root / "model"), "tiny", seed=1)
+  other = checkpoints.create_random_pipeline(str(root / "other"), "tiny", seed=7)
+  return model, other
+
+
+def _vae_kernel(vae):
+  return np.asarray(vae.decoder.conv_out.kernel.get_value())
+
+
+@pytest.mark.parametrize("init", ["folder", "random:tiny"])
+def test_config_model_vae_replaces_the_initial_vae(folders, init):
+  model, other = folders
+  config = load("tiny", f"init={model if init == 'folder' else init}")
+  config.model.vae = other + "/vae"
+  config.model.compute_dtype = "bfloat16"
+  config_lib.validate(config)
+  pipeline = models.build_pipeline(config)
+  vae = checkpoints.load_pipeline(other).vae
+  np.testing.assert_array_equal(_vae_kernel(pipeline.vae), _vae_kernel(vae))
+  # force_upcast (the tiny preset's VAE says it, as diffusers' default): float32 in a bf16 run.
+  assert pipeline.vae.dtype == jnp.float32 and pipeline.unet.dtype == jnp.bfloat16
+  config.model.vae = ""
+  assert not np.array_equal(_vae_kernel(models.build_pipeline(config).vae), _vae_kernel(vae))
+
+
+def test_config_model_vae_not_a_vae(folders):
+  model, _ = folders
+  config = load("tiny", f"init={model}")
+  config.model.vae = model + "/unet"
+  with pytest.raises(CheckpointError, match="is not a VAE folder: .* UNet2DConditionModel"):
+    models.build_pipeline(config)
+
+
+def test_sdxl_init_is_refused(tmp_path):
+  folder = checkpoints.create_random_pipeline(str(tmp_path / "sdxl"), "tiny-sdxl")
+  config = load("tiny", f"init={folder}")
+  with pytest.raises(CheckpointError, match=r"config.model.init=.* is an SDXL model .* "
+                                            "jip2p-train runs Stable Diffusion 1.x/2.x"):
+    models.build_pipeline(config)
