@@ -15,8 +15,12 @@ UNet's training FLOPs per image at 256 px are 541.7 GFLOP (forward + backward, P
 FlopCounterMode; bench/RESULTS.md), so a step of 1024 images is ≈ 555 TFLOP. Its train state
 (parameters, EMA and the two AdamW moments of 859.5M parameters, float32) holds 13.8 GB
 (tests/train/test_parts.py), split 8 ways with ``fsdp=8``.
-Not yet measured with jip2p: a step's time and MFU on any accelerator, peak memory with the
-activations, and the loss curve and edits of a full run (no GPU or TPU run has been made).
+Per-device memory (``jip2p-bench --memory configs/ip2p_sd15.py --preset sd15 --fsdp 1,4,8
+--memory-remat off``, the CPU compiler's estimate; README "What fits where"): 24.2 GiB at 1 image
+per device + 1.2 GiB per image without FSDP (largest per-device batch: 7 on 32 GB, 48 on 80 GB),
+5.8 GiB + 1.5 GiB per image with ``fsdp=8`` (7 on a 16 GB v5e).
+Not yet measured with jip2p: a step's time and MFU on any accelerator, peak memory on one, and
+the loss curve and edits of a full run (no GPU or TPU run has been made).
 
 Arguments (``configs/ip2p_sd15.py:key=value,…``): init (SD 1.5 diffusers folder), data (folder of
 training shards), res, batch (global), accum, fsdp, steps.

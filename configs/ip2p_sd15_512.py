@@ -12,6 +12,10 @@ Known: 2470 GFLOP per image for the UNet's forward + backward at 512 px (PyTorch
 FlopCounterMode; bench/RESULTS.md), ≈ 2.5 PFLOP per step of 1024; the train state of ip2p_sd15.py
 (13.8 GB float32). The paper trained at 256 px only (10,000 steps, 25.5 h on 8× A100-40GB): it
 gives no time for this config.
+Per-device memory (``jip2p-bench --memory configs/ip2p_sd15_512.py --preset sd15 --fsdp 1,4,8
+--memory-remat on``, the CPU compiler's estimate with the xla attention; README "What fits
+where"): 35.0 GiB at 1 image per device + 11.0 GiB per image without FSDP (largest per-device
+batch: 5 on 80 GB), 15.5 GiB + 10.8 GiB per image with ``fsdp=8`` (1 on a 16 GB v5e, 6 on 80 GB).
 Not yet measured with jip2p: step time, MFU and peak memory on any accelerator (with
 rematerialisation), and how many steps the adaptation from 256 px takes.
 

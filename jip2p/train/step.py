@@ -214,18 +214,22 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
       loss = loss / grad_accum
       grads = jax.tree.map(lambda g: g / grad_accum, grads)
     grad_norm = optax.tree.norm(grads)
-
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     step = state.step + 1
     decay = ema_decay(step, ema_decay_rate, ema_warmup)
-    ema = jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), state.ema, params)
 
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-    new_state = TrainState(step=step, params=keep(params, state.params),
-                           opt_state=keep(opt_state, state.opt_state), ema=keep(ema, state.ema),
-                           rng=state.rng)
+    def update(params, opt_state, ema):
+      updates, opt_state = optimizer.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      ema = jax.tree.map(lambda e, p: e - (1.0 - decay) * (e - p), ema, params)
+      return params, opt_state, ema
+
+    # A branch, not a select of new against old values: a select keeps both alive (XLA:CPU's
+    # temporaries at 3.1× the parameters, `test_the_skip_costs_no_copy_of_the_state`); the branch
+    # updates the state in place and holds only the gradients (1×).
+    params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old, state.params,
+                                          state.opt_state, state.ema)
+    new_state = TrainState(step=step, params=params, opt_state=opt_state, ema=ema, rng=state.rng)
     metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite,
                "lr": jnp.float32(lr), "ema_decay": decay}
     return new_state, metrics
