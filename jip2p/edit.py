@@ -276,10 +276,11 @@ def _as_list(x: Any, single: tuple[type, ...]) -> list:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "method", "scaling_factor",
-                                             "prediction_type", "zero_null_text"))
+                                             "prediction_type", "zero_null_text",
+                                             "scale_image_latents"))
 def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, image_scale,
                 sdxl=None, *, graphdefs, method: str, scaling_factor: float, prediction_type: str,
-                zero_null_text: bool = True):
+                zero_null_text: bool = True, scale_image_latents: bool = False):
   """`editing.edit` on one padded batch, in [0, 1]; compiled per model architecture (the static
   graphdefs, so editors of one architecture share programs), batch, image shape and sampler
   (``schedule`` padded by `schedules.pad`: any step count, one program). Arrays as
@@ -294,7 +295,8 @@ def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, i
                                 scaling_factor=scaling_factor, prediction_type=prediction_type,
                                 text_encoder_2=second[0] if second else None,
                                 input_ids_2=input_ids_2, time_ids=time_ids,
-                                zero_null_text=zero_null_text)
+                                zero_null_text=zero_null_text,
+                                scale_image_latents=scale_image_latents)
   return pixels / 2 + 0.5, finite
 
 
@@ -329,9 +331,15 @@ class Editor:
   (`time_ids`) and, for the null text, zeros when ``zero_null_text`` (the pipeline's
   ``force_zeros_for_empty_prompt``, True by default and in the released models; `from_pretrained`
   reads it from the folder's model_index.json) or else the encoding of "".
+
+  A model whose scheduler is EDM's (CosXL Edit: ``EDMEulerScheduler``, v-prediction) samples on
+  the `schedules.edm` grid by default, and with ``is_cosxl_edit`` (by default: an EDM model) its
+  image latents are scaled by the VAE's scaling factor, as diffusers' pipeline with
+  ``is_cosxl_edit=True`` (other models condition on the unscaled latents).
   """
 
-  def __init__(self, pipeline: checkpoints.Pipeline, *, zero_null_text: bool = True):
+  def __init__(self, pipeline: checkpoints.Pipeline, *, zero_null_text: bool = True,
+               is_cosxl_edit: bool | None = None):
     where = pipeline.folder or "the model"
     unet, vae, text = pipeline.unet.config, pipeline.vae.config, pipeline.text_encoder.config
     latent = vae.latent_channels
@@ -351,6 +359,10 @@ class Editor:
     self.zero_null_text = bool(zero_null_text)
     self.pipeline = pipeline
     self.scheduler_config = schedules.from_scheduler_config(pipeline.scheduler_config)
+    self.is_cosxl_edit = self.scheduler_config.edm if is_cosxl_edit is None else bool(
+        is_cosxl_edit)
+    # The grid `edits` walks unless told: the reference's, or an EDM model's own.
+    self.default_schedule = "edm" if self.scheduler_config.edm else "discrete"
     modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder) + (
         (pipeline.text_encoder_2,) if self.sdxl else ())
     graphdefs, self._states = zip(*(nnx.split(m) for m in modules))
@@ -366,7 +378,8 @@ class Editor:
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
-                      attention_impl: str = "xla", vae: str | None = None) -> Editor:
+                      attention_impl: str = "xla", vae: str | None = None,
+                      is_cosxl_edit: bool | None = None) -> Editor:
     """Loads a diffusers-format InstructPix2Pix folder; ``dtype`` is the compute dtype
     ("float32" or "bfloat16"; parameters stay float32); ``vae``: a VAE folder in the folder's
     VAE's place (`checkpoints.load_pipeline`)."""
@@ -378,7 +391,8 @@ class Editor:
                                          vae=vae)
     local = storage.local_copy(path) if storage.is_remote(path) else path
     index = folders.read_json(os.path.join(local, folders.INDEX))
-    return cls(pipeline, zero_null_text=index.get("force_zeros_for_empty_prompt", True))
+    return cls(pipeline, zero_null_text=index.get("force_zeros_for_empty_prompt", True),
+               is_cosxl_edit=is_cosxl_edit)
 
   def _warn_if_cut(self, instruction: str) -> None:
     """Warns when the text encoder reads only the start of ``instruction`` (as the reference, it
@@ -409,7 +423,7 @@ class Editor:
   def edits(self, images, instructions, *, steps: int = 100, text_guidance: float = 7.5,
             image_guidance: float = 1.5, resolution: int | None = 512,
             seed: int | Sequence[int] | None = None,
-            sampler: str = "euler_ancestral", schedule: str = "discrete", batch_size: int = 1,
+            sampler: str = "euler_ancestral", schedule: str | None = None, batch_size: int = 1,
             noise=None, output_type: str = "pil", names: Sequence[str] | None = None,
             method: str = "ip2p", strength: float = 0.75,
             size_buckets: int | None = None, original_size: Sequence[int] | None = None,
@@ -428,7 +442,9 @@ class Editor:
         image (e.g. to redo some edits of a run); at most `MAX_SEED`.
       sampler: one of `SAMPLERS` (k-diffusion Euler ancestral, the reference, by default).
       schedule: the sigma grid, one of `SCHEDULES`: k-diffusion's "discrete" (the reference), or
-        diffusers' grids ("diffusers_euler", "diffusers_ddim", …) to reproduce its schedulers.
+        diffusers' grids ("diffusers_euler", "diffusers_ddim", …) to reproduce its schedulers;
+        an EDM model (CosXL Edit) has "edm" only. None: `default_schedule` ("discrete", or
+        "edm" for an EDM model).
       batch_size: edits per compiled call; the last batch of each image shape is padded.
       noise: optional initial latents, one unit-variance ``[h, w, C]`` array per image (see
         `noise_shape`), in place of the seeds' draws.
@@ -445,6 +461,7 @@ class Editor:
         the size of each edit (after resizing) for both sizes and (0, 0) for the crop.
     """
     self.check_method(method)
+    schedule = self.default_schedule if schedule is None else schedule
     micro = self._micro_conditioning(original_size, crops_coords_top_left, target_size)
     start = editing.sdedit_start(steps, strength) if method == "sdedit" else 0
     jobs, empty = self._prepare(images, instructions, steps=steps, text_guidance=text_guidance,
@@ -594,7 +611,8 @@ class Editor:
                     np.tile(time_ids(height, width, *micro), (len(padded), 1)))
           out, finite = jax.device_get(_edit_batch(
               self._states, images, input_ids, noise, seeds, grid, text_scale, image_scale,
-              sdxl, zero_null_text=self.zero_null_text, **options))
+              sdxl, zero_null_text=self.zero_null_text,
+              scale_image_latents=self.is_cosxl_edit, **options))
         self._check_finite(finite, batch)
         for b, job in enumerate(batch):
           yield job.index, _output(out[b], output_type)

@@ -53,7 +53,8 @@ def _noise(editor):
       (2,) + editor.noise_shape(*SIZE)).astype(np.float32)
 
 
-def _run_both(pipe, editor, photos, text_scale, image_scale, micro=None, reference_only=None):
+def _run_both(pipe, editor, photos, text_scale, image_scale, micro=None, reference_only=None,
+              schedule="diffusers_euler"):
   micro = micro or {}
   noise = _noise(editor)
   width, height = SIZE
@@ -64,7 +65,7 @@ def _run_both(pipe, editor, photos, text_scale, image_scale, micro=None, referen
                **(reference_only or {})).images
   ours = np.stack(editor(photos, INSTRUCTIONS, steps=STEPS, text_guidance=text_scale,
                          image_guidance=image_scale, resolution=None, sampler="euler",
-                         schedule="diffusers_euler", batch_size=2, noise=noise,
+                         schedule=schedule, batch_size=2, noise=noise,
                          output_type="np", **micro))
   assert ours.shape == ref.shape == (2, height, width, 3)
   return ours, ref
@@ -137,3 +138,28 @@ def test_sd_model_refuses_micro_conditioning_and_sdxl_refuses_sdedit(editor, pho
     sd(photos, "x", steps=1, resolution=64, original_size=(64, 64))
   with pytest.raises(CheckpointError, match="is an SDXL model; SDEdit runs"):
     editor.check_method("sdedit")
+
+
+COSXL_SCHEDULER = {"sigma_min": 0.002, "sigma_max": 120.0, "sigma_data": 1.0,
+                   "prediction_type": "v_prediction", "sigma_schedule": "exponential"}
+
+
+def test_cosxl_edit_matches_diffusers(folder, photos, tmp_path):
+  """CosXL Edit: the tiny SDXL model with CosXL's EDMEulerScheduler (v-prediction, σ_data 1,
+  exponential σ) and scaled image latents (diffusers' ``is_cosxl_edit=True``, which a folder does
+  not record: an EDM folder is taken as CosXL Edit) — its defaults edit within 2/255 of diffusers'
+  pipeline at two guidance pairs; unscaled image latents give another image."""
+  pipe = _reference(folder, scheduler=diffusers.EDMEulerScheduler(**COSXL_SCHEDULER),
+                    is_cosxl_edit=True)
+  pipe.save_pretrained(tmp_path / "cosxl")
+  cosxl = edit.Editor.from_pretrained(tmp_path / "cosxl")
+  assert cosxl.is_cosxl_edit and cosxl.default_schedule == "edm"
+  for text_scale, image_scale in [(7.5, 1.5), (4.0, 2.5)]:
+    ours, ref = _run_both(pipe, cosxl, photos, text_scale, image_scale, schedule=None)
+    err = np.abs(ours - ref).max()
+    assert err <= 2 / 255, f"s_T={text_scale}, s_I={image_scale}: max error {err * 255:.2f}/255"
+  unscaled = edit.Editor.from_pretrained(tmp_path / "cosxl", is_cosxl_edit=False)
+  other, _ = _run_both(pipe, unscaled, photos, 4.0, 2.5, schedule=None)
+  assert np.abs(other - ours).max() > 4 / 255
+  with pytest.raises(ConfigError, match="its scheduler is EDM's"):
+    cosxl(photos, "x", steps=1, resolution=None, schedule="discrete")

@@ -82,8 +82,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "of it (default: the model's own size, 512 for Stable Diffusion)")
   parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
   parser.add_argument("--sampler", choices=edit.SAMPLERS, default="euler_ancestral")
-  parser.add_argument("--schedule", choices=edit.SCHEDULES, default="discrete",
-                      help="sigma grid (discrete: the reference's)")
+  parser.add_argument("--schedule", choices=edit.SCHEDULES, default=None,
+                      help="sigma grid (default: discrete, the reference's; edm, the only one, "
+                           "for a model with an EDM scheduler such as CosXL Edit)")
   micro = parser.add_argument_group(
       "SDXL micro-conditioning", "what an SDXL model is told of each image, two integers in "
       "pixels each (defaults as diffusers' SDXL pipelines)")
@@ -267,6 +268,8 @@ def _main(argv: Sequence[str] | None) -> int:
   if given and not editor.sdxl:
     raise ConfigError(f"{', '.join(given)}: micro-conditioning is for SDXL models; {args.model} "
                       "is not one")
+  if args.schedule is None:
+    args.schedule = editor.default_schedule
   if args.resolution is None:
     args.resolution = editor.native_size
   edit.check_resolution(args.resolution, editor.size_multiple, "--resolution")

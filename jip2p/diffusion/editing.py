@@ -28,6 +28,7 @@ wrong, at the cost of a few reductions and no extra host sync.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -88,8 +89,8 @@ def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
          noise: jax.Array | None, seeds: jax.Array, schedule: Schedule, text_scale,
          image_scale, *, method: str, scaling_factor: float,
          prediction_type: str, text_encoder_2=None, input_ids_2: jax.Array | None = None,
-         time_ids: jax.Array | None = None, zero_null_text: bool = True
-         ) -> tuple[jax.Array, jax.Array]:
+         time_ids: jax.Array | None = None, zero_null_text: bool = True,
+         scale_image_latents: bool = False) -> tuple[jax.Array, jax.Array]:
   """Edits a batch of B images with B instructions.
 
   Args:
@@ -104,6 +105,8 @@ def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
     method: the sampler (`samplers.METHODS`).
     scaling_factor: the VAE's latent scale; prediction_type: the UNet's ("epsilon", "v_prediction").
     text_encoder_2, input_ids_2, time_ids, zero_null_text: an SDXL model's (`text_conditioning`).
+    scale_image_latents: multiply the image latents by ``scaling_factor`` (CosXL Edit, diffusers'
+      ``is_cosxl_edit``); InstructPix2Pix models take them unscaled.
 
   Returns:
     (pixels float32 [B, H, W, 3] in [-1, 1], finite bool [len(STAGES)]): finite[k] is whether
@@ -111,6 +114,8 @@ def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
     is finite; the first False names the stage that produced NaN or inf.
   """
   image_latents = vae.encode(images).mode()
+  if scale_image_latents:
+    image_latents = image_latents * scaling_factor
   unet_fn, text, null = text_conditioning(unet, text_encoder, input_ids, text_encoder_2,
                                           input_ids_2, time_ids, zero_null_text=zero_null_text)
   eps_fn = guidance.two_scale_eps_fn(unet_fn, image_latents, text, null, text_scale, image_scale)
@@ -171,8 +176,7 @@ def sdedit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
     noise = initial_noise(seeds, shape=latents0.shape[1:])
   start = latents0 + jnp.asarray(schedule.sigmas, jnp.float32)[0] * noise
   # `sample` starts from ``noise · init_sigma``: a grid whose init_sigma is 1 starts at ``start``.
-  tail = Schedule(sigmas=schedule.sigmas, timesteps=schedule.timesteps,
-                  init_sigma=jnp.ones((), jnp.float32), steps=schedule.steps)
+  tail = dataclasses.replace(schedule, init_sigma=jnp.ones((), jnp.float32))
   return _sample_and_decode(eps_fn, start, tail, seeds, vae, embeddings, latents0,
                             method=method, scaling_factor=scaling_factor,
                             prediction_type=prediction_type)
