@@ -329,8 +329,8 @@ class Editor:
   An SDXL model is conditioned as diffusers' ``StableDiffusionXLInstructPix2PixPipeline``
   (`editing.text_conditioning`): both text encoders, the pooled text, the micro-conditioning
   (`time_ids`) and, for the null text, zeros when ``zero_null_text`` (the pipeline's
-  ``force_zeros_for_empty_prompt``, True by default and in the released models; `from_pretrained`
-  reads it from the folder's model_index.json) or else the encoding of "".
+  ``force_zeros_for_empty_prompt``, true unless the folder's model_index.json says false, which
+  `from_pretrained` reads) or else the encoding of "".
 
   A model whose scheduler is EDM's (CosXL Edit: ``EDMEulerScheduler``, v-prediction) samples on
   the `schedules.edm` grid by default, and with ``is_cosxl_edit`` (by default: an EDM model) its
@@ -359,10 +359,10 @@ class Editor:
     self.zero_null_text = bool(zero_null_text)
     self.pipeline = pipeline
     self.scheduler_config = schedules.from_scheduler_config(pipeline.scheduler_config)
-    self.is_cosxl_edit = self.scheduler_config.edm if is_cosxl_edit is None else bool(
-        is_cosxl_edit)
+    edm = self.scheduler_config.edm
+    self.is_cosxl_edit = edm if is_cosxl_edit is None else bool(is_cosxl_edit)
     # The grid `edits` walks unless told: the reference's, or an EDM model's own.
-    self.default_schedule = "edm" if self.scheduler_config.edm else "discrete"
+    self.default_schedule = "edm" if edm else "discrete"
     modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder) + (
         (pipeline.text_encoder_2,) if self.sdxl else ())
     graphdefs, self._states = zip(*(nnx.split(m) for m in modules))
@@ -382,7 +382,9 @@ class Editor:
                       is_cosxl_edit: bool | None = None) -> Editor:
     """Loads a diffusers-format InstructPix2Pix folder; ``dtype`` is the compute dtype
     ("float32" or "bfloat16"; parameters stay float32); ``vae``: a VAE folder in the folder's
-    VAE's place (`checkpoints.load_pipeline`)."""
+    VAE's place (`checkpoints.load_pipeline`); ``is_cosxl_edit``: scale the image latents as
+    CosXL Edit (None: when the folder's scheduler is EDM's). The null text of an SDXL folder
+    follows its model_index.json's ``force_zeros_for_empty_prompt`` (true when absent)."""
     path = os.fspath(path)
     if dtype not in DTYPES:
       raise ConfigError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
@@ -511,6 +513,7 @@ class Editor:
         raise ConfigError(f"{', '.join(named)}: micro-conditioning is for SDXL models; "
                           f"{self.pipeline.folder or 'the model'} is not one")
     return tuple(check_micro_conditioning(k, v) for k, v in given.items())
+
   def _prepare(self, images, instructions, *, steps, text_guidance, image_guidance, resolution,
                seed, sampler, schedule, batch_size, noise, output_type, names, size_buckets):
     """Checks arguments and inputs; → (jobs to sample, jobs with empty instructions)."""

@@ -14,12 +14,12 @@ folded with i. An edit therefore does not depend on the batch it lands in, and i
 it on its own.
 
 An SDXL model (a second text encoder, a UNet with ``text_time`` added conditioning) is
-conditioned as diffusers' ``StableDiffusionXLInstructPix2PixPipeline`` does it (`text_conditioning`):
-the prompt states of both encoders and the pooled, projected text of the second
-(`clip_text.encode_prompt_sdxl`), the micro-conditioning ``time_ids`` (original size, crop's top
-left corner, target size) in every branch, and for the null text zeros in place of both the states
-and the pooled text (the pipeline's ``force_zeros_for_empty_prompt``, its default) or, with
-``zero_null_text=False``, the encoding of "".
+conditioned as diffusers' ``StableDiffusionXLInstructPix2PixPipeline`` does it
+(`text_conditioning`): the prompt states of both encoders and the pooled, projected text of the
+second (`clip_text.encode_prompt_sdxl`), the micro-conditioning ``time_ids`` (original size,
+crop's top left corner, target size) in every branch, and for the null text zeros in place of both
+the states and the pooled text (the pipeline's ``force_zeros_for_empty_prompt``, its default) or,
+with ``zero_null_text=False``, the encoding of "".
 
 `edit` also returns whether each stage's output is all finite, computed inside the same program:
 a model with NaN weights (or a float overflow) then stops the caller with the stage that went
