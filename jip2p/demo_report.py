@@ -121,6 +121,34 @@ def _steps_table(points: Sequence[dict[str, Any]], base: dict[str, dict]) -> lis
   return lines
 
 
+def pairs_section(pairs: dict[str, Any]) -> list[str]:
+  """Markdown: the generated training pairs' exact scores (`jip2p.p2p.world.summarize`)."""
+  f = pairs["filter"]
+  pct = lambda x: "–" if x is None else f"{x:.0%}"
+  return [
+      "## The generated training pairs",
+      "",
+      f"{pairs['pairs']} candidate pairs from {pairs['prompts']} prompts, scored exactly "
+      "against the world's truth (\"exact\": the second image is the first with exactly the "
+      "requested edit; \"drawn\": the first image shows its caption's scene; \"edited\": the "
+      "requested change is there):",
+      "",
+      "| | pairs | exact | drawn | edited | exact pairs per prompt | prompts with an exact pair |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+      f"| before the CLIP filter | {pairs['pairs']} | {pairs['exact']:.0%} | "
+      f"{pairs['drawn']:.0%} | {pairs['edited']:.0%} | {pairs['exact_per_prompt']:.2f} | "
+      f"{pairs['prompts_with_exact']:.0%} |",
+      f"| kept by it | {f['kept']} | {pct(f['precision'])} | | | | {pct(f['prompts_kept'])} "
+      "(with any kept pair) |",
+      "",
+      f"The filter's precision (exact among kept) {pct(f['precision'])}, recall (kept among "
+      f"exact) {pct(f['recall'])}. Kept and rejected pairs:",
+      "",
+      "![pairs](pairs.png)",
+      "",
+  ]
+
+
 def markdown(s, metrics: dict[str, Any], info: dict[str, Any], *, eval_seed: int) -> str:
   """``report.md`` of a run with settings ``s`` (a `jip2p.demo_run.Settings`)."""
   points, base, sweep = metrics["points"], metrics["baselines"], metrics["sweep"]
@@ -150,6 +178,7 @@ def markdown(s, metrics: dict[str, Any], info: dict[str, Any], *, eval_seed: int
          "output stays to the input image (the paper's trade-off: s_I keeps the input, s_T "
          "follows the text; the plot draws it as the paper does).", "", *sweep_table(sweep),
          ""] if sweep else []),
+      *(pairs_section(metrics["pairs"]) if metrics["pairs"] else []),
       "## How it was made",
       "",
       f"Held-out evaluation: {s.num_eval} scenes of dataset seed {eval_seed} with the held-out "

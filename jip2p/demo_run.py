@@ -14,6 +14,13 @@ Each stage runs the code a real run uses:
               instruction | output | ground truth) and ``metrics.png`` (loss and held-out
               success over the training steps).
 
+``base=DIR`` fine-tunes a world text-to-image model (`configs/synthetic_t2i.py`'s export) instead
+of training from scratch, as the paper does; ``generate`` (with a base) replaces stage 1 by the
+paper's stage 2 on the world: world prompts (`jip2p.p2p.world`) → ``jip2p-generate`` with the base
+(every candidate kept) → ``jip2p-clip-filter`` with the world CLIP at `FILTER_THRESHOLDS`, the
+training data being what the filter kept; the generated pairs are scored exactly (exact / drawn /
+edited, the filter's precision and recall) into the report and ``pairs.png``.
+
 ``pretrained=DIR`` skips 1–2 and edits with that model folder (`PRETRAINED`: the one shipped in
 ``data/``; any exported world model works); ``sweep`` edits again at every (s_T, s_I) of
 `jip2p.eval.sweep`'s "grid" over `SWEEP_TEXT` × `SWEEP_IMAGE`. This process imports TensorFlow
@@ -26,6 +33,8 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +50,8 @@ from jip2p.eval import world_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "synthetic.py")
 PRETRAINED = os.path.join(REPO, "data", "synthetic-ip2p")
+GENERATE_CONFIG = os.path.join(REPO, "configs", "generate_world.py")
+WORLD_CLIP = os.path.join(REPO, "data", "world-clip", "world-clip")  # + .json / .safetensors
 TRAIN_SEED = 0  # dataset seed of the training scenes
 EVAL_SEED = 1  # held-out scenes: another seed, and the held-out instruction wording
 DATASET_NAME = "synthetic_world"
@@ -69,9 +80,15 @@ class Settings:
   batch_size: int = 32  # edits per compiled call
   sweep: bool = False  # also edit with every (s_T, s_I) of SWEEP_TEXT × SWEEP_IMAGE
   families: tuple[str, ...] = synthetic.FAMILIES  # edit families trained on and evaluated
+  base: str | None = None  # a world text-to-image model to fine-tune from (config ``init``)
+  generate: bool = False  # train on pairs generated from ``base`` and CLIP-filtered
+  num_prompts: int = 256  # world prompts generated from (with ``generate``)
+  candidates: int = 4  # candidate pairs per prompt
+  generation_steps: int = 20  # sampler steps per generated image
 
   def validate(self) -> None:
-    for key in ("num_train", "num_eval", "eval_points", "eval_steps", "batch_size"):
+    for key in ("num_train", "num_eval", "eval_points", "eval_steps", "batch_size",
+                "num_prompts", "candidates", "generation_steps"):
       if getattr(self, key) < 1:
         raise ConfigError(f"demo: {key}={getattr(self, key)} must be at least 1")
     if self.steps is not None and self.steps < 1:
@@ -85,6 +102,15 @@ class Settings:
     if self.pretrained is not None and not os.path.isdir(self.pretrained):
       raise CheckpointError(f"no model folder at {self.pretrained}; run without --pretrained to "
                             "train one")
+    if self.pretrained is not None and (self.base or self.generate):
+      raise ConfigError("demo: --pretrained edits with a finished model; --base and --generate "
+                        "train one")
+    if self.generate and self.base is None:
+      raise ConfigError("demo: --generate makes its pairs with a text-to-image model: give it "
+                        "with --base DIR")
+    if self.base is not None and not os.path.isfile(os.path.join(self.base, "model_index.json")):
+      raise CheckpointError(f"--base {self.base}: not a diffusers-format model folder (no "
+                            "model_index.json); export one with jip2p-export")
     files.require_local(self.out, "--out")
     storage.check_writable(self.out, "the output folder")
 
@@ -111,6 +137,59 @@ def write_world(directory: str, *, n: int, seed: int = TRAIN_SEED, size: int = 6
     writer.abandon()
     raise
   return writer.close()
+
+
+# ------------------------------------------------------------------------------ generated pairs
+
+# The world CLIP filter's thresholds (`jip2p-clip-filter` flags). Off (-1: every candidate is
+# kept) until a base model draws exact pairs to choose them on (`python -m jip2p.p2p.world
+# thresholds`); the base models trained so far draw none (bench/RESULTS.md).
+FILTER_THRESHOLDS = {"min_sim_image": -1.0, "min_sim_direction": -1.0, "min_sim_0": -1.0,
+                     "min_sim_1": -1.0}
+
+
+def run_tool(module: str, args: Sequence[str]) -> None:
+  """Runs ``python -m module args`` (a jip2p console script) with its output on ours; a failure
+  raises `ConfigError` naming the tool (its own error line is already printed above)."""
+  done = subprocess.run([sys.executable, "-m", module, *args])
+  if done.returncode:
+    raise ConfigError(f"demo: {module.rsplit('.', 1)[-1].replace('_', '-')} failed (exit status "
+                      f"{done.returncode}; its message is above)")
+
+
+def generate_pairs(s: Settings, size: int, timings: dict[str, float],
+                   log: Callable[[str], None]) -> tuple[str, dict[str, Any]]:
+  """The paper's stage 2 in the world, each step by its own console script: prompts of the
+  training seed → pairs from ``s.base`` → the CLIP filter. Returns (the filtered dataset, the
+  pairs' exact scores: `jip2p.p2p.world.summarize` with the filter's). A rerun resumes."""
+  from jip2p.p2p import world
+  start = time.time()
+  prompts = os.path.join(s.out, "prompts.jsonl")
+  rows = world.prompt_rows(s.num_prompts, seed=TRAIN_SEED)
+  with files.replacing(prompts) as tmp, open(tmp, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+  pairs, kept = os.path.join(s.out, "pairs"), os.path.join(s.out, "pairs-kept")
+  run_tool("jip2p.cli.generate", [
+      "--config", f"{GENERATE_CONFIG}:model={s.base},candidates={s.candidates},"
+      f"steps={s.generation_steps},res={size}", "--prompts", prompts, "--out", pairs])
+  run_tool("jip2p.cli.clip_filter", [
+      pairs, "--out", kept, "--clip-weights", WORLD_CLIP + ".safetensors", "--clip-config",
+      WORLD_CLIP + ".json", "--device", "cpu",
+      *[a for k, v in FILTER_THRESHOLDS.items() for a in (f"--{k.replace('_', '-')}", str(v))]])
+  timings["generate and filter pairs"] = time.time() - start
+  results = world.score_dataset(pairs, world.read_world_prompts(prompts))
+  mask = world.kept_mask(results, kept)
+  files.save_png(world.pair_grid(pairs, results, mask), os.path.join(s.out, "pairs.png"))
+  summary = world.summarize(results, mask)
+  log(f"generated {summary['pairs']} pairs from {summary['prompts']} prompts: "
+      f"{summary['exact']:.0%} exact; the filter kept {summary['filter']['kept']} "
+      f"(precision {_percent(summary['filter']['precision'])}, recall "
+      f"{_percent(summary['filter']['recall'])})")
+  return kept, summary
+
+
+def _percent(x: float | None) -> str:
+  return "–" if x is None else f"{x:.0%}"
 
 
 # ------------------------------------------------------------------------------ training
@@ -260,8 +339,9 @@ def edit_pretrained(s: Settings, timings: dict[str, float],
 
 def train_and_edit(s: Settings, timings: dict[str, float], log: Callable[[str], None]
                    ) -> tuple[HeldOut, dict[str, Any], list[tuple[int, float]]]:
-  """Stages 1–3: writes the data, trains, edits with the untrained model and with checkpoints
-  along the run. Returns (the held-out edits, facts for the report, the logged losses)."""
+  """Stages 1–3: writes the data (or generates and filters it), trains, edits with the untrained
+  model and with checkpoints along the run. Returns (the held-out edits, facts for the report,
+  the logged losses)."""
   from jip2p import checkpoints
   from jip2p.edit import Editor
   from jip2p.train import config as config_lib
@@ -269,14 +349,20 @@ def train_and_edit(s: Settings, timings: dict[str, float], log: Callable[[str], 
   from jip2p.train.checkpointing import Checkpointer
   config = config_lib.load(f"{s.config}:{s.config_arg}")
   held_out = HeldOut(s, config.data.res, timings, log)
-  start = time.time()
-  data_dir = os.path.join(s.out, "data")
-  manifest = write_world(data_dir, n=s.num_train, size=config.data.res, families=s.families)
-  timings["write dataset"] = time.time() - start
-  log(f"wrote {manifest['splits']['train']['num_examples']} training triplets to {data_dir}")
+  info: dict[str, Any] = {}
+  if s.generate:
+    data_dir, info["pairs"] = generate_pairs(s, config.data.res, timings, log)
+  else:
+    start = time.time()
+    data_dir = os.path.join(s.out, "data")
+    manifest = write_world(data_dir, n=s.num_train, size=config.data.res, families=s.families)
+    timings["write dataset"] = time.time() - start
+    log(f"wrote {manifest['splits']['train']['num_examples']} training triplets to {data_dir}")
 
   with config.unlocked():
     config.data.source, config.data.path = "tfrecord", data_dir
+    if s.base is not None:
+      config.model.init = s.base
     if s.steps is not None:
       config.total_steps = s.steps
     if s.minutes is None:
@@ -297,9 +383,12 @@ def train_and_edit(s: Settings, timings: dict[str, float], log: Callable[[str], 
   for step in steps:
     exporting.export_from_workdir(workdir, model_dir, step=step, overwrite=True)
     held_out.evaluate(step, Editor(checkpoints.load_pipeline(model_dir)))
-  info = {"model": f"`configs/synthetic.py` trained {result['step']} steps (EMA weights, "
-                   f"exported to `{model_dir}`)",
-          "training examples": s.num_train,
+  start_from = f"fine-tuned from `{s.base}`" if s.base else "trained from scratch"
+  info = {"model": f"`configs/synthetic.py` {start_from} for {result['step']} steps (EMA "
+                   f"weights, exported to `{model_dir}`)",
+          "training examples": (f"the CLIP-filtered generated pairs ({data_dir})" if s.generate
+                                else s.num_train),
+          **info,
           "trainer": f"batch {config.batch_size}, AdamW lr {config.optimizer.lr}, EMA "
                      f"{config.ema.decay}, conditioning dropout "
                      f"{config.conditioning_dropout}, {config.data.res} px"}
@@ -308,7 +397,8 @@ def train_and_edit(s: Settings, timings: dict[str, float], log: Callable[[str], 
 
 def run_demo(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
   """The whole demo into ``s.out``; returns what ``metrics.json`` holds ({"points",
-  "baselines", "timings", "losses", "sweep"}) and "model" (the report's description of it)."""
+  "baselines", "timings", "losses", "sweep", "pairs"}) and "model" (the report's description of
+  it)."""
   s.validate()
   os.makedirs(s.out, exist_ok=True)
   timings: dict[str, float] = {}
@@ -323,7 +413,8 @@ def run_demo(s: Settings, log: Callable[[str], None] = print) -> dict[str, Any]:
     sweep = guidance_sweep(held_out.editor, held_out.examples, s, log)
     timings["guidance sweep"] = time.time() - start
   metrics = {"points": held_out.points, "baselines": baselines(held_out.examples),
-             "timings": timings, "losses": losses, "sweep": sweep}
+             "timings": timings, "losses": losses, "sweep": sweep,
+             "pairs": info.pop("pairs", None)}
   path = demo_report.write(s.out, s, metrics, info, held_out.examples, held_out.outputs,
                            eval_seed=EVAL_SEED)
   with files.replacing(os.path.join(s.out, "metrics.json")) as tmp, open(tmp, "w") as f:

@@ -10,8 +10,8 @@ An SDXL InstructPix2Pix folder (``text_encoder_2/``, a ``text_time`` UNet) edits
 ``StableDiffusionXLInstructPix2PixPipeline``: both text encoders and the pooled text, the
 micro-conditioning ``original_size``, ``crops_coords_top_left``, ``target_size`` (options of
 `Editor.edits`; by default the edit's (height, width), (0, 0) and its (height, width), as the
-pipeline), and for the null text zeros (the pipeline's ``force_zeros_for_empty_prompt``, read from
-the folder's model_index.json; true unless it says false, when the encoded "" is used).
+pipeline), and for the null text zeros (the pipeline's ``force_zeros_for_empty_prompt``, as the
+folder's model_index.json says; true unless it says false, when the encoded "" is used).
 
 ``method="sdedit"`` (with a text-to-image model, and the *edited caption* in the instruction's
 place, as the paper compares) noises the image latents to the step ``int(steps·strength)`` from the
@@ -328,17 +328,19 @@ class Editor:
 
   An SDXL model is conditioned as diffusers' ``StableDiffusionXLInstructPix2PixPipeline``
   (`editing.text_conditioning`): both text encoders, the pooled text, the micro-conditioning
-  (`time_ids`) and, for the null text, zeros when ``zero_null_text`` (the pipeline's
-  ``force_zeros_for_empty_prompt``, true unless the folder's model_index.json says false, which
-  `from_pretrained` reads) or else the encoding of "".
+  (`time_ids`) and, for the null text, zeros when ``zero_null_text`` or else the encoding of "".
 
   A model whose scheduler is EDM's (CosXL Edit: ``EDMEulerScheduler``, v-prediction) samples on
-  the `schedules.edm` grid by default, and with ``is_cosxl_edit`` (by default: an EDM model) its
-  image latents are scaled by the VAE's scaling factor, as diffusers' pipeline with
-  ``is_cosxl_edit=True`` (other models condition on the unscaled latents).
+  the `schedules.edm` grid by default, and with ``is_cosxl_edit`` its image latents are scaled by
+  the VAE's scaling factor, as diffusers' pipeline with ``is_cosxl_edit=True`` (other models
+  condition on the unscaled latents).
+
+  ``zero_null_text`` and ``is_cosxl_edit`` default (None) to what the folder's model_index.json
+  says (``Pipeline.sdxl_options``: ``force_zeros_for_empty_prompt``, true when absent, and
+  ``is_cosxl_edit``, false when absent), as diffusers' pipeline reads them.
   """
 
-  def __init__(self, pipeline: checkpoints.Pipeline, *, zero_null_text: bool = True,
+  def __init__(self, pipeline: checkpoints.Pipeline, *, zero_null_text: bool | None = None,
                is_cosxl_edit: bool | None = None):
     where = pipeline.folder or "the model"
     unet, vae, text = pipeline.unet.config, pipeline.vae.config, pipeline.text_encoder.config
@@ -356,13 +358,15 @@ class Editor:
       raise CheckpointError(
           f"{where}: the UNet attends to {unet.cross_attention_dim}-wide text states but the "
           f"text encoder states are {' + '.join(map(str, widths))} wide")
-    self.zero_null_text = bool(zero_null_text)
+    options = pipeline.sdxl_options
+    self.zero_null_text = bool(options.get("force_zeros_for_empty_prompt", True)
+                               if zero_null_text is None else zero_null_text)
+    self.is_cosxl_edit = bool(options.get("is_cosxl_edit", False) if is_cosxl_edit is None
+                              else is_cosxl_edit)
     self.pipeline = pipeline
     self.scheduler_config = schedules.from_scheduler_config(pipeline.scheduler_config)
-    edm = self.scheduler_config.edm
-    self.is_cosxl_edit = edm if is_cosxl_edit is None else bool(is_cosxl_edit)
     # The grid `edits` walks unless told: the reference's, or an EDM model's own.
-    self.default_schedule = "edm" if edm else "discrete"
+    self.default_schedule = "edm" if self.scheduler_config.edm else "discrete"
     modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder) + (
         (pipeline.text_encoder_2,) if self.sdxl else ())
     graphdefs, self._states = zip(*(nnx.split(m) for m in modules))
@@ -379,22 +383,19 @@ class Editor:
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
                       attention_impl: str = "xla", vae: str | None = None,
+                      zero_null_text: bool | None = None,
                       is_cosxl_edit: bool | None = None) -> Editor:
     """Loads a diffusers-format InstructPix2Pix folder; ``dtype`` is the compute dtype
     ("float32" or "bfloat16"; parameters stay float32); ``vae``: a VAE folder in the folder's
-    VAE's place (`checkpoints.load_pipeline`); ``is_cosxl_edit``: scale the image latents as
-    CosXL Edit (None: when the folder's scheduler is EDM's). The null text of an SDXL folder
-    follows its model_index.json's ``force_zeros_for_empty_prompt`` (true when absent)."""
+    VAE's place (`checkpoints.load_pipeline`); ``zero_null_text``, ``is_cosxl_edit``: an SDXL
+    model's, in place of its folder's (see `Editor`)."""
     path = os.fspath(path)
     if dtype not in DTYPES:
       raise ConfigError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     _check_folder(path)
-    pipeline = checkpoints.load_pipeline(path, dtype=DTYPES[dtype], attention_impl=attention_impl,
-                                         vae=vae)
-    local = storage.local_copy(path) if storage.is_remote(path) else path
-    index = folders.read_json(os.path.join(local, folders.INDEX))
-    return cls(pipeline, zero_null_text=index.get("force_zeros_for_empty_prompt", True),
-               is_cosxl_edit=is_cosxl_edit)
+    return cls(checkpoints.load_pipeline(path, dtype=DTYPES[dtype], attention_impl=attention_impl,
+                                         vae=vae),
+               zero_null_text=zero_null_text, is_cosxl_edit=is_cosxl_edit)
 
   def _warn_if_cut(self, instruction: str) -> None:
     """Warns when the text encoder reads only the start of ``instruction`` (as the reference, it

@@ -48,6 +48,31 @@ def test_demo_writes_data_model_report_grid_and_plot(tmp_path):
       "PixelCodec"
 
 
+def test_generate_runs_the_papers_chain_from_a_base_model(tmp_path):
+  # A random world text-to-image model stands in for the base: this tests the chain (prompts →
+  # jip2p-generate → jip2p-clip-filter with the world CLIP → fine-tuning from the base → edits),
+  # not the pairs' quality, which bench/RESULTS.md measures with the trained base.
+  from jip2p.checkpoints import create_random_pipeline
+  base = tmp_path / "t2i"
+  create_random_pipeline(str(base), "world", unet_in_channels=3)
+  out = tmp_path / "demo"
+  proc = run_demo(out, "--base", str(base), "--generate", "--num-prompts", "3", "--candidates",
+                  "2", "--generation-steps", "2", "--steps", "2", "--num-eval", "4",
+                  "--eval-steps", "2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  pairs = json.loads((out / "metrics.json").read_text())["pairs"]
+  assert (pairs["pairs"], pairs["prompts"], pairs["pairs_per_prompt"]) == (6, 3, 2)
+  assert pairs["filter"]["kept"] == 6  # the thresholds are off until a base draws exact pairs
+  config = json.loads((out / "run" / "config.json").read_text())
+  assert config["model"]["init"] == str(base)
+  assert config["data"]["path"] == str(out / "pairs-kept")
+  report = (out / "report.md").read_text()
+  assert "## The generated training pairs" in report and "| before the CLIP filter | 6 |" in report
+  assert report.index("![edits](grid.png)") < report.index("## The generated training pairs")
+  assert np.asarray(Image.open(out / "pairs.png")).std() > 10
+  assert "fine-tuned from" in report
+
+
 def test_bad_settings_are_named(tmp_path):
   for args, message in ((("--num-eval", "0"), "num_eval=0 must be at least 1"),
                         (("--families", "add,paint"), "families ['add', 'paint'] must be"),
@@ -55,6 +80,19 @@ def test_bad_settings_are_named(tmp_path):
     proc = run_demo(tmp_path / "demo", *args)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_bad_chain_settings_are_named(tmp_path):
+  # In process: the line and exit status of a named error are the CLI's, tested above.
+  from jip2p import demo_run
+  from jip2p.errors import Jip2pError
+  for changes, message in (({"generate": True}, "give it with --base DIR"),
+                           ({"base": str(tmp_path)}, "not a diffusers-format model folder"),
+                           ({"candidates": 0}, "candidates=0 must be at least 1"),
+                           ({"pretrained": str(tmp_path), "base": str(tmp_path)},
+                            "--pretrained edits with a finished model")):
+    with pytest.raises(Jip2pError, match=message):
+      demo_run.Settings(out=str(tmp_path / "demo"), **changes).validate()
 
 
 def test_a_report_the_disk_refuses_is_one_line_and_never_half_written(tmp_path):

@@ -146,19 +146,24 @@ COSXL_SCHEDULER = {"sigma_min": 0.002, "sigma_max": 120.0, "sigma_data": 1.0,
 
 def test_cosxl_edit_matches_diffusers(folder, photos, tmp_path):
   """CosXL Edit: the tiny SDXL model with CosXL's EDMEulerScheduler (v-prediction, σ_data 1,
-  exponential σ) and scaled image latents (diffusers' ``is_cosxl_edit=True``, which a folder does
-  not record: an EDM folder is taken as CosXL Edit) — its defaults edit within 2/255 of diffusers'
-  pipeline at two guidance pairs; unscaled image latents give another image."""
-  pipe = _reference(folder, scheduler=diffusers.EDMEulerScheduler(**COSXL_SCHEDULER),
-                    is_cosxl_edit=True)
+  exponential σ) and scaled image latents (``is_cosxl_edit: true`` in model_index.json, which
+  diffusers' pipeline passes to its __init__ though its save omits it) — the folder's defaults
+  edit within 2/255 of diffusers' pipeline at two guidance pairs; unscaled image latents (the
+  folder without the flag, as diffusers) give another image."""
+  pipe = _reference(folder, scheduler=diffusers.EDMEulerScheduler(**COSXL_SCHEDULER))
   pipe.save_pretrained(tmp_path / "cosxl")
+  index_path = tmp_path / "cosxl" / "model_index.json"
+  unscaled = edit.Editor.from_pretrained(tmp_path / "cosxl")
+  assert not unscaled.is_cosxl_edit and unscaled.default_schedule == "edm"
+  index_path.write_text(json.dumps({**json.loads(index_path.read_text()), "is_cosxl_edit": True}))
+  pipe = _reference(tmp_path / "cosxl")
+  assert pipe.is_cosxl_edit and type(pipe.scheduler).__name__ == "EDMEulerScheduler"
   cosxl = edit.Editor.from_pretrained(tmp_path / "cosxl")
   assert cosxl.is_cosxl_edit and cosxl.default_schedule == "edm"
   for text_scale, image_scale in [(7.5, 1.5), (4.0, 2.5)]:
     ours, ref = _run_both(pipe, cosxl, photos, text_scale, image_scale, schedule=None)
     err = np.abs(ours - ref).max()
     assert err <= 2 / 255, f"s_T={text_scale}, s_I={image_scale}: max error {err * 255:.2f}/255"
-  unscaled = edit.Editor.from_pretrained(tmp_path / "cosxl", is_cosxl_edit=False)
   other, _ = _run_both(pipe, unscaled, photos, 4.0, 2.5, schedule=None)
   assert np.abs(other - ours).max() > 4 / 255
   with pytest.raises(ConfigError, match="its scheduler is EDM's"):

@@ -1,11 +1,16 @@
 """Single-file checkpoints in the original CompVis / LDM layout → diffusers-format folders.
 
-Covers ``v1-5-pruned-emaonly.ckpt``-style SD 1.x files, SD 2.x (OpenCLIP text encoder) files and
-the released ``instruct-pix2pix-00-22000.ckpt`` (8 input channels, EMA and raw weights).
-The key renaming is diffusers' own (``diffusers.loaders.single_file_utils``); the configurations
-come from jip2p's presets with the input channels read off the weights, so nothing is fetched
-from a hub. This needs torch, so `convert_single_file` runs `convert_file` in a separate process,
-the ``jip2p-convert`` console script (`jip2p.cli.convert`).
+Covers ``v1-5-pruned-emaonly.ckpt``-style SD 1.x files, SD 2.x (OpenCLIP text encoder) files,
+the released ``instruct-pix2pix-00-22000.ckpt`` (8 input channels, EMA and raw weights) and SDXL
+files in the SGM layout (``sd_xl_base_1.0.safetensors``): ``model.diffusion_model.*`` (the
+UNet, its ``label_emb`` the text_time ``add_embedding``), ``first_stage_model.*``,
+``conditioner.embedders.0.transformer.*`` (CLIP ViT-L in transformers' layout) and
+``conditioner.embedders.1.model.*`` (OpenCLIP ViT-bigG in open_clip's layout: ``in_proj``
+split into q/k/v, ``text_projection`` transposed). The key renaming is diffusers' own
+(``diffusers.loaders.single_file_utils``); the configurations come from jip2p's presets with the
+input channels read off the weights, so nothing is fetched from a hub. This needs torch, so
+`convert_single_file` runs `convert_file` in a separate process, the ``jip2p-convert`` console
+script (`jip2p.cli.convert`).
 
 Pickle files (``.ckpt``/``.pt``/``.pth``/``.bin``) are opened with
 ``torch.load(weights_only=True)``: a file that holds anything but tensors and plain containers is
@@ -40,8 +45,13 @@ from jip2p.tokenizer import CLIPTokenizer
 _UNET_PREFIX = "model.diffusion_model."
 _OPEN_CLIP_KEY = "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight"
 _CLIP_KEY = "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"
-_COMPONENT_PREFIXES = {"UNet": _UNET_PREFIX, "VAE": "first_stage_model.",
-                       "text encoder": "cond_stage_model."}
+# SDXL (SGM layout): CLIP ViT-L in embedder 0, OpenCLIP bigG in embedder 1 (the keys diffusers'
+# single-file loader tells SDXL by); the refiner has bigG alone, in embedder 0.
+_SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
+_SDXL_KEY = _SDXL_OPEN_CLIP_PREFIX + "positional_embedding"
+_SDXL_REFINER_KEY = "conditioner.embedders.0.model.text_projection"
+_COMPONENT_PREFIXES = {"UNet": (_UNET_PREFIX,), "VAE": ("first_stage_model.",),
+                       "text encoder": ("cond_stage_model.", "conditioner.embedders.")}
 _CHILD_ERROR = "jip2p-convert: error: "  # how `jip2p.cli.run` prints a named error
 # .safetensors, or a torch.save pickle under the names the released checkpoints use.
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -139,10 +149,11 @@ def read_single_file(path: str) -> dict:
   """The flat tensor dict of a single-file checkpoint (``state_dict`` unwrapped); entries that
   are not named tensors (a step counter, ...) are dropped."""
   state = read_state_dict(path)
-  for component, prefix in _COMPONENT_PREFIXES.items():
-    if not any(k.startswith(prefix) for k in state):
+  for component, prefixes in _COMPONENT_PREFIXES.items():
+    if not any(k.startswith(prefixes) for k in state):
       raise CheckpointError(f"{path} is not a complete Stable Diffusion checkpoint in the original "
-                            f"layout: it has no {component} weights ('{prefix}*')")
+                            f"layout: it has no {component} weights "
+                            f"({' or '.join(repr(p + '*') for p in prefixes)})")
   return state
 
 
@@ -197,13 +208,29 @@ def _torch_to_numpy(state: dict) -> dict:
 
 
 def detect_preset(state: dict) -> str:
-  """sd15 or sd21, by the text encoder the file carries."""
+  """sd15, sd21 or sdxl, by the text encoders the file carries."""
+  if _SDXL_REFINER_KEY in state:
+    raise CheckpointError("this is an SDXL refiner checkpoint (OpenCLIP bigG alone, in "
+                          "conditioner.embedders.0): jip2p converts SDXL base-layout files only")
+  if _SDXL_KEY in state:
+    return "sdxl"
   if _OPEN_CLIP_KEY in state:
     return "sd21"
   if _CLIP_KEY in state:
     return "sd15"
-  raise CheckpointError("unrecognised text encoder: neither the CLIP ViT-L/14 (SD 1.x) nor the "
-                        "OpenCLIP ViT-H (SD 2.x) weights are present")
+  raise CheckpointError("unrecognised text encoder: neither the CLIP ViT-L/14 (SD 1.x), the "
+                        "OpenCLIP ViT-H (SD 2.x) nor SDXL's two encoders' weights are present")
+
+
+def _check_family(state: dict, preset: str, configs: dict) -> None:
+  """A named error where the file's family (SDXL or SD 1.x/2.x) is not ``preset``'s."""
+  sdxl_file, sdxl_preset = _SDXL_KEY in state, "text_encoder_2" in configs
+  if sdxl_file and not sdxl_preset:
+    raise CheckpointError(f"the file is an SDXL checkpoint ({_SDXL_OPEN_CLIP_PREFIX}*) but "
+                          f"--preset {preset} is not an SDXL preset: use sdxl (or omit --preset)")
+  if sdxl_preset and not sdxl_file:
+    raise CheckpointError(f"--preset {preset} is SDXL's but the file is not an SDXL checkpoint "
+                          f"(no {_SDXL_KEY}): use sd15 / sd21 (or omit --preset)")
 
 
 def convert_state(state: dict, *, preset: str | None = None, extract_ema: bool = True):
@@ -218,24 +245,40 @@ def convert_state(state: dict, *, preset: str | None = None, extract_ema: bool =
   try:  # a weight the renaming needs is missing; one the model needs is named further down
     in_channels = int(state[_UNET_PREFIX + "input_blocks.0.0.weight"].shape[1])
     configs = preset_configs(preset, unet_in_channels=in_channels)
+    _check_family(state, preset, configs)
     unet_sd = sfu.convert_ldm_unet_checkpoint(state, configs["unet"], extract_ema=extract_ema)
     vae_sd = sfu.convert_ldm_vae_checkpoint(state, configs["vae"])
+    sds = {}
+    if "text_encoder_2" in configs:
+      sds["text_encoder_2"] = _open_clip_text(configs["text_encoder_2"]["hidden_size"], state,
+                                              _SDXL_OPEN_CLIP_PREFIX)
     if _OPEN_CLIP_KEY in state:
-      # diffusers reads only text_model.config.hidden_size from its model argument.
-      hidden = configs["text_encoder"]["hidden_size"]
-      text_sd = sfu.convert_open_clip_checkpoint(
-          types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=hidden)), state)
+      text_sd = _open_clip_text(configs["text_encoder"]["hidden_size"], state,
+                                "cond_stage_model.model.")
     else:
       text_sd = clip_text.canonical_state_dict(sfu.convert_ldm_clip_checkpoint(state))
   except KeyError as e:
     raise CheckpointError(f"incomplete checkpoint: the weight {e.args[0]!r} is missing") from None
   modules = {}
-  for name, sd in (("unet", unet_sd), ("vae", vae_sd), ("text_encoder", text_sd)):
+  sds = {"unet": unet_sd, "vae": vae_sd, "text_encoder": text_sd, **sds}
+  for name, sd in sds.items():
     modules[name] = build_component(configs[name], abstract=True, where=f"{preset}/{name}")
     load_torch_state_dict(modules[name], _torch_to_numpy(sd), source=f"converted {name}")
   tokenizer = CLIPTokenizer.open_clip() if _OPEN_CLIP_KEY in state else CLIPTokenizer.default()
+  sdxl = ({"text_encoder_2": modules["text_encoder_2"], "tokenizer_2": CLIPTokenizer.open_clip()}
+          if "text_encoder_2" in modules else {})
   return Pipeline(unet=modules["unet"], vae=modules["vae"], text_encoder=modules["text_encoder"],
-                  tokenizer=tokenizer, scheduler_config=configs["scheduler"])
+                  tokenizer=tokenizer, scheduler_config=configs["scheduler"], **sdxl)
+
+
+def _open_clip_text(hidden_size: int, state: dict, prefix: str) -> dict:
+  """An open_clip text tower under ``prefix`` in transformers' layout (diffusers' renaming:
+  ``in_proj`` split into q/k/v, ``text_projection`` transposed; SD 2.x's skipped last layer
+  dropped under its own prefix only)."""
+  from diffusers.loaders import single_file_utils as sfu  # torch: this process only
+  # diffusers reads only text_model.config.hidden_size from its model argument.
+  model = types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=hidden_size))
+  return sfu.convert_open_clip_checkpoint(model, state, prefix=prefix)
 
 
 def convert_file(src: str, dst: str, *, preset: str | None = None, extract_ema: bool = True,
@@ -290,8 +333,6 @@ def convert_open_clip_text(weights: str, config: str):
   ``cond_stage_model.model.transformer.resblocks.23``, the layer SD 2.x skips) matches nothing:
   every layer of the file is kept. Needs torch.
   """
-  from diffusers.loaders import single_file_utils as sfu  # torch: this process only
-
   for path in (weights, config):
     if not os.path.isfile(path):
       raise CheckpointError(f"{path} does not exist")
@@ -305,9 +346,7 @@ def convert_open_clip_text(weights: str, config: str):
   if "token_embedding.weight" not in state:
     raise CheckpointError(f"{weights} is not an open_clip CLIP state dict: it has no "
                           "'token_embedding.weight' (a text tower in open_clip's layout)")
-  text_sd = sfu.convert_open_clip_checkpoint(
-      types.SimpleNamespace(config=types.SimpleNamespace(hidden_size=text_config.hidden_size)),
-      state, prefix="")
+  text_sd = _open_clip_text(text_config.hidden_size, state, prefix="")
   text_sd.pop("text_projection.weight", None)
   config_dict = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
                  **text_config.to_dict()}

@@ -33,6 +33,11 @@ from jip2p.models.layers import abstract_module
 from jip2p.tokenizer import CLIPTokenizer, load_tokenizer
 
 INDEX = "model_index.json"  # written last: a folder without it is not (yet) a model
+# model_index.json settings of diffusers' SDXL pipelines that change what they compute (the
+# unconditional text: zeros or the encoded empty prompt; CosXL Edit's EDM image-latent scaling),
+# kept from the folder read to the folder written. diffusers passes model_index.json's entries
+# to the pipeline's __init__, so is_cosxl_edit there is honoured though its own save omits it.
+SDXL_INDEX_OPTIONS = ("force_zeros_for_empty_prompt", "is_cosxl_edit")
 
 # diffusers / transformers class name → (config class, jip2p module class, weights file stem).
 COMPONENT_CLASSES = {
@@ -70,6 +75,7 @@ class Pipeline:
   folder: str | None = None
   text_encoder_2: clip_text.CLIPTextEncoderWithProjection | None = None
   tokenizer_2: CLIPTokenizer | None = None
+  sdxl_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # SDXL_INDEX_OPTIONS
 
   @property
   def is_sdxl(self) -> bool:
@@ -213,7 +219,7 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"
   local = _local_folder(folder, INDEX)
   if not os.path.isdir(local):
     raise CheckpointError(f"missing model folder: {folder}")
-  read_json(os.path.join(local, INDEX))
+  index = read_json(os.path.join(local, INDEX))
   load = lambda path: load_component(path, dtype=dtype, attention_impl=attention_impl)
   unet_model = load(os.path.join(local, "unet"))
   vae_model = (load(os.path.join(local, "vae")) if vae is None else
@@ -229,6 +235,7 @@ def load_pipeline(folder: str, *, dtype=jnp.float32, attention_impl: str = "xla"
   second = os.path.join(local, "text_encoder_2")
   if is_sdxl_unet(unet_model.config) or os.path.isdir(second):
     sdxl = _sdxl_components(folder, local, unet_model, load)
+    sdxl["sdxl_options"] = {k: index[k] for k in SDXL_INDEX_OPTIONS if k in index}
   return Pipeline(
       unet=unet_model, vae=vae_model, text_encoder=load(os.path.join(local, "text_encoder")),
       tokenizer=load_tokenizer(local),
@@ -446,7 +453,7 @@ def _write_folder(pipeline: Pipeline, folder: str, dtype: str) -> None:
     save_component(pipeline.text_encoder_2, os.path.join(folder, "text_encoder_2"), dtype=dtype)
     pipeline.tokenizer_2.write_folder(os.path.join(folder, "tokenizer_2"))
     index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
-                 tokenizer_2=["transformers", "CLIPTokenizer"])
+                 tokenizer_2=["transformers", "CLIPTokenizer"], **pipeline.sdxl_options)
   else:
     index.update(safety_checker=[None, None], requires_safety_checker=False)
   if not ip2p:

@@ -71,7 +71,7 @@ _SDXL_UNET = {
     "norm_num_groups": 32, "out_channels": 4, "projection_class_embeddings_input_dim": 2816,
     "sample_size": 128, "transformer_layers_per_block": [1, 2, 10],
     "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "use_linear_projection": True,
+    "upcast_attention": None, "use_linear_projection": True,
 }
 _SDXL_VAE = {**_SD15_VAE, "sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True}
 _SDXL_TEXT = {**_SD15_TEXT, "pad_token_id": 1}
@@ -116,14 +116,15 @@ PRESETS = {
                          "num_attention_heads": 4, "num_hidden_layers": 2,
                          "projection_dim": 32},
     },
-    # SDXL's layout at tiny widths: text states 32 + 32 wide, pooled text 32 + 6 time ids × 8.
+    # SDXL's layout at tiny widths: text states 32 + 48 wide, pooled text 40 + 6 time ids × 8.
+    # The two encoders differ in width, as SDXL's do (single-file loaders tell them apart so).
     "tiny-sdxl": {
         "scheduler": _SDXL_SCHEDULER,
         "unet": {**_SDXL_UNET, "addition_time_embed_dim": 8, "attention_head_dim": [2, 4],
-                 "block_out_channels": [32, 64], "cross_attention_dim": 64,
+                 "block_out_channels": [32, 64], "cross_attention_dim": 80,
                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
-                 "projection_class_embeddings_input_dim": 80, "sample_size": 32,
+                 "projection_class_embeddings_input_dim": 88, "sample_size": 32,
                  "transformer_layers_per_block": [1, 2]},
         "vae": {**_SDXL_VAE, "block_out_channels": [32, 64],
                 "down_block_types": ["DownEncoderBlock2D"] * 2,
@@ -131,9 +132,9 @@ PRESETS = {
                 "sample_size": 64},
         "text_encoder": {**_SDXL_TEXT, "hidden_size": 32, "intermediate_size": 37,
                          "num_attention_heads": 4, "num_hidden_layers": 2, "projection_dim": 32},
-        "text_encoder_2": {**_SDXL_TEXT_2, "hidden_size": 32, "intermediate_size": 64,
+        "text_encoder_2": {**_SDXL_TEXT_2, "hidden_size": 48, "intermediate_size": 64,
                            "num_attention_heads": 4, "num_hidden_layers": 3,
-                           "projection_dim": 32},
+                           "projection_dim": 40},
     },
     # The procedural edit world (jip2p.data.synthetic, 32 px): the exact pixel codec in the VAE's
     # place (patch 1: latents are the 32×32×3 pixels) and a small 3-level UNet and text encoder.

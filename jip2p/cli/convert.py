@@ -2,6 +2,7 @@
 
   jip2p-convert instruct-pix2pix-00-22000.ckpt /models/ip2p
   jip2p-convert v1-5-pruned-emaonly.safetensors /models/sd15-ip2p --expand-conv-in 8
+  jip2p-convert sd_xl_base_1.0.safetensors /models/sdxl-ip2p --expand-conv-in 8
   jip2p-convert --open-clip-config world-clip.json world-clip.safetensors /models/world-text
 
 The last form converts an open_clip CLIP's text tower into text_encoder/ + tokenizer/ (what
@@ -31,8 +32,8 @@ def _main(argv: Sequence[str] | None) -> int:
   parser = argparse.ArgumentParser(
       prog=PROG,
       description="Convert a single-file Stable Diffusion / InstructPix2Pix checkpoint (original "
-                  "CompVis layout, .ckpt or .safetensors) into a diffusers-format folder that "
-                  "jip2p and diffusers load.",
+                  "CompVis layout, or SDXL's SGM layout; .ckpt or .safetensors) into a "
+                  "diffusers-format folder that jip2p and diffusers load.",
       epilog="The paths are checked before the file is read; a path, file or weight that cannot "
              "be used ends the run with one line naming it and exit status 2. dst is written "
              "under a temporary name (.tmp-DST… beside it) and renamed when complete: a failed "
@@ -45,7 +46,7 @@ def _main(argv: Sequence[str] | None) -> int:
                            "its text tower as dst/text_encoder/ + dst/tokenizer/, the frozen text "
                            "encoder a training run can use (config.model.text_encoder)")
   parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                      help="architecture of the file (default: detected, sd15 or sd21)")
+                      help="architecture of the file (default: detected, sd15, sd21 or sdxl)")
   parser.add_argument("--no-ema", action="store_true",
                       help="take the raw weights where the file also has EMA ones (default: EMA)")
   parser.add_argument("--expand-conv-in", type=int, default=None, metavar="N",

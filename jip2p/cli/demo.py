@@ -6,6 +6,9 @@
   jip2p-demo --pretrained             # edit with the model shipped in data/ instead of training
   jip2p-demo --pretrained --sweep     # … and sweep the two guidance scales (table + plot)
   jip2p-demo --pretrained DIR         # score another world model (e.g. from jip2p-export)
+  jip2p-demo --base T2I               # fine-tune a world text-to-image model, as the paper does
+  jip2p-demo --base T2I --generate    # … on pairs it generates (prompts → jip2p-generate →
+                                      #   jip2p-clip-filter with the world CLIP), scored exactly
 
 Writes ``DIR/report.md`` with PSNR and per-family success on held-out scenes, ``DIR/grid.png``
 (input | instruction | output | ground truth), ``DIR/metrics.png`` (loss and held-out success over
@@ -56,6 +59,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--families", default=",".join(d.families),
                       help="comma-separated edit families to train on and evaluate (default: "
                            "all)")
+  parser.add_argument("--base", default=None, metavar="DIR",
+                      help="fine-tune this world text-to-image model (a configs/synthetic_t2i.py "
+                           "export) instead of training from scratch")
+  parser.add_argument("--generate", action="store_true",
+                      help="train on pairs generated from --base and CLIP-filtered (the paper's "
+                           "stage 2) instead of the world's exact triplets; the report scores "
+                           "the pairs exactly (pairs.png: kept and rejected)")
+  parser.add_argument("--num-prompts", type=int, default=d.num_prompts,
+                      help="world prompts to generate pairs from (with --generate)")
+  parser.add_argument("--candidates", type=int, default=d.candidates,
+                      help="candidate pairs per prompt (with --generate)")
+  parser.add_argument("--generation-steps", type=int, default=d.generation_steps,
+                      help="sampler steps per generated image (with --generate)")
   parser.add_argument("--sweep", action="store_true",
                       help="also edit at every s_T ∈ {1, 3, 7.5} × s_I ∈ {1, 1.5, 2}: a table in "
                            "the report and the trade-off plot sweep.png")
@@ -75,7 +91,9 @@ def _main(argv: Sequence[str] | None) -> int:
       minutes=args.minutes, pretrained=args.pretrained, num_train=args.num_train,
       num_eval=args.num_eval, eval_points=args.eval_points, eval_steps=args.eval_steps,
       text_guidance=args.text_guidance, image_guidance=args.image_guidance, seed=args.seed,
-      sweep=args.sweep, families=tuple(args.families.split(",")))
+      sweep=args.sweep, families=tuple(args.families.split(",")), base=args.base,
+      generate=args.generate, num_prompts=args.num_prompts, candidates=args.candidates,
+      generation_steps=args.generation_steps)
   demo_run.run_demo(settings, log=lambda m: print(f"{PROG}: {m}", flush=True))
   return 0
 

@@ -22,7 +22,9 @@ from tests.reference import torch_components
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+        # SDXL's text_time added embedding is the SGM UNet's label_emb.
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def unet_to_ldm(key: str, config: dict) -> str:

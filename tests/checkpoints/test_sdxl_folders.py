@@ -23,7 +23,8 @@ def sdxl_torch(tmp_path_factory):
   return pipe, folder
 
 
-def _assert_same_weights(ours, torch_model, name):
+def assert_same_weights(ours, torch_model, name):
+  """A jip2p module's weights, exported, equal a diffusers / transformers module's."""
   exported = checkpoints.to_torch_state_dict(ours)
   reference = {k: v.numpy() for k, v in torch_model.state_dict().items()
                if not k.endswith("position_ids")}
@@ -43,7 +44,7 @@ def test_sdxl_folder_loads_and_exports_for_diffusers(sdxl_torch, tmp_path):
   assert ours.vae.config.scaling_factor == 0.13025
   assert ours.tokenizer_2.pad_token == "!" and ours.tokenizer.pad_token == "<|endoftext|>"
   for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-    _assert_same_weights(getattr(ours, name), getattr(pipe, name), name)
+    assert_same_weights(getattr(ours, name), getattr(pipe, name), name)
 
   out = str(tmp_path / "exported")
   checkpoints.save_pipeline(ours, out)
@@ -51,11 +52,30 @@ def test_sdxl_folder_loads_and_exports_for_diffusers(sdxl_torch, tmp_path):
   assert index["_class_name"] == "StableDiffusionXLInstructPix2PixPipeline"
   again = diffusers.StableDiffusionXLInstructPix2PixPipeline.from_pretrained(out)
   for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-    _assert_same_weights(getattr(ours, name), getattr(again, name), name)
+    assert_same_weights(getattr(ours, name), getattr(again, name), name)
   assert again.vae.config.scaling_factor == 0.13025 and again.vae.config.force_upcast
   assert again.tokenizer_2.pad_token == "!"
   assert again.tokenizer_2("a cat").input_ids == pipe.tokenizer_2("a cat").input_ids
   assert type(again.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_sdxl_pipeline_settings_survive_the_round_trip(sdxl_torch, tmp_path):
+  """model_index.json's force_zeros_for_empty_prompt and is_cosxl_edit (CosXL Edit) are kept:
+  they change what diffusers' pipeline computes."""
+  import diffusers
+  _, folder = sdxl_torch
+  cosxl = str(tmp_path / "cosxl")
+  shutil.copytree(folder, cosxl)
+  index_path = os.path.join(cosxl, "model_index.json")
+  index = json.load(open(index_path))
+  json.dump({**index, "force_zeros_for_empty_prompt": False, "is_cosxl_edit": True},
+            open(index_path, "w"))
+  ours = checkpoints.load_pipeline(cosxl)
+  assert ours.sdxl_options == {"force_zeros_for_empty_prompt": False, "is_cosxl_edit": True}
+  checkpoints.save_pipeline(ours, str(tmp_path / "out"))
+  again = diffusers.StableDiffusionXLInstructPix2PixPipeline.from_pretrained(str(tmp_path / "out"))
+  assert again.is_cosxl_edit is True  # an __init__ argument, read from model_index.json
+  assert again.config.force_zeros_for_empty_prompt is False
 
 
 def test_sdxl_text_to_image_folder_exports_for_diffusers(tmp_path):
@@ -66,14 +86,14 @@ def test_sdxl_text_to_image_folder_exports_for_diffusers(tmp_path):
   checkpoints.save_pipeline(ours, str(tmp_path / "out"))
   again = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "out"))
   assert again.unet.config.in_channels == 4
-  _assert_same_weights(ours.text_encoder_2, again.text_encoder_2, "text_encoder_2")
+  assert_same_weights(ours.text_encoder_2, again.text_encoder_2, "text_encoder_2")
 
 
 def test_random_sdxl_preset_round_trip(tmp_path):
   """A random tiny-sdxl folder written by JAX alone loads back with its second encoder."""
   folder = checkpoints.create_random_pipeline(str(tmp_path / "r"), "tiny-sdxl")
   pipe = checkpoints.load_pipeline(folder)
-  assert pipe.is_sdxl and pipe.text_encoder_2.config.projection_dim == 32
+  assert pipe.is_sdxl and pipe.text_encoder_2.config.projection_dim == 40
   assert pipe.unet.config.cross_attention_dim == (pipe.text_encoder.config.hidden_size
                                                   + pipe.text_encoder_2.config.hidden_size)
 
@@ -122,3 +142,23 @@ def test_sdxl_folder_errors(sdxl_torch, tmp_path):
   with pytest.raises(CheckpointError, match="is not a VAE folder: .* describes a "
                                             "UNet2DConditionModel"):
     checkpoints.load_pipeline(folder, vae=os.path.join(folder, "unet"))
+
+
+def test_sdxl_preset_has_sdxl_base_shapes():
+  """The sdxl preset (what jip2p-convert reads an SDXL file with) is SDXL base 1.0's
+  config.json shapes, as the parity tests write them."""
+  from jip2p.models.clip_text import CLIPTextConfig
+  from jip2p.models.unet import UNetConfig
+  from tests.models.test_clip_text import SDXL_TEXT, SDXL_TEXT_2
+  from tests.models.test_unet import SDXL
+  configs = checkpoints.preset_configs("sdxl", unet_in_channels=8)
+  assert UNetConfig.from_dict(configs["unet"]) == UNetConfig.from_dict(SDXL)
+  shape = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers",
+           "hidden_act", "projection_dim", "max_position_embeddings", "vocab_size")
+  for name, real in (("text_encoder", SDXL_TEXT), ("text_encoder_2", SDXL_TEXT_2)):
+    ours = CLIPTextConfig.from_dict(configs[name])
+    assert {k: getattr(ours, k) for k in shape} == {k: real[k] for k in shape}, name
+  assert configs["text_encoder_2"]["architectures"] == ["CLIPTextModelWithProjection"]
+  vae = configs["vae"]
+  assert (vae["scaling_factor"], vae["force_upcast"], vae["block_out_channels"]) == (
+      0.13025, True, [128, 256, 512, 512])

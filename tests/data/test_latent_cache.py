@@ -282,3 +282,19 @@ def test_token_ids_mode(dataset, pipeline, tmp_path):
   assert want["dtype"] == "float16" and want["resize"] == RES
   with pytest.raises(ConfigError, match="text='tokens'"):
     latents.write_cache(dataset, str(tmp_path / "bad"), pipeline, text="tokens")
+
+
+def test_vae_option_and_sdxl_refusal(tmp_path):
+  """--vae DIR: the cache's VAE is that folder's (a model folder's vae/ too); an SDXL model is
+  refused in one line (its two encoders' cache is not there yet)."""
+  from jip2p import checkpoints
+  from jip2p.errors import CheckpointError
+  other = checkpoints.create_random_pipeline(str(tmp_path / "other"), "tiny", seed=9)
+  kernel = lambda p: np.asarray(p.vae.decoder.conv_out.kernel.get_value())
+  want = kernel(checkpoints.load_pipeline(other))
+  base = checkpoints.create_random_pipeline(str(tmp_path / "base"), "tiny", seed=1)
+  for spec, vae in (("random:tiny", other + "/vae"), (base, other)):
+    np.testing.assert_array_equal(kernel(cache_latents.load_model(spec, "float32", vae)), want)
+    assert not np.array_equal(kernel(cache_latents.load_model(spec, "float32")), want)
+  with pytest.raises(CheckpointError, match="is an SDXL model .* jip2p-cache-latents"):
+    cache_latents.load_model("random:tiny-sdxl", "float32")

@@ -105,3 +105,26 @@ def test_free_group_takes_several_forms_and_show_attention_needs_no_clip(model):
   options = generation_config.from_config(c)
   assert options.p2p.cross_replace_steps == {"dog": (0.1, 0.5), "default_": (0.0, 0.8)}
   assert options.p2p.blend_words == (("cat",), ("dog",))
+
+
+def test_config_vae_and_sdxl_refusal(tmp_path):
+  """config.vae puts a VAE folder in the model's VAE's place; an SDXL model is refused in one
+  line (SDXL generation is not there yet)."""
+  import numpy as np
+
+  from jip2p import checkpoints
+  from jip2p.cli import generate
+  from jip2p.errors import CheckpointError
+  model = checkpoints.create_random_pipeline(str(tmp_path / "sd"), "tiny", unet_in_channels=4)
+  other = checkpoints.create_random_pipeline(str(tmp_path / "other"), "tiny", seed=9,
+                                             unet_in_channels=4)
+  config = generation_config.base_config()
+  config.model, config.vae = model, other
+  kernel = lambda p: np.asarray(p.vae.decoder.conv_out.kernel.get_value())
+  np.testing.assert_array_equal(kernel(generate._load_pipeline(config)),
+                                kernel(checkpoints.load_pipeline(other)))
+  config.model = checkpoints.create_random_pipeline(str(tmp_path / "xl"), "tiny-sdxl",
+                                                    unet_in_channels=4)
+  config.vae = ""
+  with pytest.raises(CheckpointError, match="is an SDXL model .* jip2p-generate runs"):
+    generate._load_pipeline(config)
