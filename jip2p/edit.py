@@ -6,6 +6,13 @@
     sdedit = Editor.from_pretrained("path/to/stable-diffusion")   # the paper's baseline
     [out] = sdedit(["cat.jpg"], ["a photo of a tiger"], method="sdedit", strength=0.75, seed=0)
 
+An SDXL InstructPix2Pix folder (``text_encoder_2/``, a ``text_time`` UNet) edits as diffusers'
+``StableDiffusionXLInstructPix2PixPipeline``: both text encoders and the pooled text, the
+micro-conditioning ``original_size``, ``crops_coords_top_left``, ``target_size`` (options of
+`Editor.edits`; by default the edit's (height, width), (0, 0) and its (height, width), as the
+pipeline), and for the null text zeros (the pipeline's ``force_zeros_for_empty_prompt``, as the
+folder's model_index.json says; true unless it says false, when the encoded "" is used).
+
 ``method="sdedit"`` (with a text-to-image model, and the *edited caption* in the instruction's
 place, as the paper compares) noises the image latents to the step ``int(steps·strength)`` from the
 end of the grid and denoises them towards the caption with plain guidance s = text_guidance
@@ -269,18 +276,27 @@ def _as_list(x: Any, single: tuple[type, ...]) -> list:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "method", "scaling_factor",
-                                             "prediction_type"))
-def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, image_scale, *,
-                graphdefs, method: str, scaling_factor: float, prediction_type: str):
+                                             "prediction_type", "zero_null_text",
+                                             "scale_image_latents"))
+def _edit_batch(states, images, input_ids, noise, seeds, schedule, text_scale, image_scale,
+                sdxl=None, *, graphdefs, method: str, scaling_factor: float, prediction_type: str,
+                zero_null_text: bool = True, scale_image_latents: bool = False):
   """`editing.edit` on one padded batch, in [0, 1]; compiled per model architecture (the static
   graphdefs, so editors of one architecture share programs), batch, image shape and sampler
-  (``schedule`` padded by `schedules.pad`: any step count, one program). Arrays as `editing.edit`'s (scales float32 scalars); → (float32 [B, H, W, 3] in
+  (``schedule`` padded by `schedules.pad`: any step count, one program). Arrays as
+  `editing.edit`'s (scales float32 scalars); an SDXL model's states and graphdefs end with its
+  second text encoder's, and ``sdxl`` is (input_ids_2, time_ids). → (float32 [B, H, W, 3] in
   [0, 1], the stages' finite flags bool [len(editing.STAGES)]).
   """
-  unet, vae, text_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+  unet, vae, text_encoder, *second = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+  input_ids_2, time_ids = (None, None) if sdxl is None else sdxl
   pixels, finite = editing.edit(unet, vae, text_encoder, images, input_ids, noise, seeds,
                                 schedule, text_scale, image_scale, method=method,
-                                scaling_factor=scaling_factor, prediction_type=prediction_type)
+                                scaling_factor=scaling_factor, prediction_type=prediction_type,
+                                text_encoder_2=second[0] if second else None,
+                                input_ids_2=input_ids_2, time_ids=time_ids,
+                                zero_null_text=zero_null_text,
+                                scale_image_latents=scale_image_latents)
   return pixels / 2 + 0.5, finite
 
 
@@ -307,12 +323,26 @@ class _Job:
 
 
 class Editor:
-  """Edits images with an InstructPix2Pix `checkpoints.Pipeline` (8-channel UNet), or with SDEdit
-  given a text-to-image one (4-channel UNet)."""
+  """Edits images with an InstructPix2Pix `checkpoints.Pipeline` (8-channel UNet; SD 1.x/2.x or
+  SDXL), or with SDEdit given an SD 1.x/2.x text-to-image one (4-channel UNet).
 
-  def __init__(self, pipeline: checkpoints.Pipeline):
+  An SDXL model is conditioned as diffusers' ``StableDiffusionXLInstructPix2PixPipeline``
+  (`editing.text_conditioning`): both text encoders, the pooled text, the micro-conditioning
+  (`time_ids`) and, for the null text, zeros when ``zero_null_text`` or else the encoding of "".
+
+  A model whose scheduler is EDM's (CosXL Edit: ``EDMEulerScheduler``, v-prediction) samples on
+  the `schedules.edm` grid by default, and with ``is_cosxl_edit`` its image latents are scaled by
+  the VAE's scaling factor, as diffusers' pipeline with ``is_cosxl_edit=True`` (other models
+  condition on the unscaled latents).
+
+  ``zero_null_text`` and ``is_cosxl_edit`` default (None) to what the folder's model_index.json
+  says (``Pipeline.sdxl_options``: ``force_zeros_for_empty_prompt``, true when absent, and
+  ``is_cosxl_edit``, false when absent), as diffusers' pipeline reads them.
+  """
+
+  def __init__(self, pipeline: checkpoints.Pipeline, *, zero_null_text: bool | None = None,
+               is_cosxl_edit: bool | None = None):
     where = pipeline.folder or "the model"
-    checkpoints.refuse_sdxl(pipeline, where, "the editor")
     unet, vae, text = pipeline.unet.config, pipeline.vae.config, pipeline.text_encoder.config
     latent = vae.latent_channels
     if unet.in_channels not in (latent, 2 * latent) or unet.out_channels != latent:
@@ -321,13 +351,24 @@ class Editor:
           f"InstructPix2Pix UNet for this {latent}-channel VAE maps {2 * latent} → {latent} (a "
           f"text-to-image one, for SDEdit, {latent} → {latent})")
     self.text_to_image = unet.in_channels == latent
-    if unet.cross_attention_dim != text.hidden_size:
+    self.sdxl = pipeline.is_sdxl
+    widths = [text.hidden_size] + ([pipeline.text_encoder_2.config.hidden_size] if self.sdxl
+                                   else [])
+    if unet.cross_attention_dim != sum(widths):
       raise CheckpointError(
           f"{where}: the UNet attends to {unet.cross_attention_dim}-wide text states but the "
-          f"text encoder gives {text.hidden_size}")
+          f"text encoder states are {' + '.join(map(str, widths))} wide")
+    options = pipeline.sdxl_options
+    self.zero_null_text = bool(options.get("force_zeros_for_empty_prompt", True)
+                               if zero_null_text is None else zero_null_text)
+    self.is_cosxl_edit = bool(options.get("is_cosxl_edit", False) if is_cosxl_edit is None
+                              else is_cosxl_edit)
     self.pipeline = pipeline
     self.scheduler_config = schedules.from_scheduler_config(pipeline.scheduler_config)
-    modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder)
+    # The grid `edits` walks unless told: the reference's, or an EDM model's own.
+    self.default_schedule = "edm" if self.scheduler_config.edm else "discrete"
+    modules = (pipeline.unet, pipeline.vae, pipeline.text_encoder) + (
+        (pipeline.text_encoder_2,) if self.sdxl else ())
     graphdefs, self._states = zip(*(nnx.split(m) for m in modules))
     self._graphdefs = tuple(graphdefs)
     self._scaling_factor = float(vae.scaling_factor)
@@ -341,16 +382,20 @@ class Editor:
 
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: str = "float32",
-                      attention_impl: str = "xla", vae: str | None = None) -> Editor:
+                      attention_impl: str = "xla", vae: str | None = None,
+                      zero_null_text: bool | None = None,
+                      is_cosxl_edit: bool | None = None) -> Editor:
     """Loads a diffusers-format InstructPix2Pix folder; ``dtype`` is the compute dtype
     ("float32" or "bfloat16"; parameters stay float32); ``vae``: a VAE folder in the folder's
-    VAE's place (`checkpoints.load_pipeline`)."""
+    VAE's place (`checkpoints.load_pipeline`); ``zero_null_text``, ``is_cosxl_edit``: an SDXL
+    model's, in place of its folder's (see `Editor`)."""
     path = os.fspath(path)
     if dtype not in DTYPES:
       raise ConfigError(f"dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     _check_folder(path)
-    return cls(checkpoints.load_pipeline(path, dtype=DTYPES[dtype],
-                                         attention_impl=attention_impl, vae=vae))
+    return cls(checkpoints.load_pipeline(path, dtype=DTYPES[dtype], attention_impl=attention_impl,
+                                         vae=vae),
+               zero_null_text=zero_null_text, is_cosxl_edit=is_cosxl_edit)
 
   def _warn_if_cut(self, instruction: str) -> None:
     """Warns when the text encoder reads only the start of ``instruction`` (as the reference, it
@@ -381,10 +426,12 @@ class Editor:
   def edits(self, images, instructions, *, steps: int = 100, text_guidance: float = 7.5,
             image_guidance: float = 1.5, resolution: int | None = 512,
             seed: int | Sequence[int] | None = None,
-            sampler: str = "euler_ancestral", schedule: str = "discrete", batch_size: int = 1,
+            sampler: str = "euler_ancestral", schedule: str | None = None, batch_size: int = 1,
             noise=None, output_type: str = "pil", names: Sequence[str] | None = None,
             method: str = "ip2p", strength: float = 0.75,
-            size_buckets: int | None = None) -> Iterator[tuple[int, Any]]:
+            size_buckets: int | None = None, original_size: Sequence[int] | None = None,
+            crops_coords_top_left: Sequence[int] | None = None,
+            target_size: Sequence[int] | None = None) -> Iterator[tuple[int, Any]]:
     """Validates every input now, then yields ``(index, edited image)`` as batches finish.
 
     Args:
@@ -398,7 +445,9 @@ class Editor:
         image (e.g. to redo some edits of a run); at most `MAX_SEED`.
       sampler: one of `SAMPLERS` (k-diffusion Euler ancestral, the reference, by default).
       schedule: the sigma grid, one of `SCHEDULES`: k-diffusion's "discrete" (the reference), or
-        diffusers' grids ("diffusers_euler", "diffusers_ddim", …) to reproduce its schedulers.
+        diffusers' grids ("diffusers_euler", "diffusers_ddim", …) to reproduce its schedulers;
+        an EDM model (CosXL Edit) has "edm" only. None: `default_schedule` ("discrete", or
+        "edm" for an EDM model).
       batch_size: edits per compiled call; the last batch of each image shape is padded.
       noise: optional initial latents, one unit-variance ``[h, w, C]`` array per image (see
         `noise_shape`), in place of the seeds' draws.
@@ -410,8 +459,13 @@ class Editor:
       size_buckets: None resizes by the reference's rule (`preprocess_size`); N centre-fits
         each image to one of at most 2N − 1 shapes (`bucket_size`), so that any mix of aspect
         ratios compiles a handful of programs (needs a ``resolution``).
+      original_size, crops_coords_top_left, target_size: an SDXL model's micro-conditioning,
+        each (height, width) or (top, left) in pixels, as diffusers' SDXL pipeline: by default
+        the size of each edit (after resizing) for both sizes and (0, 0) for the crop.
     """
     self.check_method(method)
+    schedule = self.default_schedule if schedule is None else schedule
+    micro = self._micro_conditioning(original_size, crops_coords_top_left, target_size)
     start = editing.sdedit_start(steps, strength) if method == "sdedit" else 0
     jobs, empty = self._prepare(images, instructions, steps=steps, text_guidance=text_guidance,
                                 image_guidance=image_guidance, resolution=resolution, seed=seed,
@@ -424,7 +478,7 @@ class Editor:
                                  timesteps=grid.timesteps[start:])
     grid = schedules.pad(grid, self.max_steps)
     return self._generate(jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
-                          output_type, method)
+                          output_type, method, micro)
 
   def check_method(self, method: str) -> None:
     """`CheckpointError` unless the model is of ``method``'s kind (an InstructPix2Pix model for
@@ -440,10 +494,26 @@ class Editor:
           "edited caption as the prompt), or grow its conv_in with "
           f"jip2p.checkpoints.expand_conv_in (or jip2p-convert --expand-conv-in {2 * latent}) and "
           "train it on edit triplets first")
+    if method == "sdedit" and self.sdxl:
+      raise CheckpointError(f"{where} is an SDXL model; SDEdit runs Stable Diffusion 1.x/2.x "
+                            "models only so far")
     if method == "sdedit" and not self.text_to_image:
       raise CheckpointError(
           f"{where} is an InstructPix2Pix model (its UNet takes {2 * latent} input channels); "
           f"SDEdit needs a text-to-image model ({latent}), such as the one it was trained from")
+
+  def _micro_conditioning(self, original_size, crops_coords_top_left, target_size
+                          ) -> tuple[tuple[int, int] | None, ...]:
+    """The SDXL micro-conditioning options, each checked by `check_micro_conditioning`; given to
+    a model without it, a `ConfigError`."""
+    given = {"original_size": original_size, "crops_coords_top_left": crops_coords_top_left,
+             "target_size": target_size}
+    if not self.sdxl:
+      named = [k for k, v in given.items() if v is not None]
+      if named:
+        raise ConfigError(f"{', '.join(named)}: micro-conditioning is for SDXL models; "
+                          f"{self.pipeline.folder or 'the model'} is not one")
+    return tuple(check_micro_conditioning(k, v) for k, v in given.items())
 
   def _prepare(self, images, instructions, *, steps, text_guidance, image_guidance, resolution,
                seed, sampler, schedule, batch_size, noise, output_type, names, size_buckets):
@@ -512,7 +582,7 @@ class Editor:
     return jobs, empty
 
   def _generate(self, jobs, empty, grid, sampler, batch_size, text_guidance, image_guidance,
-                output_type, method):
+                output_type, method, micro):
     for job in empty:
       yield job.index, _output(np.asarray(job.image, np.float32) / 255.0, output_type)
     groups: dict[tuple[int, int], list[_Job]] = {}
@@ -538,9 +608,15 @@ class Editor:
           out, finite = jax.device_get(_sdedit_batch(
               self._states, images, input_ids, noise, seeds, grid, text_scale, **options))
         else:
+          sdxl = None
+          if self.sdxl:
+            texts = [j.instruction for j in padded] + [""]
+            sdxl = (self.pipeline.tokenizer_2(texts),
+                    np.tile(time_ids(height, width, *micro), (len(padded), 1)))
           out, finite = jax.device_get(_edit_batch(
               self._states, images, input_ids, noise, seeds, grid, text_scale, image_scale,
-              **options))
+              sdxl, zero_null_text=self.zero_null_text,
+              scale_image_latents=self.is_cosxl_edit, **options))
         self._check_finite(finite, batch)
         for b, job in enumerate(batch):
           yield job.index, _output(out[b], output_type)
@@ -555,6 +631,35 @@ class Editor:
         f"{where}: the {stage} produced NaN or inf (editing {', '.join(j.name for j in batch)}); "
         "its weights may hold NaN/inf: convert or export the model again (in bfloat16, try "
         "float32)")
+
+
+MICRO_CONDITIONING = {"original_size": "(height, width)", "crops_coords_top_left": "(top, left)",
+                      "target_size": "(height, width)"}
+
+
+def check_micro_conditioning(key: str, value: Any, name: str | None = None
+                             ) -> tuple[int, int] | None:
+  """An SDXL micro-conditioning option ``key`` (one of `MICRO_CONDITIONING`): None, or two
+  integers ≥ 0 → a tuple; else a one-line `ConfigError` naming ``name`` (default ``key``)."""
+  if value is None:
+    return None
+  if (isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray))
+      or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer))
+                                or v < 0 for v in value)):
+    raise ConfigError(f"{name or key} must be {MICRO_CONDITIONING[key]}: two integers ≥ 0, got "
+                      f"{value!r:.60}")
+  return int(value[0]), int(value[1])
+
+
+def time_ids(height: int, width: int, original_size: Sequence[int] | None = None,
+             crops_coords_top_left: Sequence[int] | None = None,
+             target_size: Sequence[int] | None = None) -> np.ndarray:
+  """SDXL's micro-conditioning of a ``height × width`` edit, float32 [6]: original size, crop's
+  top left corner, target size, defaulting as diffusers' SDXL pipelines to (height, width),
+  (0, 0) and (height, width)."""
+  size = (height, width)
+  return np.asarray([*(original_size or size), *(crops_coords_top_left or (0, 0)),
+                     *(target_size or size)], np.float32)
 
 
 def _output(pixels: np.ndarray, output_type: str):

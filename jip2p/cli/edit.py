@@ -55,7 +55,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "(or by SDEdit, the paper's baseline, with a text-to-image model).",
       epilog=RULES, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", required=True, metavar="DIR",
-                      help="diffusers-format InstructPix2Pix folder (see jip2p-convert)")
+                      help="diffusers-format InstructPix2Pix folder, SD 1.x/2.x or SDXL (see "
+                           "jip2p-convert)")
   parser.add_argument("--vae", metavar="DIR", default=None, help=VAE_HELP)
   parser.add_argument("--input", nargs="+", metavar="PATH",
                       help="image files and/or folders of images (with --instruction)")
@@ -81,8 +82,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                            "of it (default: the model's own size, 512 for Stable Diffusion)")
   parser.add_argument("--seed", type=int, default=None, help="default: random, printed")
   parser.add_argument("--sampler", choices=edit.SAMPLERS, default="euler_ancestral")
-  parser.add_argument("--schedule", choices=edit.SCHEDULES, default="discrete",
-                      help="sigma grid (discrete: the reference's)")
+  parser.add_argument("--schedule", choices=edit.SCHEDULES, default=None,
+                      help="sigma grid (default: discrete, the reference's; edm, the only one, "
+                           "for a model with an EDM scheduler such as CosXL Edit)")
+  micro = parser.add_argument_group(
+      "SDXL micro-conditioning", "what an SDXL model is told of each image, two integers in "
+      "pixels each (defaults as diffusers' SDXL pipelines)")
+  micro.add_argument("--original-size", type=int, nargs="+", metavar="N",
+                     help="HEIGHT WIDTH of the original image (default: the edit's size)")
+  micro.add_argument("--crops-coords-top-left", type=int, nargs="+", metavar="N",
+                     help="TOP LEFT of the crop (default: 0 0)")
+  micro.add_argument("--target-size", type=int, nargs="+", metavar="N",
+                     help="HEIGHT WIDTH of the target (default: the edit's size)")
   parser.add_argument("--batch-size", type=int, default=1)
   parser.add_argument("--dtype", choices=sorted(edit.DTYPES), default="float32",
                       help="compute dtype (parameters stay float32)")
@@ -235,6 +246,9 @@ def _main(argv: Sequence[str] | None) -> int:
     raise ConfigError(f"--resolution must be ≥ 1, got {args.resolution}")
   if args.method == "sdedit":
     editing.sdedit_start(args.steps, args.strength)
+  micro = {key: edit.check_micro_conditioning(key, getattr(args, key),
+                                              f"--{key.replace('_', '-')}")
+           for key in edit.MICRO_CONDITIONING}
   jobs = read_jobs(args)
   if args.seed is not None and not 0 <= args.seed <= edit.MAX_SEED - len(jobs) + 1:
     raise ConfigError(f"--seed must be in [0, {edit.MAX_SEED - len(jobs) + 1}] for "
@@ -250,6 +264,12 @@ def _main(argv: Sequence[str] | None) -> int:
   editor = edit.Editor.from_pretrained(args.model, dtype=args.dtype,
                                        attention_impl=args.attention_impl, vae=args.vae)
   editor.check_method(args.method)
+  given = [f"--{key.replace('_', '-')}" for key, value in micro.items() if value is not None]
+  if given and not editor.sdxl:
+    raise ConfigError(f"{', '.join(given)}: micro-conditioning is for SDXL models; {args.model} "
+                      "is not one")
+  if args.schedule is None:
+    args.schedule = editor.default_schedule
   if args.resolution is None:
     args.resolution = editor.native_size
   edit.check_resolution(args.resolution, editor.size_multiple, "--resolution")
@@ -264,7 +284,7 @@ def _main(argv: Sequence[str] | None) -> int:
       text_guidance=args.text_guidance, image_guidance=args.image_guidance, resolution=None,
       seed=[seed + j for j in todo], sampler=args.sampler, schedule=args.schedule,
       batch_size=args.batch_size, names=[jobs[j][0] for j in todo], method=args.method,
-      strength=args.strength)
+      strength=args.strength, **micro)
   settings = {"text_guidance": str(args.text_guidance),
               "image_guidance": str(args.image_guidance), "steps": str(args.steps),
               "sampler": args.sampler, "schedule": args.schedule,
@@ -272,6 +292,8 @@ def _main(argv: Sequence[str] | None) -> int:
               "model": os.path.abspath(args.model), "software": "jip2p", "method": args.method}
   if args.method == "sdedit":
     settings["strength"] = str(args.strength)
+  settings.update({key: " ".join(map(str, value)) for key, value in micro.items()
+                   if value is not None})
   with tqdm(total=len(todo), desc=PROG, unit="image", file=sys.stderr) as bar:
     for done, (k, image) in enumerate(edits):
       j = todo[k]

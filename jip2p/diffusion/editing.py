@@ -13,6 +13,14 @@ half of ``split(key(seed))`` (`initial_noise`), its ancestral noise of step i fr
 folded with i. An edit therefore does not depend on the batch it lands in, and its seed reproduces
 it on its own.
 
+An SDXL model (a second text encoder, a UNet with ``text_time`` added conditioning) is
+conditioned as diffusers' ``StableDiffusionXLInstructPix2PixPipeline`` does it
+(`text_conditioning`): the prompt states of both encoders and the pooled, projected text of the
+second (`clip_text.encode_prompt_sdxl`), the micro-conditioning ``time_ids`` (original size,
+crop's top left corner, target size) in every branch, and for the null text zeros in place of both
+the states and the pooled text (the pipeline's ``force_zeros_for_empty_prompt``, its default) or,
+with ``zero_null_text=False``, the encoding of "".
+
 `edit` also returns whether each stage's output is all finite, computed inside the same program:
 a model with NaN weights (or a float overflow) then stops the caller with the stage that went
 wrong, at the cost of a few reductions and no extra host sync.
@@ -20,6 +28,7 @@ wrong, at the cost of a few reductions and no extra host sync.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -28,6 +37,7 @@ import jax.numpy as jnp
 from jip2p.diffusion import guidance, samplers
 from jip2p.diffusion.schedules import Schedule
 from jip2p.errors import ConfigError
+from jip2p.models import clip_text
 
 STAGES = ("text encoder", "VAE encoder", "UNet/sampler", "VAE decoder")
 
@@ -44,10 +54,43 @@ def _per_example_noise(keys: jax.Array, i: jax.Array, shape: tuple) -> jax.Array
   return jax.vmap(lambda k: samplers.step_noise(k, i, shape[1:]))(keys)
 
 
+def text_conditioning(unet, text_encoder, input_ids: jax.Array, text_encoder_2=None,
+                      input_ids_2: jax.Array | None = None, time_ids: jax.Array | None = None, *,
+                      zero_null_text: bool = True):
+  """(unet_fn, the instructions' context, the null text's context) for `guidance`'s eps_fns.
+
+  ``input_ids`` [B + 1, L]: the instructions' tokens and, last, those of "". Without
+  ``text_encoder_2`` (SD 1.x/2.x) the contexts are the encoder's states [B, L, D] and [L, D] and
+  ``unet_fn`` is the UNet. With it (SDXL): ``input_ids_2`` are the same texts through
+  ``tokenizer_2`` and ``time_ids`` float32 [B, 6] each example's micro-conditioning; a context is
+  the tuple (prompt states, pooled text, time ids), the null text's zeros (``zero_null_text``, as
+  diffusers' pipeline by default) or the encoding of "", with the same time ids.
+  """
+  if text_encoder_2 is None:
+    embeddings = text_encoder(input_ids)
+    return unet, embeddings[:-1], embeddings[-1]
+  if input_ids_2 is None or time_ids is None:
+    raise ValueError("an SDXL edit needs input_ids_2 (tokenizer_2's) and time_ids [B, 6]")
+  states, pooled = clip_text.encode_prompt_sdxl(text_encoder, text_encoder_2, input_ids,
+                                                input_ids_2)
+  null_states, null_pooled = states[-1], pooled[-1]
+  if zero_null_text:
+    null_states, null_pooled = jnp.zeros_like(null_states), jnp.zeros_like(null_pooled)
+  time_ids = jnp.asarray(time_ids, jnp.float32)
+
+  def unet_fn(sample, timesteps, context):
+    context_states, text_embeds, ids = context
+    return unet(sample, timesteps, context_states, text_embeds=text_embeds, time_ids=ids)
+
+  return (unet_fn, (states[:-1], pooled[:-1], time_ids), (null_states, null_pooled, time_ids))
+
+
 def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
          noise: jax.Array | None, seeds: jax.Array, schedule: Schedule, text_scale,
          image_scale, *, method: str, scaling_factor: float,
-         prediction_type: str) -> tuple[jax.Array, jax.Array]:
+         prediction_type: str, text_encoder_2=None, input_ids_2: jax.Array | None = None,
+         time_ids: jax.Array | None = None, zero_null_text: bool = True,
+         scale_image_latents: bool = False) -> tuple[jax.Array, jax.Array]:
   """Edits a batch of B images with B instructions.
 
   Args:
@@ -61,6 +104,9 @@ def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
     text_scale, image_scale: s_T and s_I, scalars or [B].
     method: the sampler (`samplers.METHODS`).
     scaling_factor: the VAE's latent scale; prediction_type: the UNet's ("epsilon", "v_prediction").
+    text_encoder_2, input_ids_2, time_ids, zero_null_text: an SDXL model's (`text_conditioning`).
+    scale_image_latents: multiply the image latents by ``scaling_factor`` (CosXL Edit, diffusers'
+      ``is_cosxl_edit``); InstructPix2Pix models take them unscaled.
 
   Returns:
     (pixels float32 [B, H, W, 3] in [-1, 1], finite bool [len(STAGES)]): finite[k] is whether
@@ -68,12 +114,14 @@ def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
     is finite; the first False names the stage that produced NaN or inf.
   """
   image_latents = vae.encode(images).mode()
-  embeddings = text_encoder(input_ids)
-  eps_fn = guidance.two_scale_eps_fn(unet, image_latents, embeddings[:-1], embeddings[-1],
-                                     text_scale, image_scale)
+  if scale_image_latents:
+    image_latents = image_latents * scaling_factor
+  unet_fn, text, null = text_conditioning(unet, text_encoder, input_ids, text_encoder_2,
+                                          input_ids_2, time_ids, zero_null_text=zero_null_text)
+  eps_fn = guidance.two_scale_eps_fn(unet_fn, image_latents, text, null, text_scale, image_scale)
   if noise is None:
     noise = initial_noise(seeds, shape=image_latents.shape[1:])
-  return _sample_and_decode(eps_fn, noise, schedule, seeds, vae, embeddings, image_latents,
+  return _sample_and_decode(eps_fn, noise, schedule, seeds, vae, (text, null), image_latents,
                             method=method, scaling_factor=scaling_factor,
                             prediction_type=prediction_type)
 
@@ -86,7 +134,9 @@ def _sample_and_decode(eps_fn, noise, schedule, seeds, vae, embeddings, image_la
   latents = samplers.sample(eps_fn, noise, schedule, step_keys, method=method,
                             noise_fn=_per_example_noise, prediction_type=prediction_type)
   pixels = vae.decode(latents / scaling_factor)
-  finite = jnp.stack([jnp.isfinite(x).all() for x in (embeddings, image_latents, latents, pixels)])
+  text_finite = jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(embeddings)]).all()
+  finite = jnp.stack([text_finite] + [jnp.isfinite(x).all() for x in (image_latents, latents,
+                                                                       pixels)])
   return jnp.clip(pixels, -1.0, 1.0), finite
 
 
@@ -126,8 +176,7 @@ def sdedit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,
     noise = initial_noise(seeds, shape=latents0.shape[1:])
   start = latents0 + jnp.asarray(schedule.sigmas, jnp.float32)[0] * noise
   # `sample` starts from ``noise · init_sigma``: a grid whose init_sigma is 1 starts at ``start``.
-  tail = Schedule(sigmas=schedule.sigmas, timesteps=schedule.timesteps,
-                  init_sigma=jnp.ones((), jnp.float32), steps=schedule.steps)
+  tail = dataclasses.replace(schedule, init_sigma=jnp.ones((), jnp.float32))
   return _sample_and_decode(eps_fn, start, tail, seeds, vae, embeddings, latents0,
                             method=method, scaling_factor=scaling_factor,
                             prediction_type=prediction_type)

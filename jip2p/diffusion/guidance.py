@@ -10,6 +10,10 @@ s_T = 1, s_I ≠ 1; jip2p does not.) The three predictions come from one UNet ca
 ordered [text + image, null text + image, null text + zero image], like the reference and
 diffusers, and are combined in float32. A v-prediction model's outputs are combined the same way
 (the sampler's conversion to ε is affine with model-independent weights, so the two commute).
+
+The text conditioning may be any pytree whose leaves have the batch first (SDXL's: the prompt
+states, the pooled text and the micro-conditioning time ids, `jip2p.diffusion.editing`): the null
+branch's is broadcast and concatenated leaf by leaf, and ``unet_fn`` receives the tree.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ import jax.numpy as jnp
 
 from jip2p.diffusion.samplers import EpsFn
 
-# unet_fn(sample [N, h, w, C + C_img], timesteps float32 [N], context [N, L, D]) -> ε [N, h, w, C].
+# unet_fn(sample [N, h, w, C + C_img], timesteps float32 [N], context [N, L, D] or a pytree of
+# [N, ...] leaves) -> ε [N, h, w, C].
 UnetFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 
@@ -35,6 +40,19 @@ def two_scale_cfg(eps_cond: jax.Array, eps_img: jax.Array, eps_uncond: jax.Array
   """The two-scale formula on ε(I, T), ε(I, ∅), ε(∅, ∅); scales broadcast against the ε's."""
   return (eps_uncond + image_scale * (eps_img - eps_uncond)
           + text_scale * (eps_cond - eps_img))
+
+
+def _with_null(text, null, order: str):
+  """The contexts of a guided batch, leaf by leaf: ``null`` broadcast to ``text``'s shapes and
+  dtypes, then ``[text, null, null]`` (order "tnn") or ``[null, text]`` ("nt")."""
+  def leaf(t, n):
+    n = jnp.broadcast_to(n, t.shape).astype(t.dtype)
+    return jnp.concatenate([t, n, n] if order == "tnn" else [n, t])
+  return jax.tree.map(leaf, text, null)
+
+
+def _batch(tree) -> int:
+  return jax.tree.leaves(tree)[0].shape[0]
 
 
 def _per_example(scale, ndim: int) -> jax.Array:
@@ -54,18 +72,19 @@ def two_scale_eps_fn(unet_fn: UnetFn, image_latents: jax.Array, text_embeddings:
     unet_fn: the 8-channel InstructPix2Pix UNet (see `UnetFn`); the image latents are
       concatenated after the noisy latents on the channel axis.
     image_latents: ``[B, h, w, C_img]`` unscaled VAE-mode latents of the input images.
-    text_embeddings: ``[B, L, D]`` CLIP embeddings of the instructions.
-    null_embeddings: CLIP embedding of "" — ``[L, D]``, ``[1, L, D]`` or ``[B, L, D]``.
+    text_embeddings: ``[B, L, D]`` CLIP embeddings of the instructions (or a pytree of ``[B, ...]``
+      leaves, see the module docstring).
+    null_embeddings: CLIP embedding of "" — ``[L, D]``, ``[1, L, D]`` or ``[B, L, D]`` (a pytree:
+      leaves that broadcast to the text's).
     text_scale, image_scale: s_T and s_I, scalars or ``[B]`` (one per example, e.g. a sweep).
 
   Returns:
     ``eps_fn(x_in [B, h, w, C], t, i) -> ε`` float32, the guided prediction.
   """
   batch = image_latents.shape[0]
-  if text_embeddings.shape[0] != batch:
-    raise ValueError(f"{batch} image latents but {text_embeddings.shape[0]} text embeddings")
-  null = jnp.broadcast_to(null_embeddings, text_embeddings.shape).astype(text_embeddings.dtype)
-  context = jnp.concatenate([text_embeddings, null, null])
+  if _batch(text_embeddings) != batch:
+    raise ValueError(f"{batch} image latents but {_batch(text_embeddings)} text embeddings")
+  context = _with_null(text_embeddings, null_embeddings, "tnn")
   images = jnp.concatenate([image_latents, image_latents, jnp.zeros_like(image_latents)])
   text_scale = _per_example(text_scale, image_latents.ndim)
   image_scale = _per_example(image_scale, image_latents.ndim)
@@ -88,9 +107,8 @@ def cfg_eps_fn(unet_fn: UnetFn, text_embeddings: jax.Array, null_embeddings: jax
   """An ``eps_fn`` for `samplers.sample` with a text-to-image UNet and plain guidance (`cfg`):
   B latents, B captions ``[B, L, D]``, the null text as in `two_scale_eps_fn`, ``scale`` a scalar
   or ``[B]``. One UNet call on the batch ``[null, caption]`` per step."""
-  batch = text_embeddings.shape[0]
-  null = jnp.broadcast_to(null_embeddings, text_embeddings.shape).astype(text_embeddings.dtype)
-  context = jnp.concatenate([null, text_embeddings])
+  batch = _batch(text_embeddings)
+  context = _with_null(text_embeddings, null_embeddings, "nt")
   scale = _per_example(scale, 4)
 
   def eps_fn(x_in, t, i):

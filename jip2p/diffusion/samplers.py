@@ -14,6 +14,9 @@ Conventions (k-diffusion's, which the original InstructPix2Pix uses):
   * A v-prediction model's output is turned into ε before the step:
     ``ε = (v + σ·x_in)/√(σ² + 1)``, diffusers' conversion in VE form. It is affine in v with
     weights that do not depend on the model, so guidance may combine v's as it combines ε's.
+  * An EDM grid (`schedules.edm`) carries the model's ``sigma_data`` σ_d (1 for every other
+    grid): the model sees ``x_in = x / √(σ² + σ_d²)`` and ``ε = (σ_d·v + σ·x_in)/√(σ² + σ_d²)``,
+    which is diffusers' EDM preconditioning (``c_skip·x + c_out·v`` as the denoised latents).
   * The run starts at ``x = noise · schedule.init_sigma`` (``noise`` unit-variance): σ_0·noise for
     k-diffusion grids, as the reference's ``randn · sigmas[0]``; diffusers' ``init_noise_sigma``
     for the diffusers grids.
@@ -135,6 +138,7 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
     raise ValueError("a post_state is carried for a post_step: pass post_step too")
   sigmas = jnp.asarray(schedule.sigmas, jnp.float32)
   timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
+  sigma_data = jnp.asarray(schedule.sigma_data, jnp.float32)
   # A padded grid's count is data (a while loop of `steps` trips); otherwise a fixed-length loop.
   n = schedule.timesteps.shape[0] if schedule.steps is None else schedule.steps
   x = jnp.asarray(noise, jnp.float32) * jnp.asarray(schedule.init_sigma, jnp.float32)
@@ -142,11 +146,11 @@ def sample(eps_fn: EpsFn, noise: jax.Array, schedule: Schedule, key: jax.Array |
   def body(i, carry):
     x, old_denoised, state = carry
     sigma, sigma_next = sigmas[i], sigmas[i + 1]
-    c_in = jax.lax.rsqrt(sigma ** 2 + 1)
+    c_in = jax.lax.rsqrt(sigma ** 2 + sigma_data ** 2)
     x_in = x * c_in
     eps = eps_fn(x_in, timesteps[i], i).astype(jnp.float32)
     if prediction_type == "v_prediction":
-      eps = (eps + sigma * x_in) * c_in
+      eps = (sigma_data * eps + sigma * x_in) * c_in
     if method == "euler":
       x = x + eps * (sigma_next - sigma)
     elif method in ("euler_ancestral", "ddim"):

@@ -13,6 +13,10 @@ Grids:
   * `diffusers_euler`, `diffusers_ddim`, `diffusers_dpm` — exactly the grids of diffusers'
     Euler(Ancestral)DiscreteScheduler, DDIMScheduler and DPMSolverMultistepScheduler, for parity
     with diffusers' pipelines.
+  * `edm` — the grid of diffusers' EDMEulerScheduler (Karras et al. 2022's continuous σ, for models
+    trained that way: CosXL, CosXL Edit), the only grid of a model whose scheduler config is
+    EDM's. Such a model sees ``x / √(σ² + σ_data²)`` and the timestep ``c_noise = ¼·ln σ``, and
+    predicts v (`Schedule.sigma_data`).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from jip2p.errors import CheckpointError, ConfigError
 
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 SPACINGS = ("linspace", "leading", "trailing")
-SCHEDULE_KINDS = ("discrete", "karras", "diffusers_euler", "diffusers_ddim", "diffusers_dpm")
+SCHEDULE_KINDS = ("discrete", "karras", "diffusers_euler", "diffusers_ddim", "diffusers_dpm", "edm")
+EDM_SIGMA_SCHEDULES = ("karras", "exponential")
 # What the UNet predicts: the noise ε (Stable Diffusion 1.x) or the velocity
 # v = √ᾱ·ε − √(1−ᾱ)·x0 (Salimans & Ho 2022; SD 2.x 768 px), whose error is not amplified into x0
 # at high noise as ε's is (by σ_t, ≈ 14.6 at t = 999 on SD's schedule).
@@ -78,12 +83,17 @@ class Schedule:
     scalar: the run walks steps ``0 … steps − 1`` of longer arrays and ends at ``sigmas[steps]``.
     The step count is then data, not shape: one compiled sampler serves every count up to the
     arrays' length.
+  sigma_data: float32 scalar, the data's standard deviation the model's input scale assumes: it
+    sees ``x / √(σ² + sigma_data²)`` and a v-prediction's ε is ``(sigma_data·v + σ·x_in) /
+    √(σ² + sigma_data²)``. 1 for DDPM-trained models (the DDPM sample); EDM's config value on
+    the `edm` grid (0.5 by default, 1 for CosXL).
   """
 
   sigmas: Any
   timesteps: Any
   init_sigma: Any
   steps: Any = None
+  sigma_data: Any = np.float32(1.0)
 
   @property
   def num_steps(self) -> int:
@@ -92,7 +102,8 @@ class Schedule:
 
 
 jax.tree_util.register_dataclass(
-    Schedule, data_fields=["sigmas", "timesteps", "init_sigma", "steps"], meta_fields=[])
+    Schedule, data_fields=["sigmas", "timesteps", "init_sigma", "steps", "sigma_data"],
+    meta_fields=[])
 
 
 def pad(schedule: Schedule, length: int) -> Schedule:
@@ -107,9 +118,9 @@ def pad(schedule: Schedule, length: int) -> Schedule:
   if n > length:
     raise ConfigError(f"a grid of {n} steps does not fit arrays of {length}")
   sigmas, timesteps = np.asarray(schedule.sigmas)[:n + 1], np.asarray(schedule.timesteps)[:n]
-  return Schedule(sigmas=np.pad(sigmas, (0, length - n), mode="edge"),
-                  timesteps=np.pad(timesteps, (0, length - n), mode="edge"),
-                  init_sigma=schedule.init_sigma, steps=np.int32(n))
+  return dataclasses.replace(schedule, sigmas=np.pad(sigmas, (0, length - n), mode="edge"),
+                             timesteps=np.pad(timesteps, (0, length - n), mode="edge"),
+                             steps=np.int32(n))
 
 
 def _schedule(sigmas: np.ndarray, timesteps: np.ndarray, init_sigma: float) -> Schedule:
@@ -237,6 +248,26 @@ def diffusers_dpm(alphas_cumprod_: np.ndarray, n: int, *, spacing: str = "linspa
   return _schedule(np.append(sigma, 0.0), t, math.sqrt(sigma[0] ** 2 + 1))
 
 
+def edm(n: int, *, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
+        sigma_schedule: str = "karras", rho: float = 7.0) -> Schedule:
+  """diffusers' EDMEulerScheduler grid of n steps: σ on a ``linspace(0, 1, n)`` ramp, Karras'
+  ρ-spacing or log-linear ("exponential") from ``sigma_max`` to ``sigma_min``, then 0; timesteps
+  ``¼·ln σ``; the run starts at ``√(sigma_max² + 1)·noise`` (diffusers' ``init_noise_sigma``)."""
+  if sigma_schedule not in EDM_SIGMA_SCHEDULES:
+    raise ConfigError(f"EDM sigma_schedule {sigma_schedule!r}; choose one of "
+                      f"{EDM_SIGMA_SCHEDULES}")
+  ramp = np.linspace(0.0, 1.0, n)
+  if sigma_schedule == "karras":
+    sigma = (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))
+             ) ** rho
+  else:
+    sigma = np.exp(np.linspace(math.log(sigma_min), math.log(sigma_max), n))[::-1]
+  sigma = sigma.astype(np.float32)
+  return dataclasses.replace(
+      _schedule(np.append(sigma, 0.0), 0.25 * np.log(sigma), math.sqrt(sigma_max ** 2 + 1)),
+      sigma_data=np.float32(sigma_data))
+
+
 # Scheduler options that would change the noise or the prediction, and the one value jip2p supports.
 _FIXED_OPTIONS = {"trained_betas": None, "rescale_betas_zero_snr": False, "thresholding": False,
                   "clip_sample": False, "timestep_type": "discrete"}
@@ -249,6 +280,9 @@ class SchedulerConfig:
   Absent keys take diffusers' scheduler defaults, except the noise schedule itself, which defaults
   to Stable Diffusion's (scaled_linear 0.00085 → 0.012 over 1000 steps). ``timestep_spacing`` None
   means each diffusers grid's own default. ``prediction_type`` is one of `PREDICTION_TYPES`.
+  ``edm``: the config is an EDM scheduler's (``_class_name`` EDMEulerScheduler), whose noise is
+  the ``sigma_*`` and ``rho`` keys, not betas; jip2p runs such models with v-prediction only (EDM's
+  "epsilon" is another parametrization than DDPM's) and the `edm` grid.
   """
 
   num_train_timesteps: int = 1000
@@ -259,6 +293,13 @@ class SchedulerConfig:
   timestep_spacing: str | None = None
   steps_offset: int = 0
   set_alpha_to_one: bool = True
+  edm: bool = False
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  sigma_data: float = 0.5
+  sigma_schedule: str = "karras"
+  rho: float = 7.0
+  final_sigmas_type: str = "zero"
 
   @classmethod
   def from_dict(cls, d: dict) -> SchedulerConfig:
@@ -269,8 +310,11 @@ class SchedulerConfig:
       if d.get(key, value) != value:
         raise ConfigError(f"scheduler config {key}={d[key]!r} is not supported (jip2p needs "
                           f"{value!r})")
-    names = {f.name for f in dataclasses.fields(cls)}
-    config = cls(**{k: v for k, v in d.items() if k in names})
+    names = {f.name for f in dataclasses.fields(cls)} - {"edm"}
+    config = cls(**{k: v for k, v in d.items() if k in names},
+                 edm=d.get("_class_name") == "EDMEulerScheduler")
+    if config.edm:
+      config.check_edm()
     if config.prediction_type not in PREDICTION_TYPES:
       raise ConfigError(f"scheduler config prediction_type={config.prediction_type!r} is not "
                         f"supported; choose one of {PREDICTION_TYPES}")
@@ -291,6 +335,25 @@ class SchedulerConfig:
       raise ConfigError(f"scheduler config set_alpha_to_one={config.set_alpha_to_one!r} must be "
                         "true or false")
     return config
+
+  def check_edm(self) -> None:
+    """The EDM keys jip2p runs: v-prediction, a known sigma schedule, positive sigmas, a final 0."""
+    if self.prediction_type != "v_prediction":
+      raise ConfigError(f"EDM scheduler config prediction_type={self.prediction_type!r} is not "
+                        "supported (jip2p runs EDM models that predict v, as CosXL)")
+    if self.sigma_schedule not in EDM_SIGMA_SCHEDULES:
+      raise ConfigError(f"EDM scheduler config sigma_schedule={self.sigma_schedule!r}; choose "
+                        f"one of {EDM_SIGMA_SCHEDULES}")
+    if self.final_sigmas_type != "zero":
+      raise ConfigError(f"EDM scheduler config final_sigmas_type={self.final_sigmas_type!r} is "
+                        "not supported (jip2p needs 'zero')")
+    for key in ("sigma_min", "sigma_max", "sigma_data", "rho"):
+      value = getattr(self, key)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"EDM scheduler config {key}={value!r} must be a number > 0")
+    if not self.sigma_min < self.sigma_max:
+      raise ConfigError(f"EDM scheduler config sigma_min={self.sigma_min} must be below "
+                        f"sigma_max={self.sigma_max}")
 
   def alphas_cumprod(self) -> np.ndarray:
     """ᾱ, float64 ``[num_train_timesteps]``."""
@@ -321,7 +384,21 @@ def from_scheduler_config(path_or_dict: str | os.PathLike | dict) -> SchedulerCo
 
 
 def make(kind: str, n: int, config: SchedulerConfig = SchedulerConfig()) -> Schedule:
-  """The ``kind`` grid (one of `SCHEDULE_KINDS`) of n steps for a model's scheduler config."""
+  """The ``kind`` grid (one of `SCHEDULE_KINDS`) of n steps for a model's scheduler config; an EDM
+  config (`SchedulerConfig.edm`) has the `edm` grid only, and `edm` needs one."""
+  if kind not in SCHEDULE_KINDS:
+    raise ConfigError(f"unknown schedule {kind!r}; choose one of {SCHEDULE_KINDS}")
+  if config.edm and kind != "edm":
+    raise ConfigError(f"schedule {kind!r} does not fit this model: its scheduler is EDM's "
+                      "(continuous σ); use schedule 'edm'")
+  if kind == "edm" and not config.edm:
+    raise ConfigError("schedule 'edm' is for models with an EDM scheduler (CosXL); this model's "
+                      "is DDPM's")
+  if kind == "edm":
+    _check_steps(n, config.num_train_timesteps)
+    return edm(n, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
+               sigma_data=config.sigma_data, sigma_schedule=config.sigma_schedule,
+               rho=config.rho)
   ac = config.alphas_cumprod()
   spacing = {} if config.timestep_spacing is None else {"spacing": config.timestep_spacing}
   if kind == "discrete":

@@ -9,6 +9,7 @@ import gradio as gr
 import numpy as np
 import pytest
 from PIL import Image
+from skimage import data as skdata
 
 from jip2p import app as web
 from jip2p import checkpoints, edit, runtime
@@ -153,3 +154,17 @@ def test_cli_keeps_programs_on_disk_and_buckets_uploads(monkeypatch, capsys):
   assert app_cli.parse_args([]).size_buckets == web.SIZE_BUCKETS == 4
   assert app_cli.main(["--size-buckets", "-1"]) == 2
   assert "--size-buckets must be ≥ 0, got -1" in capsys.readouterr().err
+
+
+def test_an_sdxl_model_edits_in_the_app(tmp_path):
+  """jip2p-app edits through the Editor, so an SDXL folder edits there too (the Editor's parity
+  with diffusers' SDXL pipeline is tests/test_edit_sdxl.py's)."""
+  folder = checkpoints.create_random_pipeline(str(tmp_path / "sdxl"), "tiny-sdxl")
+  editor = edit.Editor.from_pretrained(folder)
+  Image.fromarray(skdata.rocket()).save(tmp_path / "photo.png")
+  result = web.edit_one(editor, str(tmp_path / "photo.png"), "make it night",
+                         web.Values(3, 7.5, 1.5, 2), 64)
+  assert editor.sdxl and result.size == (64, 64)
+  [direct] = editor([edit.load_image(tmp_path / "photo.png")], "make it night", steps=2,
+                    seed=3, resolution=64, size_buckets=web.SIZE_BUCKETS)
+  np.testing.assert_array_equal(np.asarray(result), np.asarray(direct))

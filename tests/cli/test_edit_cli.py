@@ -340,10 +340,53 @@ def test_vae_option_refuses_a_folder_that_is_not_a_vae(model, photos, tmp_path, 
   assert "is not a VAE folder" in line and "UNet2DConditionModel" in line and not out.exists()
 
 
-def test_sdxl_folder_is_refused_in_one_line(photos, tmp_path, capsys):
-  folder = checkpoints.create_random_pipeline(str(tmp_path / "sdxl"), "tiny-sdxl")
+@pytest.fixture(scope="module")
+def sdxl_model(tmp_path_factory):
+  return checkpoints.create_random_pipeline(str(tmp_path_factory.mktemp("sdxl") / "pipe"),
+                                            "tiny-sdxl")
+
+
+def test_sdxl_folder_edits_with_micro_conditioning(sdxl_model, photos, tmp_path, capsys):
+  """An SDXL folder edits as the Editor does; the micro-conditioning options reach it and the
+  PNG's metadata (the Editor's parity with diffusers is tests/test_edit_sdxl.py's)."""
+  common = ["--model", sdxl_model, "--input", str(photos / "rocket.png"), "--instruction",
+            "make it night", "--steps", "2", "--resolution", "128", "--seed", "3"]
+  outputs = {}
+  for name, extra in (("default", []), ("micro", ["--original-size", "400", "600",
+                                                  "--crops-coords-top-left", "8", "4"])):
+    out = tmp_path / f"{name}.png"
+    code, err = run_cli([*common, *extra, "--output", str(out)], capsys)
+    assert code == 0, err
+    outputs[name] = Image.open(out)
+  assert outputs["micro"].text["original_size"] == "400 600"
+  assert outputs["micro"].text["crops_coords_top_left"] == "8 4"
+  assert "original_size" not in outputs["default"].text
+  rocket = Image.open(photos / "rocket.png")
+  editor = edit.Editor.from_pretrained(sdxl_model)
+  [want] = editor([rocket], "make it night", steps=2, resolution=128, seed=3)
+  got = np.asarray(outputs["default"].convert("RGB"))
+  np.testing.assert_array_equal(got, np.asarray(want))
+  assert np.abs(got.astype(int) - np.asarray(outputs["micro"].convert("RGB"))).max() > 4
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--original-size", "512"], "--original-size must be (height, width): two integers ≥ 0, "
+                                 "got [512]"),
+    (["--target-size", "1", "2", "3"], "--target-size must be (height, width)"),
+    (["--crops-coords-top-left", "0", "-8"], "--crops-coords-top-left must be (top, left)"),
+])
+def test_wrong_micro_conditioning_is_one_named_line(sdxl_model, photos, tmp_path, capsys, extra,
+                                                    words):
   out = tmp_path / "out.png"
-  code, err = run_cli(["--model", folder, "--input", str(photos / "rocket.png"), "--instruction",
-                       "x", "--output", str(out)], capsys)
+  code, err = run_cli(["--model", sdxl_model, "--input", str(photos / "rocket.png"),
+                       "--instruction", "x", "--output", str(out), *extra], capsys)
   line = named_error(err, code, "jip2p-edit")
-  assert "is an SDXL model" in line and not out.exists()
+  assert words in line and not out.exists()
+
+
+def test_micro_conditioning_of_an_sd_model_is_refused(model, photos, tmp_path, capsys):
+  out = tmp_path / "out.png"
+  code, err = run_cli(["--model", model, "--input", str(photos / "rocket.png"), "--instruction",
+                       "x", "--output", str(out), "--target-size", "64", "64"], capsys)
+  line = named_error(err, code, "jip2p-edit")
+  assert "--target-size: micro-conditioning is for SDXL models" in line and not out.exists()

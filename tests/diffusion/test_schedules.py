@@ -122,7 +122,7 @@ def test_dpm_grid_matches_diffusers(spacing, n):
 def test_schedule_is_a_pytree_of_float32():
   schedule = schedules.discrete(AC, 5)
   leaves = jax.tree.leaves(schedule)
-  assert [leaf.shape for leaf in leaves] == [(6,), (5,), ()]
+  assert [leaf.shape for leaf in leaves] == [(6,), (5,), (), ()]  # …, init_sigma, sigma_data
   assert all(leaf.dtype == np.float32 for leaf in leaves)
   doubled = jax.jit(lambda s: jax.tree.map(lambda a: 2 * a, s))(schedule)
   assert isinstance(doubled, schedules.Schedule)
