@@ -11,7 +11,7 @@ float32 under bf16 autocast, SDPA attention, fused AdamW, conditioning dropout, 
 kernels) with precomputed prompt embeddings. Random weights at the given configs' shapes. An eager
 train case also counts the UNet's training FLOPs per image at its resolution (after its peak
 memory is read), so that no extra process is started for the count. This module never imports
-JAX or TensorFlow. ``bench/torch_baseline.py`` produces the baseline's figures with it (EMA off);
+JAX or TensorFlow. ``bench/pytorch_baseline.py`` produces the baseline's figures with it (EMA off);
 `jip2p-bench` runs it beside the JAX side.
 """
 
