@@ -121,10 +121,14 @@ def _steps_table(points: Sequence[dict[str, Any]], base: dict[str, dict]) -> lis
   return lines
 
 
+def percent(x: float | None) -> str:
+  """A rate as a whole percentage; "–" where it is undefined (None)."""
+  return "–" if x is None else f"{x:.0%}"
+
+
 def pairs_section(pairs: dict[str, Any]) -> list[str]:
   """Markdown: the generated training pairs' exact scores (`jip2p.p2p.world.summarize`)."""
   f = pairs["filter"]
-  pct = lambda x: "–" if x is None else f"{x:.0%}"
   return [
       "## The generated training pairs",
       "",
@@ -138,11 +142,11 @@ def pairs_section(pairs: dict[str, Any]) -> list[str]:
       f"| before the CLIP filter | {pairs['pairs']} | {pairs['exact']:.0%} | "
       f"{pairs['drawn']:.0%} | {pairs['edited']:.0%} | {pairs['exact_per_prompt']:.2f} | "
       f"{pairs['prompts_with_exact']:.0%} |",
-      f"| kept by it | {f['kept']} | {pct(f['precision'])} | | | | {pct(f['prompts_kept'])} "
+      f"| kept by it | {f['kept']} | {percent(f['precision'])} | | | | {percent(f['prompts_kept'])} "
       "(with any kept pair) |",
       "",
-      f"The filter's precision (exact among kept) {pct(f['precision'])}, recall (kept among "
-      f"exact) {pct(f['recall'])}. Kept and rejected pairs:",
+      f"The filter's precision (exact among kept) {percent(f['precision'])}, recall (kept among "
+      f"exact) {percent(f['recall'])}. Kept and rejected pairs:",
       "",
       "![pairs](pairs.png)",
       "",

@@ -183,13 +183,9 @@ def generate_pairs(s: Settings, size: int, timings: dict[str, float],
   summary = world.summarize(results, mask)
   log(f"generated {summary['pairs']} pairs from {summary['prompts']} prompts: "
       f"{summary['exact']:.0%} exact; the filter kept {summary['filter']['kept']} "
-      f"(precision {_percent(summary['filter']['precision'])}, recall "
-      f"{_percent(summary['filter']['recall'])})")
+      f"(precision {demo_report.percent(summary['filter']['precision'])}, recall "
+      f"{demo_report.percent(summary['filter']['recall'])})")
   return kept, summary
-
-
-def _percent(x: float | None) -> str:
-  return "–" if x is None else f"{x:.0%}"
 
 
 # ------------------------------------------------------------------------------ training

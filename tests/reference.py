@@ -78,3 +78,11 @@ def torch_sdxl_pipeline(preset: str = "tiny-sdxl", *, unet_in_channels: int = 8,
   return cls(vae=vae.eval(), text_encoder=text.eval(), text_encoder_2=text_2.eval(),
              tokenizer=tokenizers[0], tokenizer_2=tokenizers[1], unet=unet.eval(),
              scheduler=scheduler, add_watermarker=False)
+
+
+def assert_pairwise_different(images, labels, margin: float = 4 / 255) -> None:
+  """Each two of ``images`` (float arrays in [0, 1]) differ somewhere by more than ``margin``:
+  a parity check over several settings is then about settings that matter."""
+  for a in range(len(images)):
+    for b in range(a):
+      assert abs(images[a] - images[b]).max() > margin, (labels[a], labels[b])

@@ -22,7 +22,7 @@ from flax import nnx
 from jip2p import checkpoints, edit
 from jip2p.diffusion import editing, schedules
 from jip2p.errors import CheckpointError, ConfigError, InputError, Jip2pWarning
-from tests.reference import save_torch_pipeline
+from tests.reference import assert_pairwise_different, save_torch_pipeline
 
 STEPS = 3
 GUIDANCE = [(7.5, 1.5), (2.0, 1.0), (1.0, 1.0), (4.0, 2.5)]
@@ -79,9 +79,7 @@ def test_matches_diffusers_pipeline(folder, editor, photos, sampler, scheduler_c
     assert err <= 2 / 255, f"s_T={text_scale}, s_I={image_scale}: max error {err * 255:.2f}/255"
     results.append(ours)
   # The guidance pairs lead to visibly different images, so the agreement above is about them.
-  for a in range(len(results)):
-    for b in range(a):
-      assert np.abs(results[a] - results[b]).max() > 4 / 255, (GUIDANCE[a], GUIDANCE[b])
+  assert_pairwise_different(results, GUIDANCE)
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +127,7 @@ def test_sdedit_matches_diffusers_img2img_pipeline(t2i_folder, photos, monkeypat
     err = np.abs(ours - ref).max()
     assert err <= 2 / 255, f"strength {strength}, s {scale}: max error {err * 255:.2f}/255"
     results.append(ours)
-  for a in range(len(results)):
-    for b in range(a):
-      assert np.abs(results[a] - results[b]).max() > 4 / 255, (SDEDIT[a], SDEDIT[b])
+  assert_pairwise_different(results, SDEDIT)
   # Less strength keeps the output nearer the input.
   inputs = np.stack([np.asarray(p, np.float32) / 255 for p in photos])
   distance = [np.abs(r - inputs).mean() for r in results[1:3]]
