@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="auto: cudnn on GPU (bfloat16), pallas on TPU, xla elsewhere")
   p.add_argument("--remat", action="store_true", help="rematerialise UNet blocks in training")
   p.add_argument("--xla-flags", choices=("tuned", "none"), default="tuned",
-                 help="tuned: add jip2p.runtime.GPU_FLAGS to XLA_FLAGS")
+                 help="tuned: add jip2p.runtime.TUNED_FLAGS to XLA_FLAGS")
   p.add_argument("--compile-cache", default=None, help="persistent compilation cache folder")
   p.add_argument("--first-only", action="store_true",
                  help="time only the first run (a start with a warm compilation cache)")
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  settings = runtime.configure(gpu_flags=args.xla_flags == "tuned", cache_dir=args.compile_cache,
+  settings = runtime.configure(xla_flags=args.xla_flags == "tuned", cache_dir=args.compile_cache,
                                min_compile_seconds=0.0)
   case = cases.parse(args.case, warmup=args.warmup, iters=args.iters)
   with open(args.configs) as f:

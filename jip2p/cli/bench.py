@@ -65,7 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="JAX attention (auto: cudnn on GPU, pallas on TPU, xla elsewhere)")
   p.add_argument("--remat", action="store_true", help="JAX: rematerialise UNet blocks")
   p.add_argument("--xla-flags", choices=("tuned", "none"), default="tuned",
-                 help="tuned: jip2p.runtime.GPU_FLAGS added to XLA_FLAGS")
+                 help="tuned: jip2p.runtime.TUNED_FLAGS (GPU and CPU) added to XLA_FLAGS")
   p.add_argument("--second-start", choices=("first", "all", "none"), default="first",
                  help="JAX train cases whose start is repeated with the persistent compilation "
                       "cache the first start filled (first: the first train case)")
