@@ -27,8 +27,6 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "tf: imports TensorFlow; runs in the TensorFlow-side process")
-  config.addinivalue_line("markers", "bigmem: needs more memory than the suite's process has on "
-                          "CI's 24 GB machine; deselected by default, run with -m bigmem")
 
 
 def pytest_ignore_collect(collection_path: pathlib.Path, config):
