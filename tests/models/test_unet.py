@@ -314,6 +314,7 @@ def _sdxl_shapes_parity() -> dict:
   return {"rel": _rel(out, ref), "params": params}
 
 
+@pytest.mark.alone  # beside the two sides' processes on CI's 24 GB the peaks could add up
 def test_sdxl_shapes_parity():
   """`_sdxl_shapes_parity` in a fresh process (this file run as a script), so that what the
   suite's process has accumulated by then does not add to its peak (in that process it was
