@@ -1,7 +1,10 @@
 """runtime.configure: the compilation cache folder and thresholds the user or a launch script set
-are kept."""
+are kept, and so are the XLA flags they set; runtime.trim_host_memory returns freed heap pages."""
 
 from __future__ import annotations
+
+import ctypes
+import os
 
 import jax
 import pytest
@@ -62,3 +65,26 @@ def test_tuned_flags_are_added_and_the_users_own_values_win(updates, monkeypatch
   assert set(runtime.configure(cache_dir=None)["xla_flags"].split()) == set(runtime.TUNED_FLAGS)
   monkeypatch.setenv("XLA_FLAGS", "")
   assert runtime.configure(xla_flags=False, cache_dir=None)["xla_flags"] == ""
+
+
+def _rss_bytes() -> int:
+  with open("/proc/self/statm") as f:
+    return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_trim_host_memory_returns_freed_heap_pages():
+  """200 MB of small C allocations freed below one still alive (so glibc cannot shrink the heap
+  by itself, as after a compile) stay resident until `trim_host_memory`."""
+  libc = ctypes.CDLL("libc.so.6")
+  libc.malloc.restype = ctypes.c_void_p
+  libc.free.argtypes = [ctypes.c_void_p]
+  blocks = [libc.malloc(1000) for _ in range(200_000)]
+  for b in blocks:
+    ctypes.memset(b, 1, 1000)
+  for b in blocks[:-1]:
+    libc.free(b)
+  before = _rss_bytes()
+  runtime.trim_host_memory()
+  after = _rss_bytes()
+  libc.free(blocks[-1])
+  assert before - after > 100e6, (before, after)

@@ -249,6 +249,7 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
       jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                    abstract_state, state_sh), frozen, batch).compile()
   compile_s = time.perf_counter() - start
+  runtime.trim_host_memory()  # Before the state exists: the compiler's leftovers, not its room.
   memory = train_step.memory_analysis()
   xla_gib = {part: getattr(memory, f"{part}_size_in_bytes") / 2 ** 30
              for part in ("argument", "output", "alias", "temp")}

@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jip2p import storage
+from jip2p import runtime, storage
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError
 from jip2p.train import checkpointing, distributed, evaluate, exporting, metrics, models
@@ -177,6 +177,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       batch = _global_batch(next(source), batch_sharding)
       profiler.before_step(step)
       state, step_metrics = train_step(state, step_frozen.state, batch)
+      if step == start + 1:
+        runtime.trim_host_memory()  # The first step compiled the step: its heap is free now.
       profiler.after_step(step, step_metrics)
       log.add(step, step_metrics)
       if step % config.log_every_steps == 0 or step == config.total_steps:
