@@ -17,10 +17,12 @@ and width), the crop's top-left corner in the resized square (mirrored when flip
 size as the target (jip2p.data.reader's include_geometry). The VAE (scaling 0.13025) computes in
 float32 when its config says force_upcast, as SDXL's does. Rematerialisation on; bfloat16
 compute; a global batch of 1024 = per device × devices × grad_accum 16; FSDP over 8 devices by
-default (``fsdp=8``): the train state (parameters, EMA and the two AdamW moments of the UNet's
-2,567,475,204 parameters with the 8-channel conv_in, float32) holds 41.1 GB, computed from the
-shapes, 5.1 GB per device at fsdp=8 (tests/train/test_sdxl.py checks that FSDP splits every large
-tensor).
+default (``fsdp=8``).
+
+Known: the train state (parameters, EMA and the two AdamW moments of the UNet's 2,567,475,204
+parameters with the 8-channel conv_in, float32) holds 41.1 GB, computed from the shapes, 5.1 GB
+per device at fsdp=8 (tests/train/test_sdxl.py checks that FSDP splits every large tensor). The
+paper did not train on SDXL: its 25.5 h on 8× A100-40GB are for SD 1.5 at 256 px (ip2p_sd15.py).
 Per-device memory of the compiled step is being measured separately (``jip2p-bench --memory
 configs/ip2p_sdxl.py --preset sdxl``); until it is in README "What fits where", lower the
 per-device batch (``batch``, ``accum``) if the first step runs out of memory.
