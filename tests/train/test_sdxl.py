@@ -1,10 +1,10 @@
-"""SDXL training: FSDP splits the SDXL train state, training's null text is its editor's, the
-micro-conditioning is each example's, and the tiny-sdxl preset trains and resumes bit for bit."""
+"""SDXL training: FSDP splits the SDXL train state, training's null text is its editor's, and the
+micro-conditioning is each example's (a tiny-sdxl run from shards, resumed: test_tfrecord_runs.py;
+from a latent cache: tests/data/test_latent_cache.py)."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -14,10 +14,9 @@ from jax.sharding import AbstractMesh
 
 from jip2p import checkpoints, edit
 from jip2p.diffusion import editing, schedules
-from jip2p.train import checkpointing, models, sharding
+from jip2p.train import models, sharding
 from jip2p.train import config as config_lib
 from jip2p.train import step as step_lib
-from tests.train.helpers import losses, run_trainer
 
 DEVICE = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -128,33 +127,3 @@ def test_micro_conditioning_is_each_examples_and_reaches_the_unet():
   loss = float(loss_fn(params, frozen.state, batch, key))
   other = float(loss_fn(params, frozen.state, {**batch, "crop_top_left": crop + 100}, key))
   assert np.isfinite(loss) and abs(loss - other) > 1e-6
-
-
-ARG = "steps={steps},batch=4,fsdp=2,init=random:tiny-sdxl"
-COMMON = ("--config.log_every_steps=1", "--config.checkpoint.every_steps=2",
-          "--config.eval.every_steps=0")
-
-
-def test_tiny_sdxl_trains_and_resumes_bit_exact(compile_cache, tmp_path):
-  """jip2p-train on the tiny-sdxl preset (FSDP over 2 devices): an uninterrupted run of 4 steps,
-  and a run of 2 steps resumed from its checkpoint to 4, log the same loss at every step, bit for
-  bit; the export is an SDXL folder."""
-  run = lambda steps, workdir, *extra: run_trainer(ARG.format(steps=steps), workdir, *COMMON,
-                                                   *extra, devices=2, cache_dir=compile_cache)
-  reference = str(tmp_path / "reference")
-  result = run(4, reference, "--config.export.at_end=ema")
-  assert result.returncode == 0, result.stderr[-3000:]
-  want = losses(reference)
-  assert sorted(want) == [1, 2, 3, 4] and all(np.isfinite(v) for v in want.values())
-  assert len(set(want.values())) == 4
-  exported = checkpoints.load_pipeline(os.path.join(reference, "export", "ema"))
-  assert exported.is_sdxl and exported.unet.config.in_channels == 8
-
-  workdir = str(tmp_path / "run")
-  for steps in (2, 4):
-    result = run(steps, workdir, "--config.export.at_end=")
-    assert result.returncode == 0, result.stderr[-3000:]
-  assert checkpointing.Checkpointer(workdir, read_only=True).latest_step() == 4
-  assert "resumed from the checkpoint of step 2" in open(os.path.join(workdir,
-                                                                      "train.log")).read()
-  assert losses(workdir) == want
