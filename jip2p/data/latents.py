@@ -415,9 +415,10 @@ class LatentSource:
   ``input_ids``: float32 text embeddings [B_local, L, D] or int32 token ids [B_local, L], as the
   cache holds; an SDXL cache's embeddings are the pair (states, pooled [B_local, P]), its ids
   [B_local, 2, L], and its batches also hold ``original_size`` and ``crop_top_left`` (the centre
-  crop's corner, its left mirrored for a flipped example), int32 [B_local, 2]. Each epoch reshuffles this host's records (a contiguous
-  part of the cache, as `reader.host_slices` cuts it). Position: the number of batches taken;
-  the stream is a pure function of (seed, host, position).
+  crop's corner, its left mirrored for a flipped example), int32 [B_local, 2]. Each epoch
+  reshuffles this host's records (a contiguous part of the cache, as `reader.host_slices` cuts
+  it). Position: the number of batches taken; the stream is a pure function of (seed, host,
+  position).
   """
 
   def __init__(self, path: str, *, global_batch: int, seed: int, flip: bool = True,
