@@ -36,7 +36,7 @@ def main() -> None:
   args = p.parse_args()
 
   from jip2p import runtime
-  runtime.configure(gpu_flags=False, cache_dir=args.cache)
+  runtime.configure(xla_flags=False, cache_dir=args.cache)
   from jip2p.edit import Editor
 
   start = time.perf_counter()

@@ -7,8 +7,9 @@
 #                                      edit held-out scenes, report (DIR/report.md, default demo/)
 #   bash launch/local.sh test [ARGS]   the test suite: the PyTorch-side and the TensorFlow-side
 #                                      tests in separate processes run at once (the two must
-#                                      never share one), always both; a line per side, and exit
-#                                      status 1 if either failed
+#                                      never share one), always both, then the tests marked
+#                                      `alone` by themselves; a line each, and exit status 1 if
+#                                      any failed
 #   bash launch/local.sh CMD [ARGS]    any jip2p console script, e.g. jip2p-edit --help
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,9 @@ case "$job" in
     # (on CI's 2 cores the suite takes about two thirds of the time it takes one side after the
     # other): the TensorFlow side's output is kept in a file and printed when it ends. pytest's
     # exit status 5 means no test of that side was selected (ARGS naming the other side's
-    # files); it fails the command only when neither side ran a test.
+    # files); it fails the command only when neither side ran a test. Tests marked `alone`
+    # (the real-shape SDXL UNet parity: 11 GiB in a child process) need the machine's memory to
+    # themselves and run last, after both sides.
     tf_log=$(mktemp)
     trap 'rm -f "$tf_log"' EXIT
     python -m pytest --side=tf "$@" >"$tf_log" 2>&1 &
@@ -48,15 +51,17 @@ case "$job" in
     wait "$tf_pid" || tf_status=$?
     echo "jip2p: the TensorFlow-side tests' output:" >&2
     cat "$tf_log"
+    alone_status=0
+    python -m pytest --side=torch -m alone "$@" || alone_status=$?
     report=""; failed=0; ran=0
-    for side in PyTorch:$torch_status TensorFlow:$tf_status; do
+    for side in PyTorch-side:$torch_status TensorFlow-side:$tf_status run-alone:$alone_status; do
       status=${side#*:}
       case $status in
         0) result="passed"; ran=1 ;;
         5) result="no tests selected" ;;
         *) result="FAILED (pytest exit status $status)"; failed=1; ran=1 ;;
       esac
-      report+="jip2p: ${side%%:*}-side tests: $result"$'\n'
+      report+="jip2p: ${side%%:*} tests: $result"$'\n'
     done
     printf '%s' "$report" >&2
     [ "$failed" = 0 ] && [ "$ran" = 1 ] || exit 1

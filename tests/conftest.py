@@ -27,8 +27,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "tf: imports TensorFlow; runs in the TensorFlow-side process")
-  config.addinivalue_line("markers", "bigmem: needs more memory than the suite's process has on "
-                          "CI's 24 GB machine; deselected by default, run with -m bigmem")
+  config.addinivalue_line("markers", "alone: needs the machine's memory to itself; deselected by "
+                          "default, run with -m alone (the test command runs it after both sides)")
 
 
 def pytest_ignore_collect(collection_path: pathlib.Path, config):

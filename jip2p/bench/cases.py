@@ -14,6 +14,14 @@ Cases are named by their shapes, so a run at other sizes is just other names:
 A name may end in ``@S``: each of that case's processes may run S seconds (its time budget, so
 that one slow case cannot eat a short run's time; `jip2p-bench --timeout` otherwise).
 
+SDXL model configs (``text_encoder_2`` among them, e.g. ``--preset sdxl``) run the same kinds with
+SDXL's conditioning — both text encoders' 77×2048 states, the 1280-wide pooled text, the time ids
+(H, W, 0, 0, H, W) — except ``train_full`` (the trainer's step from pixels is SD's only):
+``train_unet`` from precomputed latents, states and pooled text (the null text zeros, as SDXL
+base's pipeline), ``edit`` as diffusers' ``StableDiffusionXLInstructPix2PixPipeline`` on the PyTorch
+side, ``p2p`` on the JAX side. Their default list is `SDXL_CASES` (batch sizes chosen, not yet
+measured against a GPU's memory).
+
 Figures: step/edit time is the median of `ITERS` device-synchronised runs after `WARMUP` more;
 the first run (compilation included) is timed alone. FLOPs are the UNet's training FLOPs per image
 (forward + backward), counted by PyTorch's FlopCounterMode as the baseline counts them (matmul,
@@ -42,6 +50,7 @@ DEFAULT_CASES = (
     "edit_512_s20_b1", "edit_512_s100_b1", "edit_512_s20_b8", "edit_512_s100_b8",
     "p2p_512_s100_k8",
 )
+SDXL_CASES = ("train_unet_768_b4", "train_unet_1024_b2", "edit_1024_s20_b1")
 # Cases PyTorch also runs under torch.compile by default (its first step takes minutes).
 COMPILE_CASES = ("train_full_256_b64", "train_unet_256_b64")
 
@@ -116,3 +125,18 @@ def parse_list(names: str, **runs) -> list[Case]:
   if not out:
     raise ConfigError("no benchmark cases given")
   return out
+
+
+def is_sdxl(configs: dict) -> bool:
+  """Whether model configs are SDXL's (a second text encoder)."""
+  return "text_encoder_2" in configs
+
+
+def check_models(selected: list[Case], configs: dict) -> None:
+  """`ConfigError` naming the cases that the configs' model family cannot run (SDXL: no
+  ``train_full``), before any process starts."""
+  if is_sdxl(configs):
+    full = [c.name for c in selected if c.kind == "train" and c.full]
+    if full:
+      raise ConfigError(f"{', '.join(full)}: SDXL models run train_unet_<res>_b<batch> (from "
+                        "latents), edit and p2p cases; train_full is Stable Diffusion 1.x/2.x's")

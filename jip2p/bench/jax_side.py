@@ -6,11 +6,14 @@ Run by `jip2p-bench` (jip2p/cli/bench.py), which passes both sides the same mode
 runs is jip2p's own code: the trainer's jitted step (`jip2p.train.step`, FSDP mesh of one device,
 donated state), `jip2p.edit.Editor` and `jip2p.p2p.sampling.PairGenerator`; weights are random
 at the configs' shapes (written straight into abstract models: no per-parameter compilation).
+SDXL configs (`cases.is_sdxl`) build both text encoders; their ``train_unet`` step is the
+trainer's (`step.make_train_step`: AdamW, EMA, donation) around `sdxl_loss_fn`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -34,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="auto: cudnn on GPU (bfloat16), pallas on TPU, xla elsewhere")
   p.add_argument("--remat", action="store_true", help="rematerialise UNet blocks in training")
   p.add_argument("--xla-flags", choices=("tuned", "none"), default="tuned",
-                 help="tuned: add jip2p.runtime.GPU_FLAGS to XLA_FLAGS")
+                 help="tuned: add jip2p.runtime.TUNED_FLAGS to XLA_FLAGS")
   p.add_argument("--compile-cache", default=None, help="persistent compilation cache folder")
   p.add_argument("--first-only", action="store_true",
                  help="time only the first run (a start with a warm compilation cache)")
@@ -46,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  settings = runtime.configure(gpu_flags=args.xla_flags == "tuned", cache_dir=args.compile_cache,
+  settings = runtime.configure(xla_flags=args.xla_flags == "tuned", cache_dir=args.compile_cache,
                                min_compile_seconds=0.0)
   case = cases.parse(args.case, warmup=args.warmup, iters=args.iters)
   with open(args.configs) as f:
@@ -113,9 +116,47 @@ def _pipeline(configs: dict, *, unet_in_channels: int, dtype, attention: str, re
   unet_config = dict(configs["unet"], in_channels=unet_in_channels)
   make = lambda cfg, seed, **kw: random_module(cfg, dtype=dtype, attention=attention, seed=seed,
                                                **kw)
+  sdxl = ({"text_encoder_2": make(configs["text_encoder_2"], 3),
+           "tokenizer_2": CLIPTokenizer.open_clip()} if cases.is_sdxl(configs) else {})
   return Pipeline(unet=make(unet_config, 0, remat=remat), vae=make(configs["vae"], 1),
                   text_encoder=make(configs["text_encoder"], 2),
-                  tokenizer=CLIPTokenizer.default(), scheduler_config=configs["scheduler"])
+                  tokenizer=CLIPTokenizer.default(), scheduler_config=configs["scheduler"], **sdxl)
+
+
+def sdxl_loss_fn(unet_def, vae_def, *, alphas_cumprod, scaling_factor: float, dropout: float,
+                 prediction_type: str):
+  """The SDXL InstructPix2Pix loss from precomputed inputs, in `step.make_loss_fn`'s form: batch
+  ``edited``, ``input`` posterior moments [B, h, w, 2C], ``input_ids`` the prompt states
+  [B, L, 2048], ``pooled`` [B, 1280] and ``time_ids`` [B, 6]; frozen ``vae`` (a `CachedVAE`),
+  ``null_text`` [1, L, 2048] and ``null_pooled`` [1, 1280]. Conditioning dropout as the trainer's
+  (`step.conditioning_dropout`), the pooled text dropped with the states."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from jip2p.train import step as step_lib
+  sqrt_ac = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)
+  sqrt_1m_ac = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)
+
+  def loss_fn(params, frozen, batch, key):
+    k_sample, k_drop, k_t, k_noise = jax.random.split(key, 4)
+    vae = nnx.merge(vae_def, frozen["vae"])
+    latents = vae.encode(batch["edited"]).sample(k_sample) * scaling_factor
+    states, image_latents = step_lib.conditioning_dropout(
+        k_drop, batch["input_ids"], frozen["null_text"], vae.encode(batch["input"]).mode(),
+        dropout)
+    drop_text, _ = step_lib.dropout_masks(k_drop, latents.shape[0], dropout)
+    pooled = jnp.where(drop_text[:, None], frozen["null_pooled"], batch["pooled"])
+    t = jax.random.randint(k_t, (latents.shape[0],), 0, len(alphas_cumprod))
+    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
+    noisy, target = step_lib.noised_and_target(latents, noise, sqrt_ac[t], sqrt_1m_ac[t],
+                                               prediction_type)
+    pred = nnx.merge(unet_def, params)(jnp.concatenate([noisy, image_latents], axis=-1), t,
+                                       states, text_embeds=pooled, time_ids=batch["time_ids"])
+    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
+
+  return loss_fn
 
 
 # ---------------------------------------------------------------- cases
@@ -142,13 +183,21 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
   from jip2p.train import metrics, sharding
   from jip2p.train import step as step_lib
 
+  cases.check_models([case], configs)
+  sdxl = cases.is_sdxl(configs)
   pipe = _pipeline(configs, unet_in_channels=8, dtype=dtype, attention=attention, remat=remat)
   b, res = case.batch, case.res
-  vae_config, text_config = pipe.vae.config, pipe.text_encoder.config
+  vae_config = pipe.vae.config
+  width = pipe.unet.config.cross_attention_dim  # the text states' (both encoders' for SDXL)
   text_def, text_state = nnx.split(pipe.text_encoder)
-  null_text = jax.jit(lambda s, ids: nnx.merge(text_def, s)(ids))(text_state,
-                                                                   pipe.tokenizer([""]))
-  length = null_text.shape[1]
+  if sdxl:  # The null text: zeros, states and pooled (SDXL base's force_zeros_for_empty_prompt).
+    length = configs["text_encoder"]["max_position_embeddings"]
+    pooled_width = configs["text_encoder_2"]["projection_dim"]
+    null_text = jnp.zeros((1, length, width), jnp.float32)
+  else:
+    null_text = jax.jit(lambda s, ids: nnx.merge(text_def, s)(ids))(text_state,
+                                                                     pipe.tokenizer([""]))
+    length = null_text.shape[1]
   rng = np.random.default_rng(0)
   if case.full:
     vae_def, vae_state = nnx.split(pipe.vae)
@@ -162,16 +211,24 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
     moments = lambda: np.concatenate([rng.standard_normal((b, h, h, c)),
                                       np.full((b, h, h, c), -8.0)], -1).astype(np.float32)
     batch = {"input": moments(), "edited": moments(),
-             "input_ids": rng.standard_normal((b, length, text_config.hidden_size)
-                                              ).astype(np.float32)}
+             "input_ids": rng.standard_normal((b, length, width)).astype(np.float32)}
   frozen = {"vae": vae_state, "text_encoder": text_state, "null_text": null_text}
+  added = {}  # SDXL's added conditioning of the UNet (for the FLOP count)
+  if sdxl:
+    from jip2p.edit import time_ids
+    batch.update(pooled=rng.standard_normal((b, pooled_width)).astype(np.float32),
+                 time_ids=np.tile(time_ids(res, res), (b, 1)))
+    frozen["null_pooled"] = jnp.zeros((1, pooled_width), jnp.float32)
+    added = {"text_embeds": jax.ShapeDtypeStruct((b, pooled_width), jnp.float32),
+             "time_ids": jax.ShapeDtypeStruct((b, 6), jnp.float32)}
   unet_def, params = nnx.split(pipe.unet, nnx.Param)
   del pipe  # Its UNet's arrays become the train state's (donated below), its other parts unused.
   scheduler = schedules.from_scheduler_config(configs["scheduler"])
-  loss_fn = step_lib.make_loss_fn(unet_def, vae_def, text_def,
-                                  alphas_cumprod=scheduler.alphas_cumprod(),
-                                  scaling_factor=vae_config.scaling_factor, dropout=0.05,
-                                  prediction_type=scheduler.prediction_type)
+  make_loss = (functools.partial(sdxl_loss_fn, unet_def, vae_def) if sdxl else
+               functools.partial(step_lib.make_loss_fn, unet_def, vae_def, text_def))
+  loss_fn = make_loss(alphas_cumprod=scheduler.alphas_cumprod(),
+                      scaling_factor=vae_config.scaling_factor, dropout=0.05,
+                      prediction_type=scheduler.prediction_type)
   optimizer = step_lib.make_optimizer(1e-4)
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, seed=0), params)
@@ -206,10 +263,10 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
   # for the same definition on both sides).
   h = res // vae_config.downscale
   sds = jax.ShapeDtypeStruct
-  unet_loss = lambda p, x, t, c: jnp.mean(jnp.square(nnx.merge(unet_def, p)(x, t, c)))
+  unet_loss = lambda p, x, t, c, a: jnp.mean(jnp.square(nnx.merge(unet_def, p)(x, t, c, **a)))
   xla_flops = metrics.cost_flops(
       jax.value_and_grad(unet_loss), abstract_state.params, sds((b, h, h, 8), jnp.float32),
-      sds((b,), jnp.int32), sds((b, length, text_config.hidden_size), jnp.float32)) / b
+      sds((b,), jnp.int32), sds((b, length, width), jnp.float32), added) / b
 
   holder = {"state": state}
 

@@ -8,7 +8,11 @@ What a user would otherwise run, as docs/design.md §3 defines the baseline: the
 float32 under bf16 autocast, SDPA attention, fused AdamW, conditioning dropout, and the script's
 ``--use_ema`` EMAModel step, foreach) eager or with the UNet under ``torch.compile``;
 ``StableDiffusionInstructPix2PixPipeline`` in float16 (float32 on CPU, which lacks fast float16
-kernels) with precomputed prompt embeddings. Random weights at the given configs' shapes. An eager
+kernels) with precomputed prompt embeddings. SDXL configs (`cases.is_sdxl`): the UNet-only step with
+SDXL's added conditioning (pooled text and time ids, the pooled text dropped with the states, as
+``train_instruct_pix2pix_sdxl.py``; the null text zeros) and
+``StableDiffusionXLInstructPix2PixPipeline`` with precomputed prompt and pooled embeddings.
+Random weights at the given configs' shapes. An eager
 train case also counts the UNet's training FLOPs per image at its resolution (after its peak
 memory is read), so that no extra process is started for the count. This module never imports
 JAX or TensorFlow. ``bench/pytorch_baseline.py`` produces the baseline's figures with it (EMA off);
@@ -123,11 +127,15 @@ def _train(case: cases.Case, configs: dict, dev: str, *, compile_unet: bool, ema
   from diffusers import DDPMScheduler
   from diffusers.training_utils import EMAModel
 
+  cases.check_models([case], configs)
+  sdxl = cases.is_sdxl(configs)
   torch.manual_seed(0)
   b, res = case.batch, case.res
   unet = _unet(configs, 8).to(dev).train()
   vae = _vae(configs).to(dev, dtype=torch.bfloat16).eval().requires_grad_(False)
-  text_encoder = _text_encoder(configs).to(dev, dtype=torch.bfloat16).eval().requires_grad_(False)
+  if not sdxl:
+    text_encoder = _text_encoder(configs).to(dev, dtype=torch.bfloat16).eval().requires_grad_(
+        False)
   optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4, fused=True)
   ema_unet = EMAModel(unet.parameters(), foreach=True) if ema else None
   s = configs["scheduler"]
@@ -138,7 +146,7 @@ def _train(case: cases.Case, configs: dict, dev: str, *, compile_unet: bool, ema
   forward = torch.compile(unet) if compile_unet else unet
   scaling = configs["vae"]["scaling_factor"]
   length = configs["text_encoder"]["max_position_embeddings"]
-  width = configs["text_encoder"]["hidden_size"]
+  width = configs["unet"]["cross_attention_dim"]  # the text states' (both encoders' for SDXL)
   latent = res // 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
   channels = configs["vae"]["latent_channels"]
   edited = torch.randn(b, 3, res, res, device=dev, dtype=torch.bfloat16).clamp(-1, 1)
@@ -147,8 +155,12 @@ def _train(case: cases.Case, configs: dict, dev: str, *, compile_unet: bool, ema
   pre_latents = torch.randn(b, channels, latent, latent, device=dev)
   pre_image = torch.randn(b, channels, latent, latent, device=dev)
   pre_text = torch.randn(b, length, width, device=dev)
-  with torch.no_grad():
-    null_text = text_encoder(torch.full((1, length), 49407, device=dev))[0].float()
+  added = _added(configs, b, res, dev)
+  if sdxl:
+    null_text = torch.zeros(1, length, width, device=dev)
+  else:
+    with torch.no_grad():
+      null_text = text_encoder(torch.full((1, length), 49407, device=dev))[0].float()
   p = 0.05
 
   def step():
@@ -165,10 +177,14 @@ def _train(case: cases.Case, configs: dict, dev: str, *, compile_unet: bool, ema
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     r = torch.rand(b, device=dev)
     text = torch.where((r < 2 * p).view(-1, 1, 1), null_text, text)
+    kwargs = {}
+    if added is not None:
+      pooled = torch.where((r < 2 * p).view(-1, 1), 0.0, added["text_embeds"])
+      kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled}
     keep_image = 1 - ((r >= p) & (r < 3 * p)).float().view(-1, 1, 1, 1)
     x = torch.cat([noisy, image_latents * keep_image], dim=1)
     with torch.autocast(dev, dtype=torch.bfloat16):
-      pred = forward(x, t, text).sample
+      pred = forward(x, t, text, **kwargs).sample
     loss = F.mse_loss(pred.float(), noise)
     loss.backward()
     optimizer.step()
@@ -182,6 +198,18 @@ def _train(case: cases.Case, configs: dict, dev: str, *, compile_unet: bool, ema
   return out
 
 
+def _added(configs: dict, batch: int, res: int, dev: str):
+  """An SDXL UNet's added conditioning for ``batch`` res² images (random pooled text, the time
+  ids (res, res, 0, 0, res, res)); None for other models."""
+  import torch
+  if not cases.is_sdxl(configs):
+    return None
+  pooled = configs["text_encoder_2"]["projection_dim"]
+  time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32, device=dev)
+  return {"text_embeds": torch.randn(batch, pooled, device=dev),
+          "time_ids": time_ids.repeat(batch, 1)}
+
+
 def _unet_flops(configs: dict, res: int, dev: str) -> float:
   """The baseline's count: FlopCounterMode over forward + backward under bf16 autocast."""
   import torch
@@ -192,35 +220,48 @@ def _unet_flops(configs: dict, res: int, dev: str) -> float:
   text = configs["text_encoder"]
   x = torch.randn(b, 8, latent, latent, device=dev)
   t = torch.randint(0, 1000, (b,), device=dev)
-  c = torch.randn(b, text["max_position_embeddings"], text["hidden_size"], device=dev)
+  c = torch.randn(b, text["max_position_embeddings"], configs["unet"]["cross_attention_dim"],
+                  device=dev)
+  added = _added(configs, b, res, dev)
+  kwargs = {} if added is None else {"added_cond_kwargs": added}
   with FlopCounterMode(display=False) as counter:
     with torch.autocast(dev, dtype=torch.bfloat16):
-      unet(x, t, c).sample.float().sum().backward()
+      unet(x, t, c, **kwargs).sample.float().sum().backward()
   return counter.get_total_flops() / b
 
 
 def _edit(case: cases.Case, configs: dict, dev: str, dtype) -> dict:
+  import diffusers
   import torch
-  from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
 
   torch.manual_seed(0)
-  pipe = StableDiffusionInstructPix2PixPipeline(
-      vae=_vae(configs), text_encoder=_text_encoder(configs), tokenizer=None,
-      unet=_unet(configs, 2 * configs["vae"]["latent_channels"]),
-      scheduler=EulerAncestralDiscreteScheduler.from_config(configs["scheduler"]),
-      safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-  ).to(dev, dtype=dtype)
-  pipe.set_progress_bar_config(disable=True)
+  unet = _unet(configs, 2 * configs["vae"]["latent_channels"])
+  scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(configs["scheduler"])
   text = configs["text_encoder"]
-  shape = (case.batch, text["max_position_embeddings"], text["hidden_size"])
+  shape = (case.batch, text["max_position_embeddings"], configs["unet"]["cross_attention_dim"])
   image = torch.rand(case.batch, 3, case.res, case.res)
   prompt = torch.randn(shape, dtype=dtype, device=dev)
   negative = torch.zeros(shape, dtype=dtype, device=dev)
+  embeddings = dict(prompt_embeds=prompt, negative_prompt_embeds=negative)
+  if cases.is_sdxl(configs):  # Precomputed embeddings: the pipeline needs no text encoder.
+    pipe = diffusers.StableDiffusionXLInstructPix2PixPipeline(
+        vae=_vae(configs), text_encoder=None, text_encoder_2=None, tokenizer=None,
+        tokenizer_2=None, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pooled = (case.batch, configs["text_encoder_2"]["projection_dim"])
+    embeddings.update(pooled_prompt_embeds=torch.randn(pooled, dtype=dtype, device=dev),
+                      negative_pooled_prompt_embeds=torch.zeros(pooled, dtype=dtype, device=dev),
+                      height=case.res, width=case.res)
+  else:
+    pipe = diffusers.StableDiffusionInstructPix2PixPipeline(
+        vae=_vae(configs), text_encoder=_text_encoder(configs), tokenizer=None, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+  pipe = pipe.to(dev, dtype=dtype)
+  pipe.set_progress_bar_config(disable=True)
 
   def run():
-    return pipe(prompt_embeds=prompt, negative_prompt_embeds=negative, image=image,
-                num_inference_steps=case.steps, guidance_scale=7.5, image_guidance_scale=1.5,
-                output_type="np")
+    return pipe(image=image, num_inference_steps=case.steps, guidance_scale=7.5,
+                image_guidance_scale=1.5, output_type="np", **embeddings)
 
   out = _timed(case, run, dev)
   out.update(items=case.batch)

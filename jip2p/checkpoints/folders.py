@@ -101,13 +101,6 @@ def is_sdxl_unet(config: unet.UNetConfig) -> bool:
   return config.addition_embed_type == "text_time"
 
 
-def refuse_sdxl(pipeline: Pipeline, where: str, tool: str) -> None:
-  """A named `CheckpointError` where an SDXL model reaches a tool that runs SD 1.x/2.x only."""
-  if pipeline.is_sdxl:
-    raise CheckpointError(f"{where} is an SDXL model (text_encoder_2/, a text_time UNet); "
-                          f"{tool} runs Stable Diffusion 1.x/2.x models only so far")
-
-
 def read_json(path: str) -> dict:
   if not os.path.isfile(path):
     raise CheckpointError(f"missing file: {path}")

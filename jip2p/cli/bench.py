@@ -1,6 +1,7 @@
 """`jip2p-bench`: jip2p (JAX) against diffusers (PyTorch) on this machine, side by side.
 
   jip2p-bench                                   # every case of the issue, SD 1.5 sizes
+  jip2p-bench --preset sdxl                     # SDXL base: its default cases (SDXL_CASES)
   jip2p-bench --cases train_full_256_b64,edit_512_s20_b1 --json out.json --markdown out.md
   jip2p-bench --preset tiny --cases train_full_32_b2 --iters 2 --warmup 0   # CPU smoke run
   jip2p-bench --cases train_unet_256_b64@150,edit_512_s20_b1@90 --budget 420  # a short call
@@ -45,12 +46,14 @@ MIN_START_S = 10  # Under this many seconds of --budget left, a process is not s
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-  p.add_argument("--cases", default=",".join(cases_lib.DEFAULT_CASES),
-                 help="comma-separated case names (see jip2p.bench.cases); default: all")
+  p.add_argument("--cases", default=None,
+                 help="comma-separated case names (see jip2p.bench.cases); default: SD's "
+                      f"{', '.join(cases_lib.DEFAULT_CASES)}; with SDXL models (--preset sdxl) "
+                      f"{', '.join(cases_lib.SDXL_CASES)}")
   models = p.add_mutually_exclusive_group()
   models.add_argument("--preset", default=None,
-                      help="model shapes: sd15 (default), sd21, tiny; with --memory: instead of "
-                           "the config's model.init")
+                      help="model shapes: sd15 (default), sd21, sdxl, tiny, tiny-sdxl; with "
+                           "--memory: instead of the config's model.init")
   models.add_argument("--model-configs", default=None,
                       help="JSON file {unet, vae, text_encoder, scheduler} of diffusers configs")
   p.add_argument("--sides", default="jax,torch", help="jax, torch or both")
@@ -65,7 +68,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                  help="JAX attention (auto: cudnn on GPU, pallas on TPU, xla elsewhere)")
   p.add_argument("--remat", action="store_true", help="JAX: rematerialise UNet blocks")
   p.add_argument("--xla-flags", choices=("tuned", "none"), default="tuned",
-                 help="tuned: jip2p.runtime.GPU_FLAGS added to XLA_FLAGS")
+                 help="tuned: jip2p.runtime.TUNED_FLAGS (GPU and CPU) added to XLA_FLAGS")
   p.add_argument("--second-start", choices=("first", "all", "none"), default="first",
                  help="JAX train cases whose start is repeated with the persistent compilation "
                       "cache the first start filled (first: the first train case)")
@@ -202,7 +205,11 @@ def _side_by_side(args, command: str, log) -> int:
   sides = [s.strip() for s in args.sides.split(",") if s.strip()]
   if not sides or set(sides) - set(SIDES):
     raise ConfigError(f"--sides={args.sides!r}: choose from {SIDES}")
-  selected = cases_lib.parse_list(args.cases, warmup=args.warmup, iters=args.iters)
+  configs = _configs(args)
+  default = cases_lib.SDXL_CASES if cases_lib.is_sdxl(configs) else cases_lib.DEFAULT_CASES
+  selected = cases_lib.parse_list(args.cases or ",".join(default), warmup=args.warmup,
+                                  iters=args.iters)
+  cases_lib.check_models(selected, configs)
   runs = []
   if args.warmup is not None:
     runs += ["--warmup", str(args.warmup)]
@@ -214,7 +221,7 @@ def _side_by_side(args, command: str, log) -> int:
   with tempfile.TemporaryDirectory(prefix="jip2p-bench-") as tmp:
     configs_path = os.path.join(tmp, "configs.json")
     with open(configs_path, "w") as f:
-      json.dump(_configs(args), f)
+      json.dump(configs, f)
     cache = args.compile_cache or os.path.join(tmp, "compilation-cache")
     jax_common = ["--configs", configs_path, "--dtype", args.dtype, "--attention", args.attention,
                   "--xla-flags", args.xla_flags, "--compile-cache", cache] + runs

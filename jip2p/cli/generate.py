@@ -2,7 +2,12 @@
 
   jip2p-generate --config configs/generate_sd15.py:model=/models/sd15,clip=/models/ViT-L-14.pt \\
       --prompts prompts.jsonl --out DIR [--partition k --num-partitions n]
+  jip2p-generate --config configs/generate_sdxl.py:model=/models/sdxl,clip=/models/ViT-L-14.pt \\
+      --prompts prompts.jsonl --out DIR
   jip2p-generate --config ... --show-attention "a photo of a cat" --out DIR
+
+The model is a Stable Diffusion 1.x/2.x or SDXL text-to-image folder (SDXL: both text encoders,
+the pooled text and the micro-conditioning of a generated image, (H, W, 0, 0, H, W)).
 
 Prompts go to partition ``line mod (num_partitions·process_count)``; each partition writes its
 own dataset directory (``DIR/part-KKKKK-of-NNNNN`` when there is more than one). Rerunning the
@@ -57,10 +62,8 @@ def _load_pipeline(c):
   import jax.numpy as jnp
 
   from jip2p import checkpoints
-  pipeline = checkpoints.load_pipeline(c.model, dtype=getattr(jnp, c.compute_dtype),
-                                       vae=c.vae or None)
-  checkpoints.refuse_sdxl(pipeline, c.model, "jip2p-generate")
-  return pipeline
+  return checkpoints.load_pipeline(c.model, dtype=getattr(jnp, c.compute_dtype),
+                                   vae=c.vae or None)
 
 
 def _read_prompts(path: str, model: str, options, index: int, total: int) -> list:

@@ -64,7 +64,8 @@ def text_conditioning(unet, text_encoder, input_ids: jax.Array, text_encoder_2=N
   ``unet_fn`` is the UNet. With it (SDXL): ``input_ids_2`` are the same texts through
   ``tokenizer_2`` and ``time_ids`` float32 [B, 6] each example's micro-conditioning; a context is
   the tuple (prompt states, pooled text, time ids), the null text's zeros (``zero_null_text``, as
-  diffusers' pipeline by default) or the encoding of "", with the same time ids.
+  diffusers' pipeline by default) or the encoding of "", with the same time ids. ``unet_fn``
+  passes keyword arguments (paired generation's attention ``control``) on to the UNet.
   """
   if text_encoder_2 is None:
     embeddings = text_encoder(input_ids)
@@ -76,9 +77,10 @@ def text_conditioning(unet, text_encoder, input_ids: jax.Array, text_encoder_2=N
   null_states, null_pooled = sdxl_null_text((states[-1], pooled[-1]), zero_null_text)
   time_ids = jnp.asarray(time_ids, jnp.float32)
 
-  def unet_fn(sample, timesteps, context):
+  def unet_fn(sample, timesteps, context, **kwargs):
     context_states, text_embeds, ids = context
-    return unet(sample, timesteps, context_states, text_embeds=text_embeds, time_ids=ids)
+    return unet(sample, timesteps, context_states, text_embeds=text_embeds, time_ids=ids,
+                **kwargs)
 
   return (unet_fn, (states[:-1], pooled[:-1], time_ids), (null_states, null_pooled, time_ids))
 

@@ -12,6 +12,14 @@ The reference is InstructPix2Pix's ``generate_img_dataset.py`` (docs/design.md �
     (`control.SelfAttentionSharing`); ``mode="p2p"``: Prompt-to-Prompt (`P2POptions`);
   * decoding to ``255·clamp((x + 1)/2, 0, 1)`` truncated to uint8, as the reference's ``to_pil``.
 
+An SDXL text-to-image folder (``text_encoder_2/``, a ``text_time`` UNet) is conditioned as
+diffusers' ``StableDiffusionXLPipeline`` conditions a prompt (`editing.text_conditioning`, which
+the editor uses too): both encoders' states and the pooled text, the micro-conditioning of a
+generated image (`jip2p.edit.time_ids`: (H, W, 0, 0, H, W)) in every row, and for the empty
+caption zeros (the folder's ``force_zeros_for_empty_prompt``, true unless it says false) or the
+encoding of "". The controllers act on SDXL's attention layers as on SD's (`control`): every
+transformer layer of a block, whatever its head count.
+
 K candidates (of any captions, e.g. many prompts' candidates together) run as one jitted program:
 text encoding, the whole sampling loop and decoding. `PairGenerator` compiles once per batch shape
 and reuses the program; `generate_pairs` is the one-call form. Per-candidate Prompt-to-Prompt
@@ -45,7 +53,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jip2p import files
-from jip2p.diffusion import guidance, samplers, schedules
+from jip2p.diffusion import editing, guidance, samplers, schedules
+from jip2p.edit import time_ids
 from jip2p.errors import ConfigError, InputError
 from jip2p.p2p import align, control
 from jip2p.tokenizer import bytes_to_unicode
@@ -297,10 +306,10 @@ class PairGenerator:
 
   Args:
     pipeline: a `jip2p.checkpoints.Pipeline` with a text-to-image UNet (``in_channels`` equal to
-      the VAE's latent channels), e.g. Stable Diffusion 1.5.
+      the VAE's latent channels), e.g. Stable Diffusion 1.5 or SDXL base.
     steps: N, the Euler-ancestral steps on the discrete grid (100 in the reference).
     height, width: image size in pixels; default the UNet's ``sample_size`` × VAE downscale
-      (512 for SD 1.5).
+      (512 for SD 1.5, 1024 for SDXL).
     devices: the devices the candidate axis is sharded over (default all local devices); a
       batch of K candidates uses the first gcd(K, len(devices)) of them.
   """
@@ -329,12 +338,18 @@ class PairGenerator:
     self.default_attention_hw = control.attention_hw(unet_config, self.latent_shape[:2])
     scheduler = schedules.from_scheduler_config(pipeline.scheduler_config)
     self.schedule = schedules.discrete(scheduler.alphas_cumprod(), steps)
+    self.tokenizer_2 = pipeline.tokenizer_2
     defs, self._states = {}, {}
-    for name in ("unet", "vae", "text_encoder"):
+    for name in ("unet", "vae", "text_encoder") + (("text_encoder_2",) if pipeline.is_sdxl else ()):
       defs[name], self._states[name] = nnx.split(getattr(pipeline, name))
     self._null_tokens = np.asarray(self.tokenizer([""]))
+    sdxl = None
+    if pipeline.is_sdxl:
+      self._null_tokens_2 = np.asarray(self.tokenizer_2([""]))
+      zeros = bool(pipeline.sdxl_options.get("force_zeros_for_empty_prompt", True))
+      sdxl = (time_ids(height, width), zeros)
     self._sample = functools.partial(_sample_pairs, defs, self.latent_shape,
-                                     vae_config.scaling_factor, scheduler.prediction_type)
+                                     vae_config.scaling_factor, scheduler.prediction_type, sdxl)
     self.devices = list(jax.local_devices() if devices is None else devices)
     if not self.devices:
       raise ConfigError("no devices to generate on")
@@ -409,7 +424,11 @@ class PairGenerator:
         blend = control.LocalBlend(word_weights=arrays["word_weights"],
                                    threshold=arrays["threshold"])
 
-    tokens = np.asarray(self.tokenizer([c for pair in pairs for c in pair]))
+    captions = [c for pair in pairs for c in pair]
+    tokens = np.asarray(self.tokenizer(captions))
+    # SDXL's second tokenizer: the same words at the same positions (its padding differs).
+    tokens_2 = (None if self.tokenizer_2 is None else
+                (np.asarray(self.tokenizer_2(captions)), self._null_tokens_2))
     mesh, states, run = self._program(k)
     replicated = NamedSharding(mesh, PartitionSpec())
     by_candidate = NamedSharding(mesh, PartitionSpec(CANDIDATES))
@@ -420,6 +439,8 @@ class PairGenerator:
                        shard(tokens), jax.device_put(self._null_tokens, replicated),
                        shard(seeds), shard(np.asarray(cfg_scale, np.float32)),
                        jax.tree.map(shard, controller), jax.tree.map(shard, blend),
+                       None if tokens_2 is None else (shard(tokens_2[0]),
+                                                      jax.device_put(tokens_2[1], replicated)),
                        record=return_attention or blend is not None, attention_hw=hw)
     convert = np.asarray if to_host else (lambda x: x)
     return GeneratedPairs(images=convert(images), p=np.asarray(p, np.float32),
@@ -427,16 +448,30 @@ class PairGenerator:
                           attention=convert(maps) if return_attention else None)
 
 
-def _sample_pairs(defs, latent_shape, scaling_factor, prediction_type, states, schedule, tokens,
-                  null_tokens, seeds, cfg_scale, controller, blend, *, record, attention_hw):
-  """The jitted program: tokens ``[2K, L]`` → (uint8 images ``[K, 2, H, W, 3]``, maps or None)."""
+def _sample_pairs(defs, latent_shape, scaling_factor, prediction_type, sdxl, states, schedule,
+                  tokens, null_tokens, seeds, cfg_scale, controller, blend, tokens_2, *, record,
+                  attention_hw):
+  """The jitted program: tokens ``[2K, L]`` → (uint8 images ``[K, 2, H, W, 3]``, maps or None).
+
+  An SDXL pipeline's ``tokens_2`` are (the captions' ``[2K, L]``, the empty caption's ``[1, L]``)
+  from its second tokenizer and ``sdxl`` is (the generated images' time ids float32 [6], whether
+  the empty caption is zeros); both None otherwise.
+  """
   unet = nnx.merge(defs["unet"], states["unet"])
   vae = nnx.merge(defs["vae"], states["vae"])
   text_encoder = nnx.merge(defs["text_encoder"], states["text_encoder"])
   k = seeds.shape[0]
-  text = text_encoder(tokens)
-  null = jnp.broadcast_to(text_encoder(null_tokens), text.shape)
-  context = jnp.concatenate([null, text])
+  # The empty caption's tokens last, as `editing.text_conditioning` takes them.
+  input_ids = jnp.concatenate([tokens, null_tokens])
+  extra = {}
+  if sdxl is not None:
+    extra = dict(text_encoder_2=nnx.merge(defs["text_encoder_2"], states["text_encoder_2"]),
+                 input_ids_2=jnp.concatenate(tokens_2),
+                 time_ids=jnp.broadcast_to(sdxl[0], (tokens.shape[0], len(sdxl[0]))),
+                 zero_null_text=sdxl[1])
+  unet_fn, text, null = editing.text_conditioning(unet, text_encoder, input_ids, **extra)
+  context = jax.tree.map(lambda c, n: jnp.concatenate([jnp.broadcast_to(n, c.shape), c]), text,
+                         null)
   scale = jnp.repeat(cfg_scale.astype(jnp.float32), 2)[:, None, None, None]
   noise = jnp.repeat(initial_noise(seeds, latent_shape), 2, axis=0)
   # The attention maps of step i pass from the UNet call to post_step within one traced step.
@@ -446,7 +481,7 @@ def _sample_pairs(defs, latent_shape, scaling_factor, prediction_type, states, s
     hook = controller.at_step(i)
     if record:
       hook = control.AttentionStore(hook, attention_hw, k)
-    eps = unet(jnp.concatenate([x_in, x_in]), t, context, control=hook)
+    eps = unet_fn(jnp.concatenate([x_in, x_in]), t, context, control=hook)
     if record:
       step_maps["maps"] = hook.maps()
     uncond, cond = jnp.split(eps, 2)

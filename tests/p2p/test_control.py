@@ -185,3 +185,54 @@ def test_attention_hw_is_the_coarsest_down_up_level():
   assert control.attention_hw(sd15, (96, 64)) == (24, 16)
   tiny = UNetConfig.from_dict(preset_configs("tiny", unet_in_channels=4)["unet"])
   assert control.attention_hw(tiny, (16, 16)) == (8, 8)
+  # SDXL at 1024 px: attention at 64×64 and 32×32 (and the mid block, also at 32×32).
+  sdxl = UNetConfig.from_dict(preset_configs("sdxl", unet_in_channels=4)["unet"])
+  assert control.attention_hw(sdxl, (128, 128)) == (32, 32)
+
+
+def test_sdxl_base_layers_edited_and_recorded():
+  """SDXL base's own layout at 1024 px, traced only (abstract weights): its 70 self- and 70
+  cross-attention layers (10 transformer layers per block at 32×32 with 20 heads, 2 at 64×64 with
+  10) reach the controller with their resolution; Prompt-to-Prompt replaces the self-attention
+  maps of the 60 layers at 32×32 (down_blocks.2, the mid block, up_blocks.0) and edits every
+  cross-attention map, and the store keeps the 50 cross-attention maps of down_blocks.2 and
+  up_blocks.0, not the mid block's."""
+  from collections import Counter
+
+  from flax import nnx
+
+  from jip2p.models.layers import abstract_module
+  from jip2p.models.unet import UNet2DCondition
+  config = UNetConfig.from_dict(preset_configs("sdxl", unet_in_channels=4)["unet"])
+  model = abstract_module(lambda rngs: UNet2DCondition(config, rngs=rngs))
+  hw = control.attention_hw(config, (128, 128))
+  p2p = control.PromptToPrompt(
+      token_map=jnp.zeros((1, 77, 77)), keep=jnp.zeros((1, 77)), equalizer=jnp.ones((1, 77)),
+      cross_alpha=jnp.ones((1, 1, 77)), self_window=jnp.asarray([[0, 1]], jnp.int32),
+      step=jnp.int32(0), self_max_pixels=hw[0] * hw[1])
+  calls = []
+
+  class Recording:
+    def edit_logits(self, logits, info):
+      return p2p.edit_logits(logits, info)
+
+    def edit_probs(self, probs, info):
+      out = p2p.edit_probs(probs, info)
+      calls.append((info, probs.shape[1], out is not probs))
+      return out
+
+  store = control.AttentionStore(Recording(), hw, 1)
+  maps = nnx.eval_shape(lambda m: (m(jnp.zeros((4, 128, 128, 4)), 10, jnp.zeros((4, 77, 2048)),
+                                     text_embeds=jnp.zeros((4, 1280)),
+                                     time_ids=jnp.zeros((4, 6)), control=store),
+                                   store.maps())[1], model)
+  assert maps.shape == (1, 2, 32, 32, 77)
+  assert len(store.layers) == 50
+  assert len({info.name for info, _, _ in calls}) == len(calls) == 140
+  assert Counter((info.is_cross, info.query_hw, heads, edited)
+                 for info, heads, edited in calls) == {
+      (False, (64, 64), 10, False): 10, (False, (32, 32), 20, True): 60,
+      (True, (64, 64), 10, True): 10, (True, (32, 32), 20, True): 60}
+  names = {info.name for info, _, _ in calls}
+  assert "down_blocks.2.attentions.1.transformer_blocks.9.attn1" in names
+  assert "mid_block.attentions.0.transformer_blocks.9.attn2" in names

@@ -8,6 +8,7 @@ folder) spares the repeated compilations. About 2–3 minutes of CPU.
 """
 
 import dataclasses
+import io
 import json
 import os
 import pathlib
@@ -96,6 +97,30 @@ def test_end_to_end(uninterrupted):
     np.testing.assert_array_equal(row["kept"], best)
   kept_seeds = [rows[i // 2]["seed"][rows[i // 2]["kept"][i % 2]] for i in range(6)]
   assert [r[1] for r in records] == kept_seeds
+
+
+def test_sdxl_folder_end_to_end_in_p2p_mode(assets, uninterrupted, tmp_path):
+  """A tiny-sdxl text-to-image folder (JAX-written) through the same command, sidecar and
+  prompts, with Prompt-to-Prompt (a word swap, refinements): the same prompts and seeds, every
+  kept pair a 32 px image pair of its own, none of them the SD model's."""
+  from PIL import Image
+
+  from jip2p.checkpoints import create_random_pipeline
+  root, spec, prompts, _ = assets
+  sdxl = create_random_pipeline(str(tmp_path / "sdxl"), "tiny-sdxl", unet_in_channels=4)
+  out = tmp_path / "gen"
+  config = spec.replace(f"model={root / 'sd'},", f"model={sdxl},") + ",shard=1,mode=p2p"
+  assert generate_cli.main(["--config", config, "--prompts", prompts, "--out", str(out)]) == 0
+  records = _records(out)
+  assert [r[0] for r in records] == [0, 0, 2, 2, 5, 5]
+  manifest = read_manifest(str(out))
+  assert manifest["complete"] and manifest["metadata"]["config"]["model"] == sdxl
+  sd_images = {image for r in _records(uninterrupted) for image in r[3:5]}
+  for record in records:
+    pair = [np.asarray(Image.open(io.BytesIO(image))) for image in record[3:5]]
+    assert pair[0].shape == pair[1].shape == (32, 32, 3) and pair[0].std() > 1
+    assert not np.array_equal(pair[0], pair[1])
+    assert not set(record[3:5]) & sd_images
 
 
 def test_kill_and_resume_gives_the_uninterrupted_records(assets, uninterrupted, tmp_path):

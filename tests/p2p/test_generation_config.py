@@ -107,14 +107,13 @@ def test_free_group_takes_several_forms_and_show_attention_needs_no_clip(model):
   assert options.p2p.blend_words == (("cat",), ("dog",))
 
 
-def test_config_vae_and_sdxl_refusal(tmp_path):
-  """config.vae puts a VAE folder in the model's VAE's place; an SDXL model is refused in one
-  line (SDXL generation is not there yet)."""
+def test_config_vae_and_sdxl_folder(tmp_path):
+  """config.vae puts a VAE folder in the model's VAE's place; an SDXL folder loads with its second
+  text encoder and tokenizer."""
   import numpy as np
 
   from jip2p import checkpoints
   from jip2p.cli import generate
-  from jip2p.errors import CheckpointError
   model = checkpoints.create_random_pipeline(str(tmp_path / "sd"), "tiny", unet_in_channels=4)
   other = checkpoints.create_random_pipeline(str(tmp_path / "other"), "tiny", seed=9,
                                              unet_in_channels=4)
@@ -126,5 +125,5 @@ def test_config_vae_and_sdxl_refusal(tmp_path):
   config.model = checkpoints.create_random_pipeline(str(tmp_path / "xl"), "tiny-sdxl",
                                                     unet_in_channels=4)
   config.vae = ""
-  with pytest.raises(CheckpointError, match="is an SDXL model .* jip2p-generate runs"):
-    generate._load_pipeline(config)
+  sdxl = generate._load_pipeline(config)
+  assert sdxl.is_sdxl and sdxl.tokenizer_2 is not None

@@ -1,7 +1,10 @@
 """PyTorch references for paired generation, written from the original code's semantics (torch
 side only): a diffusers attention processor computing explicit logits with InstructPix2Pix's
-self-attention sharing or Prompt-to-Prompt's Replace, google/prompt-to-prompt's LocalBlend, and
-the k-diffusion Euler-ancestral loop of ``generate_img_dataset.py`` with caller-given noises.
+self-attention sharing or Prompt-to-Prompt's Replace, Refine and Reweight,
+google/prompt-to-prompt's LocalBlend, and the k-diffusion Euler-ancestral loop of
+``generate_img_dataset.py`` with caller-given noises, conditioned as diffusers' SD pipelines
+(`sd_conditioning`) or its SDXL pipeline (`sdxl_conditioning`: its own ``encode_prompt`` and
+``_get_add_time_ids``).
 
 Batch layout of the UNet, as the reference for one pair: [uncond·c0, uncond·c1, cond·c0, cond·c1],
 here for K candidates [half, candidate, image].
@@ -25,14 +28,19 @@ class Controller:
   p2p: ``mapper`` [K, L, L], ``cross_alpha`` [K, N, L], ``self_window`` [K, 2],
     ``self_max_pixels`` — cross maps of image 1 := einsum(image 0's, mapper) blended by alpha,
     self maps := image 0's inside the window at ≤ self_max_pixels queries, conditional half only.
+    ``refine`` (None, or per candidate None or the reference's (mapper indices [L], alphas [L])):
+    that candidate's cross maps := image 0's gathered by the indices · alphas + its own ·
+    (1 − alphas) instead (AttentionRefine); ``equalizer`` (None or [K, L]) then scales them per
+    token (AttentionReweight over its previous controller).
   blend: ``blend_alpha`` [K, 2, L] (None for a candidate without LocalBlend), ``blend_hw``.
   """
 
   def __init__(self, num_candidates: int, num_steps: int, *, p=None, mapper=None,
                cross_alpha=None, self_window=None, self_max_pixels=None, blend_alpha=None,
-               blend_hw=None, threshold=0.3):
+               blend_hw=None, threshold=0.3, refine=None, equalizer=None):
     self.k, self.n, self.step = num_candidates, num_steps, 0
     self.p, self.mapper, self.cross_alpha = p, mapper, cross_alpha
+    self.refine, self.equalizer = refine or [None] * num_candidates, equalizer
     self.self_window, self.self_max_pixels = self_window, self_max_pixels
     self.blend_alpha, self.blend_hw, self.threshold = blend_alpha, blend_hw, threshold
     self.store = {}  # layer name → conditional maps summed over steps [2·heads, Lq, L] per k
@@ -54,7 +62,13 @@ class Controller:
         base, own = probs[row(1, k, 0, self.k)], probs[row(1, k, 1, self.k)]
         if is_cross:
           alpha = torch.as_tensor(self.cross_alpha[k, self.step])
-          replaced = torch.einsum("hpw,wn->hpn", base, torch.as_tensor(self.mapper[k]))
+          if self.refine[k] is None:
+            replaced = torch.einsum("hpw,wn->hpn", base, torch.as_tensor(self.mapper[k]))
+          else:
+            indices, alphas = (torch.as_tensor(a) for a in self.refine[k])
+            replaced = base[:, :, indices] * alphas + own * (1 - alphas)
+          if self.equalizer is not None:
+            replaced = replaced * torch.as_tensor(self.equalizer[k])
           probs[row(1, k, 1, self.k)] = replaced * alpha + (1 - alpha) * own
         elif (probs.shape[2] <= self.self_max_pixels
               and self.self_window[k][0] <= self.step < self.self_window[k][1]):
@@ -122,16 +136,39 @@ def install(unet, controller: Controller) -> None:
 
 
 @torch.no_grad()
-def generate(pipe, controller: Controller, tokens, null_tokens, cfg_scale, noise, step_noises,
-             sigmas, timesteps) -> np.ndarray:
-  """The reference's CFG Euler-ancestral loop; returns uint8 [K, 2, H, W, 3].
-
-  tokens [2K, L] ([candidate, image]); noise [K, C, h, w]; step_noises [N, K, C, h, w].
-  """
-  install(pipe.unet, controller)
+def sd_conditioning(pipe, tokens, null_tokens):
+  """(context [4K, L, D], None): the text encoder's states of the empty caption, then of the
+  captions' tokens [2K, L] ([candidate, image])."""
   cond = pipe.text_encoder(torch.as_tensor(tokens, dtype=torch.long))[0]
   null = pipe.text_encoder(torch.as_tensor(null_tokens, dtype=torch.long))[0].expand_as(cond)
-  context = torch.cat([null, cond])
+  return torch.cat([null, cond]), None
+
+
+@torch.no_grad()
+def sdxl_conditioning(pipe, captions, height: int, width: int):
+  """(context [4K, L, D], added_cond_kwargs) of 2K captions as diffusers' SDXL pipeline makes
+  them for a height × width image without a negative prompt: ``encode_prompt`` (both encoders,
+  pooled text, the empty caption as zeros when the folder forces them) and ``_get_add_time_ids``
+  of (original size, (0, 0), target size) = the image's size."""
+  cond, null, pooled, null_pooled = pipe.encode_prompt(list(captions), device="cpu",
+                                                       do_classifier_free_guidance=True)
+  time_ids = pipe._get_add_time_ids(
+      (height, width), (0, 0), (height, width), dtype=cond.dtype,
+      text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+  return torch.cat([null, cond]), {"text_embeds": torch.cat([null_pooled, pooled]),
+                                   "time_ids": time_ids.repeat(2 * len(captions), 1)}
+
+
+@torch.no_grad()
+def generate(pipe, controller: Controller, conditioning, cfg_scale, noise, step_noises, sigmas,
+             timesteps) -> np.ndarray:
+  """The reference's CFG Euler-ancestral loop; returns uint8 [K, 2, H, W, 3].
+
+  conditioning: `sd_conditioning`'s or `sdxl_conditioning`'s; noise [K, C, h, w]; step_noises
+  [N, K, C, h, w].
+  """
+  install(pipe.unet, controller)
+  context, added = conditioning
   scale = torch.as_tensor(np.repeat(cfg_scale, 2))[:, None, None, None]
   x = torch.as_tensor(noise).repeat_interleave(2, 0) * float(sigmas[0])
   for i in range(len(timesteps)):
@@ -139,7 +176,8 @@ def generate(pipe, controller: Controller, tokens, null_tokens, cfg_scale, noise
     s, s_next = float(sigmas[i]), float(sigmas[i + 1])
     x_in = x / (s ** 2 + 1) ** 0.5
     t = torch.tensor(float(timesteps[i]), dtype=torch.float32)
-    eps = pipe.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=context).sample
+    eps = pipe.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=context,
+                    added_cond_kwargs=added).sample
     uncond, cond_eps = eps.chunk(2)
     eps = uncond + (cond_eps - uncond) * scale
     sigma_up = min(s_next, (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)

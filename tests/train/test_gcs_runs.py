@@ -145,7 +145,7 @@ def test_compilation_cache_on_gs(gcs):
           "hits = []\n"
           "monitoring.register_event_listener(lambda event, **_: hits.append(event))\n"
           "from jip2p import runtime\n"
-          "settings = runtime.configure(gpu_flags=False, min_compile_seconds=0)\n"
+          "settings = runtime.configure(xla_flags=False, min_compile_seconds=0)\n"
           "import jax, jax.numpy as jnp\n"
           "jax.jit(lambda x: jnp.tanh(x @ x.T) * 3)(jnp.ones((8, 8))).block_until_ready()\n"
           "print(settings['compilation_cache'], hits.count('/jax/compilation_cache/cache_hits'))")
