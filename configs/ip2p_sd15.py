@@ -34,6 +34,7 @@ def get_config(arg=None):
                            steps=10_000)
   c = config_lib.base_config()
   c.model.init = a["init"]
+  c.model.family = "sd"
   c.data.path = a["data"]
   c.data.res = a["res"]
   c.data.resize_min = a["res"]

@@ -29,6 +29,7 @@ def get_config(arg=None):
   a = config_lib.parse_arg(arg, init="", data="", batch=1024, accum=8, fsdp=1, steps=10_000)
   c = config_lib.base_config()
   c.model.init = a["init"]
+  c.model.family = "sd"
   c.model.remat = True
   c.data.path = a["data"]
   c.data.res = c.data.resize_min = 512

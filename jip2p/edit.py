@@ -359,8 +359,8 @@ class Editor:
           f"{where}: the UNet attends to {unet.cross_attention_dim}-wide text states but the "
           f"text encoder states are {' + '.join(map(str, widths))} wide")
     options = pipeline.sdxl_options
-    self.zero_null_text = bool(options.get("force_zeros_for_empty_prompt", True)
-                               if zero_null_text is None else zero_null_text)
+    self.zero_null_text = (folder_zero_null_text(pipeline) if zero_null_text is None
+                           else bool(zero_null_text))
     self.is_cosxl_edit = bool(options.get("is_cosxl_edit", False) if is_cosxl_edit is None
                               else is_cosxl_edit)
     self.pipeline = pipeline
@@ -631,6 +631,13 @@ class Editor:
         f"{where}: the {stage} produced NaN or inf (editing {', '.join(j.name for j in batch)}); "
         "its weights may hold NaN/inf: convert or export the model again (in bfloat16, try "
         "float32)")
+
+
+def folder_zero_null_text(pipeline: checkpoints.Pipeline) -> bool:
+  """Whether an SDXL model's null text is zeros, as its folder's model_index.json says
+  (``force_zeros_for_empty_prompt``, true when absent, as diffusers reads it): what `Editor` uses
+  unless told otherwise, and what training's conditioning dropout uses always."""
+  return bool(pipeline.sdxl_options.get("force_zeros_for_empty_prompt", True))
 
 
 MICRO_CONDITIONING = {"original_size": "(height, width)", "crops_coords_top_left": "(top, left)",

@@ -327,3 +327,15 @@ def _token_content(token, role: str) -> str:
   if isinstance(token, str):
     return token
   raise CheckpointError(f"{role}_token {token!r} in the tokenizer config is not a token")
+
+
+class SDXLTokenizers:
+  """SDXL's two tokenizers as one: texts → int32 [len(texts), 2, max_length], row 0 from the
+  first (CLIP ViT-L's), row 1 from the second (OpenCLIP bigG's, padded with "!"): the token ids
+  `jip2p.models.clip_text.SDXLTextEncoders` reads, which a training batch carries."""
+
+  def __init__(self, first: CLIPTokenizer, second: CLIPTokenizer):
+    self.first, self.second = first, second
+
+  def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    return np.stack([self.first(texts), self.second(texts)], axis=1)

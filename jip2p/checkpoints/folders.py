@@ -30,7 +30,7 @@ from jip2p.checkpoints.mapping import load_torch_state_dict, to_torch_state_dict
 from jip2p.errors import CheckpointError, ConfigError
 from jip2p.models import clip_text, pixel_codec, unet, vae
 from jip2p.models.layers import abstract_module
-from jip2p.tokenizer import CLIPTokenizer, load_tokenizer
+from jip2p.tokenizer import CLIPTokenizer, SDXLTokenizers, load_tokenizer
 
 INDEX = "model_index.json"  # written last: a folder without it is not (yet) a model
 # model_index.json settings of diffusers' SDXL pipelines that change what they compute (the
@@ -81,17 +81,24 @@ class Pipeline:
   def is_sdxl(self) -> bool:
     return self.text_encoder_2 is not None
 
+  def text_model(self) -> clip_text.CLIPTextEncoder | clip_text.SDXLTextEncoders:
+    """The text model training and the latent cache run: the text encoder, or an SDXL model's
+    two as one (`clip_text.SDXLTextEncoders`: ids [B, 2, L] → (prompt states, pooled))."""
+    if self.is_sdxl:
+      return clip_text.SDXLTextEncoders(self.text_encoder, self.text_encoder_2)
+    return self.text_encoder
+
+  def text_tokenizer(self) -> CLIPTokenizer | SDXLTokenizers:
+    """What makes `text_model`'s ids from texts: the tokenizer, or an SDXL model's two as one
+    (`SDXLTokenizers`: ids [B, 2, 77])."""
+    if self.is_sdxl:
+      return SDXLTokenizers(self.tokenizer, self.tokenizer_2)
+    return self.tokenizer
+
 
 def is_sdxl_unet(config: unet.UNetConfig) -> bool:
   """Whether a UNet takes SDXL's added conditioning (pooled text + time ids)."""
   return config.addition_embed_type == "text_time"
-
-
-def refuse_sdxl(pipeline: Pipeline, where: str, tool: str) -> None:
-  """A named `CheckpointError` where an SDXL model reaches a tool that runs SD 1.x/2.x only."""
-  if pipeline.is_sdxl:
-    raise CheckpointError(f"{where} is an SDXL model (text_encoder_2/, a text_time UNet); "
-                          f"{tool} runs Stable Diffusion 1.x/2.x models only so far")
 
 
 def read_json(path: str) -> dict:

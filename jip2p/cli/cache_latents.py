@@ -4,7 +4,9 @@
 
 Per example: the VAE moments (mean, log-variance) of the input and edited images' centre crop and
 of its horizontal flip, and the instruction's text-encoder output (``--text embeddings``) or token
-ids (``--text ids``); see `jip2p.data.latents`. The model must be the one training starts from
+ids (``--text ids``); for an SDXL model both encoders' prompt states (77 × 2048), the pooled text
+(1280) and the edited image's original size, which with the crop make each example's
+micro-conditioning; see `jip2p.data.latents`. The model must be the one training starts from
 (its VAE and text encoder are frozen): a diffusers-format folder, or ``random:<preset>`` for
 smoke runs.
 
@@ -29,8 +31,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
   parser.add_argument("--data", required=True, nargs="+", help="triplet dataset folder(s)")
   parser.add_argument("--model", required=True,
-                      help="diffusers-format folder (SD 1.5 / an InstructPix2Pix model), or "
-                           "random:<preset> (sd15, tiny)")
+                      help="diffusers-format folder (SD 1.x/2.x, SDXL, or an InstructPix2Pix "
+                           "model of either), or random:<preset> (sd15, sdxl, tiny, tiny-sdxl)")
   parser.add_argument("--vae", metavar="DIR", default=None, help=VAE_HELP)
   parser.add_argument("--out", required=True, help="the cache folder to create (local or gs://)")
   parser.add_argument("--split", default="train")
@@ -62,10 +64,8 @@ def load_model(spec: str, compute_dtype: str, vae: str | None = None):
     pipeline = checkpoints.random_pipeline(spec.split(":", 1)[1], unet_in_channels=8, dtype=dtype)
     if vae:
       pipeline.vae = checkpoints.load_vae(vae, dtype=dtype)
-  else:
-    pipeline = checkpoints.load_pipeline(spec, dtype=dtype, vae=vae)
-  checkpoints.refuse_sdxl(pipeline, spec, PROG)
-  return pipeline
+    return pipeline
+  return checkpoints.load_pipeline(spec, dtype=dtype, vae=vae)
 
 
 def _main(argv: Sequence[str] | None) -> int:

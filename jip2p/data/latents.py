@@ -13,6 +13,15 @@ record:
   input_ids [L] int    its token ids, encoded in the train step        (text="ids")
   instruction, index   the text, and the record's position in the source split
 
+and for an SDXL model (`CacheInfo.micro_conditioning`):
+
+  text   [L, D1 + D2]  both encoders' prompt states, concatenated (77 × 2048 for SDXL)
+  pooled [P] float     the pooled, projected text (1280)             (text="embeddings"), or
+  input_ids [2, L] int both tokenizers' ids                           (text="ids")
+  original_size [2]    the edited image's stored (height, width): with the centre crop's corner
+                       (the same offset from the top and the left, its left mirrored in the
+                       flipped crop) and size, the example's micro-conditioning
+
 The crop: both images resized (area, antialiased) to a square of side ``resize`` ≥ ``resolution``
 and the central ``resolution``² kept — the reader's geometry with its random offset at the centre;
 ``resize = resolution`` keeps the whole image.
@@ -20,7 +29,8 @@ and the central ``resolution``² kept — the reader's geometry with its random 
 Training from it needs no change to the train step (`jip2p.train.step.make_loss_fn`): a
 `LatentSource` batch has an image batch's keys, holding what the encoders would produce —
 ``edited`` and ``input`` the posterior moments [B, h, w, 2C] (mean channels, then log-variance),
-``input_ids`` the token ids or the text embeddings — and the step is built with `CachedVAE` and
+``input_ids`` the token ids or the text embeddings (SDXL's: the pair (states, pooled)), and an
+SDXL cache's ``original_size`` and ``crop_top_left`` — and the step is built with `CachedVAE` and
 (for embeddings) `PrecomputedText` in place of the VAE and text encoder. The step then draws
 ``z = mean + std·ε`` with its own key exactly as it samples a fresh encoding, so a cached run
 equals an image run with the same crop and flip.
@@ -76,6 +86,8 @@ class CacheInfo:
   split: str
   shards: tuple[tuple[str, int], ...]
   skipped: int
+  micro_conditioning: bool = False  # An SDXL model's cache: pooled text and original sizes.
+  pooled_shape: tuple[int, ...] = ()  # [P] with text="embeddings" and micro_conditioning.
   format: str = FORMAT
   version: int = FORMAT_VERSION
 
@@ -100,6 +112,7 @@ class CacheInfo:
                        f"jip2p reads {FORMAT!r} version {FORMAT_VERSION}")
     d["latent_shape"] = tuple(d["latent_shape"])
     d["text_shape"] = tuple(d["text_shape"])
+    d["pooled_shape"] = tuple(d.get("pooled_shape", ()))
     d["shards"] = tuple((f, n) for f, n in d["shards"])
     return cls(**d)
 
@@ -107,9 +120,14 @@ class CacheInfo:
 # ---------------------------------------------------------------- crops
 
 
+def centre_offset(resolution: int, resize: int) -> int:
+  """The centre crop's offset from the top and from the left of the resized square, in pixels."""
+  return (resize - resolution) // 2
+
+
 def centre_window(resolution: int, resize: int):
   """The reader's crop window (``[top, left]`` and size, as fractions) of the centre crop."""
-  offset = (resize - resolution) // 2
+  offset = centre_offset(resolution, resize)
   return np.full([2], offset / resize, np.float64), resolution / resize
 
 
@@ -128,8 +146,9 @@ def centre_crops(tf, input_image, edited_image, *, resolution: int, resize: int)
 def crop_dataset(data_dirs: str | Sequence[str], *, split: str, resolution: int, resize: int,
                  max_examples: int | None = None):
   """tf.data of every good record of ``split`` in storage order: ``index`` (its position),
-  ``input``/``edited`` centre crops and ``instruction``. Records without both images and a
-  non-empty instruction, or whose images do not decode, are skipped."""
+  ``input``/``edited`` centre crops, ``instruction`` and ``original_size`` (the edited image's
+  [height, width], `reader.image_size`). Records without both images and a non-empty
+  instruction, or whose images do not decode, are skipped."""
   tf = import_tf()
   if not 0 < resolution <= resize:
     raise ConfigError(f"need 0 < resolution <= resize, got resolution={resolution}, "
@@ -151,7 +170,8 @@ def crop_dataset(data_dirs: str | Sequence[str], *, split: str, resolution: int,
   def crop(index, r):
     a, b = centre_crops(tf, r["input_image"], r["edited_image"], resolution=resolution,
                         resize=resize)
-    return {"index": index, "input": a, "edited": b, "instruction": r["instruction"]}
+    return {"index": index, "input": a, "edited": b, "instruction": r["instruction"],
+            "original_size": reader.image_size(tf, r["edited_image"])}
 
   ds = ds.map(parse).filter(usable)
   ds = ds.map(crop, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).ignore_errors()
@@ -164,8 +184,9 @@ def crop_dataset(data_dirs: str | Sequence[str], *, split: str, resolution: int,
 def make_encode_fn(vae_def, text_def, *, text: str) -> Callable:
   """encode(vae_state, text_state, input, edited, input_ids) → dict of cache arrays, jittable.
 
-  input, edited float32 [B, S, S, 3] in [-1, 1]; input_ids int32 [B, L]. Out: the `MOMENTS`
-  float32 [B, 2, h, w, C] (index 1: the flipped crop) and ``text`` [B, L, D] (embeddings mode).
+  input, edited float32 [B, S, S, 3] in [-1, 1]; input_ids int32 [B, L] (SDXL: [B, 2, L]).
+  Out: the `MOMENTS` float32 [B, 2, h, w, C] (index 1: the flipped crop) and ``text``
+  [B, L, D] (embeddings mode; SDXL's text model also gives ``pooled`` [B, P]).
   """
   def encode(vae_state, text_state, input_images, edited_images, input_ids):
     vae = nnx.merge(vae_def, vae_state)
@@ -179,7 +200,10 @@ def make_encode_fn(vae_def, text_def, *, text: str) -> Callable:
     out = {"input_mean": mean[:, 0], "input_logvar": logvar[:, 0],
            "edited_mean": mean[:, 1], "edited_logvar": logvar[:, 1]}
     if text == "embeddings":
-      out["text"] = nnx.merge(text_def, text_state)(input_ids).astype(jnp.float32)
+      embeddings = nnx.merge(text_def, text_state)(input_ids)
+      if isinstance(embeddings, tuple):  # SDXL: (prompt states, pooled)
+        embeddings, out["pooled"] = embeddings[0], embeddings[1].astype(jnp.float32)
+      out["text"] = embeddings.astype(jnp.float32)
     return out
 
   return encode
@@ -197,7 +221,8 @@ class CachedVAE(nnx.Module):
 
 
 class PrecomputedText(nnx.Module):
-  """The text encoder's stand-in when the cache holds its output: returns the embeddings."""
+  """The text encoder's stand-in when the cache holds its output: returns the embeddings (an
+  SDXL cache's pair (states, pooled), as `clip_text.SDXLTextEncoders` returns them)."""
 
   def __call__(self, embeddings: jax.Array) -> jax.Array:
     return embeddings
@@ -212,11 +237,16 @@ def _bytes_feature(tf, value: bytes):
 
 def _serialize(tf, row: dict[str, np.ndarray], dtype: str) -> bytes:
   feature = {k: _bytes_feature(tf, np.ascontiguousarray(row[k], dtype).tobytes()) for k in MOMENTS}
-  if "text" in row:
-    feature["text"] = _bytes_feature(tf, np.ascontiguousarray(row["text"], dtype).tobytes())
-  else:
+  for name in ("text", "pooled"):
+    if name in row:
+      feature[name] = _bytes_feature(tf, np.ascontiguousarray(row[name], dtype).tobytes())
+  if "text" not in row:
     feature["input_ids"] = tf.train.Feature(
-        int64_list=tf.train.Int64List(value=np.asarray(row["input_ids"], np.int64).tolist()))
+        int64_list=tf.train.Int64List(value=np.asarray(row["input_ids"], np.int64).reshape(-1)
+                                      .tolist()))
+  if "original_size" in row:
+    feature["original_size"] = tf.train.Feature(
+        int64_list=tf.train.Int64List(value=np.asarray(row["original_size"], np.int64).tolist()))
   feature["instruction"] = _bytes_feature(tf, row["instruction"])
   feature["index"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(row["index"])]))
   example = tf.train.Example(features=tf.train.Features(feature=feature))
@@ -295,7 +325,8 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
                 num_validation: int = 16, max_examples: int | None = None,
                 model_name: str = "", log: Callable[[str], None] | None = None) -> CacheInfo:
   """Encodes ``split`` of a triplet dataset into a latent cache at ``out_dir`` (see the module
-  docstring); ``pipeline`` is a `jip2p.checkpoints.Pipeline` (its UNet is not used)."""
+  docstring); ``pipeline`` is a `jip2p.checkpoints.Pipeline` (its UNet is not used; an SDXL one's
+  two text encoders run as `Pipeline.text_model`)."""
   tf = import_tf()
   if text not in TEXT_MODES:
     raise ConfigError(f"text={text!r}; choose one of {TEXT_MODES}")
@@ -310,15 +341,15 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
   check_target(data_dirs, out_dir, split)
 
   vae_def, vae_state = nnx.split(pipeline.vae)
-  text_def, text_state = nnx.split(pipeline.text_encoder)
+  text_def, text_state = nnx.split(pipeline.text_model())
   encode = jax.jit(make_encode_fn(vae_def, text_def, text=text))
-  tokenizer = pipeline.tokenizer
+  tokenizer, sdxl = pipeline.text_tokenizer(), pipeline.is_sdxl
   ds = crop_dataset(data_dirs, split=split, resolution=resolution, resize=resize,
                     max_examples=max_examples).batch(batch_size).prefetch(2)
 
   shards = _Shards(tf, out_dir, writer.DEFAULT_NAME.replace("triplets", "latents"), split,
                    examples_per_shard)
-  validation = {"input": [], "edited": [], "instruction": []}
+  validation = {"input": [], "edited": [], "instruction": [], "original_size": []}
   total = sum(n for _, n in reader.list_shards(data_dirs, split))
   seen = total if max_examples is None else min(total, max_examples)
   written = 0
@@ -332,6 +363,8 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
     for i in range(n):
       row = {k: v[i] for k, v in out.items()}
       row.update(index=batch["index"][i], instruction=batch["instruction"][i], input_ids=ids[i])
+      if sdxl:
+        row["original_size"] = batch["original_size"][i]
       with _named_write_errors(out_dir, shards):
         shards.write(_serialize(tf, row, dtype))
       if len(validation["instruction"]) < num_validation:
@@ -339,6 +372,7 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
         validation["input"].append(to_uint8(batch["input"][i]))
         validation["edited"].append(to_uint8(batch["edited"][i]))
         validation["instruction"].append(instructions[i])
+        validation["original_size"].append(batch["original_size"][i])
     written += n
     if log:
       log(f"cached {written} examples")
@@ -348,7 +382,8 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
     raise InputError(f"split {split!r} of {data_dirs} has no usable example to cache")
   buffer = io.BytesIO()  # np.savez seeks, which a GFile being written cannot.
   np.savez(buffer, input=np.stack(validation["input"]), edited=np.stack(validation["edited"]),
-           instruction=np.asarray(validation["instruction"]))
+           instruction=np.asarray(validation["instruction"]),
+           original_size=np.stack(validation["original_size"]).astype(np.int32))
   with _named_write_errors(out_dir, shards):
     with tf.io.gfile.GFile(os.path.join(out_dir, VALIDATION), "wb") as f:
       f.write(buffer.getvalue())
@@ -357,7 +392,10 @@ def write_cache(data_dirs: str | Sequence[str], out_dir: str, pipeline, *, split
   info = CacheInfo(resolution=resolution, resize=resize, latent_shape=(h, w, c), text=text,
                    text_shape=tuple(int(x) for x in text_shape), dtype=dtype,
                    scaling_factor=float(pipeline.vae.config.scaling_factor), model=model_name,
-                   split=split, shards=tuple(shards.done), skipped=seen - written)
+                   split=split, shards=tuple(shards.done), skipped=seen - written,
+                   micro_conditioning=sdxl,
+                   pooled_shape=tuple(int(x) for x in out["pooled"].shape[1:])
+                   if "pooled" in out else ())
   tmp = os.path.join(out_dir, MANIFEST + ".tmp")
   with _named_write_errors(out_dir, shards):
     with tf.io.gfile.GFile(tmp, "w") as f:
@@ -375,9 +413,12 @@ class LatentSource:
   Yields numpy ``edited`` and ``input``: float32 posterior moments [B_local, h, w, 2C] (mean, then
   log-variance; of the crop or of its flip, one fair coin per example when ``flip``), and
   ``input_ids``: float32 text embeddings [B_local, L, D] or int32 token ids [B_local, L], as the
-  cache holds. Each epoch reshuffles this host's records (a contiguous
-  part of the cache, as `reader.host_slices` cuts it). Position: the number of batches taken;
-  the stream is a pure function of (seed, host, position).
+  cache holds; an SDXL cache's embeddings are the pair (states, pooled [B_local, P]), its ids
+  [B_local, 2, L], and its batches also hold ``original_size`` and ``crop_top_left`` (the centre
+  crop's corner, its left mirrored for a flipped example), int32 [B_local, 2]. Each epoch
+  reshuffles this host's records (a contiguous part of the cache, as `reader.host_slices` cuts
+  it). Position: the number of batches taken; the stream is a pure function of (seed, host,
+  position).
   """
 
   def __init__(self, path: str, *, global_batch: int, seed: int, flip: bool = True,
@@ -427,8 +468,13 @@ class LatentSource:
       spec["text"] = tf.io.FixedLenFeature([], tf.string)
     else:
       spec["input_ids"] = tf.io.FixedLenFeature(list(info.text_shape), tf.int64)
+    if info.pooled_shape:
+      spec["pooled"] = tf.io.FixedLenFeature([], tf.string)
+    if info.micro_conditioning:
+      spec["original_size"] = tf.io.FixedLenFeature([2], tf.int64)
     stored = tf.float32 if info.dtype == "float32" else tf.float16
     moments_shape = (2,) + info.latent_shape
+    offset = centre_offset(info.resolution, info.resize)
 
     def parse(count, record):
       r = tf.io.parse_single_example(record, spec)
@@ -440,11 +486,18 @@ class LatentSource:
                                     pick)
       out = {name: tf.cast(tf.concat([moments(f"{name}_mean"), moments(f"{name}_logvar")], -1),
                            tf.float32) for name in ("edited", "input")}
+      embeddings = lambda k, shape: tf.cast(tf.reshape(tf.io.decode_raw(r[k], stored), shape),
+                                            tf.float32)
       if "text" in r:
-        out["input_ids"] = tf.cast(tf.reshape(tf.io.decode_raw(r["text"], stored),
-                                              info.text_shape), tf.float32)
+        out["input_ids"] = embeddings("text", info.text_shape)
+        if "pooled" in r:
+          out["input_ids"] = (out["input_ids"], embeddings("pooled", info.pooled_shape))
       else:
         out["input_ids"] = tf.cast(r["input_ids"], tf.int32)
+      if "original_size" in r:
+        out["original_size"] = tf.cast(r["original_size"], tf.int32)
+        left = tf.where(flip, info.resize - info.resolution - offset, offset)
+        out["crop_top_left"] = tf.stack([tf.constant(offset), left])
       return out
 
     ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -468,13 +521,18 @@ class LatentSource:
 
   def validation_batch(self, n: int) -> dict[str, np.ndarray]:
     """The cache's first ``n`` crops (cycled) as the image sources give them: ``input``,
-    ``edited`` float32 [n, S, S, 3] in [-1, 1] and, with a tokenizer, ``input_ids``."""
+    ``edited`` float32 [n, S, S, 3] in [-1, 1], with a tokenizer ``input_ids``, and an SDXL
+    cache's ``original_size`` and ``crop_top_left`` (the centre crop's)."""
     tf = import_tf()
     with tf.io.gfile.GFile(os.path.join(self._path, VALIDATION), "rb") as f:
       stored = np.load(io.BytesIO(f.read()))
       index = np.arange(n) % len(stored["instruction"])
       out = {k: stored[k][index].astype(np.float32) / 127.5 - 1.0 for k in ("input", "edited")}
       instructions = [str(t) for t in stored["instruction"][index]]
+      if self.info.micro_conditioning:
+        out["original_size"] = stored["original_size"][index].astype(np.int32)
+        offset = centre_offset(self.info.resolution, self.info.resize)
+        out["crop_top_left"] = np.full((n, 2), offset, np.int32)
     if self._tokenizer is not None:
       out["input_ids"] = np.asarray(self._tokenizer(instructions), np.int32)
     return out
@@ -482,7 +540,9 @@ class LatentSource:
 
 def iter_records(path: str):
   """Every record of a cache in storage order, as numpy: the `MOMENTS` [2, h, w, C] float32,
-  ``text`` [L, D] float32 or ``input_ids`` [L] int32, ``instruction`` (str) and ``index`` (int)."""
+  ``text`` [L, D] float32 or ``input_ids`` [L] int32, ``instruction`` (str) and ``index`` (int);
+  an SDXL cache's ``pooled`` [P] float32 (embeddings), ``input_ids`` [2, L] (ids) and
+  ``original_size`` [2] int32."""
   tf = import_tf()
   info = CacheInfo.read(path)
   stored = np.float32 if info.dtype == "float32" else np.float16
@@ -495,7 +555,13 @@ def iter_records(path: str):
       if info.text == "embeddings":
         record["text"] = raw("text", info.text_shape)
       else:
-        record["input_ids"] = np.asarray(features["input_ids"].int64_list.value, np.int32)
+        record["input_ids"] = np.asarray(features["input_ids"].int64_list.value,
+                                         np.int32).reshape(info.text_shape)
+      if info.pooled_shape:
+        record["pooled"] = raw("pooled", info.pooled_shape)
+      if info.micro_conditioning:
+        record["original_size"] = np.asarray(features["original_size"].int64_list.value,
+                                             np.int32)
       record["instruction"] = features["instruction"].bytes_list.value[0].decode("utf-8")
       record["index"] = int(features["index"].int64_list.value[0])
       yield record
@@ -507,4 +573,10 @@ def latent_batch_shapes(info: CacheInfo, batch: int) -> dict[str, jax.ShapeDtype
   moments = jax.ShapeDtypeStruct((batch, h, w, 2 * c), jnp.float32)
   text = jax.ShapeDtypeStruct((batch,) + info.text_shape,
                               jnp.float32 if info.text == "embeddings" else jnp.int32)
-  return {"edited": moments, "input": moments, "input_ids": text}
+  if info.pooled_shape:
+    text = (text, jax.ShapeDtypeStruct((batch,) + info.pooled_shape, jnp.float32))
+  shapes = {"edited": moments, "input": moments, "input_ids": text}
+  if info.micro_conditioning:
+    pair = jax.ShapeDtypeStruct((batch, 2), jnp.int32)
+    shapes.update(original_size=pair, crop_top_left=pair)
+  return shapes

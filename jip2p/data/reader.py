@@ -7,7 +7,8 @@ Pipeline, per epoch e (each host builds its own):
          ─ + an end-of-epoch marker ─ enumerate → position p
          ─ parse, check, decode, paired augmentation (random keyed by (seed, host, e, p)) ─┐
   then, across epochs:  count bad records (one sequential scan) ─ drop them ─ batch ─ tokenize
-         ─ prefetch ─→ numpy {"input", "edited", "input_ids", ("instruction"), ("mask")}
+         ─ prefetch ─→ numpy {"input", "edited", "input_ids", ("instruction"), ("mask"),
+                              ("original_size", "crop_top_left")}
 
 Paired augmentation (the paper's): both images are resized to one random square size in
 [min_resize, max_resize], then one shared random crop of `resolution` and one shared horizontal
@@ -16,6 +17,12 @@ flip (probability `flip_prob`) are applied, so the two stay aligned. It is compu
 resized. Values are scaled to [-1, 1]. With `include_mask`, the record's mask (schema field
 "mask") gets the same crop, flip and resize and comes out as "mask" in [0, 1], [S, S, 1]; a record
 without one gets ones (all of it may change). Without it the mask is not even parsed.
+
+With `include_geometry` (SDXL's per-example micro-conditioning, `jip2p.train.step`), each example
+also carries "original_size", the edited image's stored (height, width) (read from its PNG or JPEG
+header), and "crop_top_left", the crop's (top, left) in the resized square, as seen in the image
+trained on: after a flip, its left is the square's side − S − the crop's left. Both int32 [2];
+without augmentation, (0, 0).
 
 Determinism: the output depends only on the data, the config's seed and (process_index,
 process_count); thread counts and timing do not change it.
@@ -86,6 +93,7 @@ class ReaderConfig:
   min_records_for_check: int = 1000  # Capped at one epoch of this host's records.
   include_text: bool = False  # Also yield "instruction": str [B].
   include_mask: bool = False  # Also yield "mask": float32 [B, S, S, 1] in [0, 1].
+  include_geometry: bool = False  # Also yield "original_size", "crop_top_left": int32 [B, 2].
 
   def validate(self) -> None:
     if self.batch_size < 1:
@@ -285,10 +293,12 @@ def make_dataset(data_dirs: str | Sequence[str], config: ReaderConfig, *,
       (x["_status"] == _SENTINEL) & (x["_epoch"] == last_epoch)))
   ds = ds.batch(config.batch_size, drop_remainder=False)
   if tokenize is not None:
+    rank = np.ndim(tokenize([""]))  # [B, L], or [B, 2, L] for SDXL's two tokenizers
+
     def add_ids(batch):
       ids = tf.numpy_function(lambda t: _tokenize(tokenize, t), [batch["instruction"]], tf.int32,
                               stateful=False)
-      return batch | {"input_ids": tf.ensure_shape(ids, [None, None])}
+      return batch | {"input_ids": tf.ensure_shape(ids, [None] * rank)}
     ds = ds.map(add_ids, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.prefetch(config.prefetch)
   options = tf.data.Options()
@@ -327,7 +337,44 @@ def _process_record(tf, config: ReaderConfig, base_key, epoch, position, record,
          "_epoch": epoch, "_position": position, "_status": tf.cast(status, tf.int64)}
   if config.include_mask:
     out["mask"] = images[2]
+  if config.include_geometry:
+    zeros = tf.zeros([2], tf.int32)
+    out["original_size"], out["crop_top_left"] = tf.cond(
+        status == _OK, lambda: geometry(tf, values["edited_image"], key, config),
+        lambda: (zeros, zeros))
   return out
+
+
+def _draws(tf, key, config: ReaderConfig):
+  """The paired augmentation's random draws from ``key``: (resized square's side int32, crop's
+  [top, left] int32 [2], flip bool)."""
+  size_key, crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
+  side = tf.random.stateless_uniform([], seed=size_key, minval=config.min_resize,
+                                     maxval=config.max_resize + 1, dtype=tf.int32)
+  offset = tf.random.stateless_uniform([2], seed=crop_key, minval=0,
+                                       maxval=side - config.resolution + 1, dtype=tf.int32)
+  flip = tf.random.stateless_uniform([], seed=flip_key) < config.flip_prob
+  return side, offset, flip
+
+
+def geometry(tf, edited_image, key, config: ReaderConfig):
+  """(original size [height, width], crop's [top, left]) int32 [2] each of the example
+  `decode_and_augment` makes from ``key`` (see the module docstring)."""
+  size = image_size(tf, edited_image)
+  if not config.augment:
+    return size, tf.zeros([2], tf.int32)
+  side, offset, flip = _draws(tf, key, config)
+  left = tf.where(flip, side - config.resolution - offset[1], offset[1])
+  return size, tf.stack([offset[0], left])
+
+
+def image_size(tf, data):
+  """[height, width] int32 of an encoded JPEG or PNG, from its header (nothing decoded; a PNG's
+  IHDR holds width then height, big-endian, at bytes 16–23)."""
+  def png():
+    width_height = tf.io.decode_raw(tf.strings.substr(data, 16, 8), tf.int32, little_endian=False)
+    return tf.reverse(tf.ensure_shape(width_height, [2]), axis=[0])
+  return tf.cond(tf.io.is_jpeg(data), lambda: tf.image.extract_jpeg_shape(data)[:2], png)
 
 
 def decode_and_augment(tf, input_image, edited_image, key, config: ReaderConfig, mask=None):
@@ -356,14 +403,9 @@ def decode_and_augment(tf, input_image, edited_image, key, config: ReaderConfig,
     pair = tuple(_scale(tf, _resize(tf, _decode(tf, data, None), s, config))
                  for data in (input_image, edited_image))
     return pair if mask is None else pair + (mask_of(None, None),)
-  size_key, crop_key, flip_key = tf.unstack(tf.random.experimental.stateless_split(key, 3))
-  side = tf.random.stateless_uniform([], seed=size_key, minval=config.min_resize,
-                                     maxval=config.max_resize + 1, dtype=tf.int32)
-  offset = tf.random.stateless_uniform([2], seed=crop_key, minval=0, maxval=side - s + 1,
-                                       dtype=tf.int32)
+  side, offset, flip = _draws(tf, key, config)
   side = tf.cast(side, tf.float64)
   window = (tf.cast(offset, tf.float64) / side, s / side)  # (top, left), size; as fractions.
-  flip = tf.random.stateless_uniform([], seed=flip_key) < config.flip_prob
   out = []
   for data in (input_image, edited_image):
     image = _decode(tf, data, window)
@@ -434,8 +476,9 @@ def _process(process_index, process_count) -> tuple[int, int]:
 
 class BatchIterator:
   """Numpy batches {"input", "edited": float32 [B, S, S, 3] in [-1, 1], "input_ids": int32
-  [B, 77] (with a tokenizer), "instruction": str [B] (with include_text)}, plus `state()` and
-  `stats()`."""
+  [B, 77] (with a tokenizer; [B, 2, 77] with SDXL's pair), "instruction": str [B] (with
+  include_text), "mask", "original_size", "crop_top_left" (with include_mask,
+  include_geometry)}, plus `state()` and `stats()`."""
 
   def __init__(self, dataset, config: ReaderConfig, state: ReaderState):
     self._iterator = iter(dataset.as_numpy_iterator())
@@ -481,6 +524,8 @@ class BatchIterator:
       out["input_ids"] = batch["input_ids"]
     if self._config.include_mask:
       out["mask"] = batch["mask"]
+    if self._config.include_geometry:
+      out["original_size"], out["crop_top_left"] = batch["original_size"], batch["crop_top_left"]
     if self._config.include_text:
       out["instruction"] = np.array([t.decode("utf-8", errors="replace")
                                      for t in batch["instruction"]], dtype=object)

@@ -74,9 +74,7 @@ def text_conditioning(unet, text_encoder, input_ids: jax.Array, text_encoder_2=N
     raise ValueError("an SDXL edit needs input_ids_2 (tokenizer_2's) and time_ids [B, 6]")
   states, pooled = clip_text.encode_prompt_sdxl(text_encoder, text_encoder_2, input_ids,
                                                 input_ids_2)
-  null_states, null_pooled = states[-1], pooled[-1]
-  if zero_null_text:
-    null_states, null_pooled = jnp.zeros_like(null_states), jnp.zeros_like(null_pooled)
+  null_states, null_pooled = sdxl_null_text((states[-1], pooled[-1]), zero_null_text)
   time_ids = jnp.asarray(time_ids, jnp.float32)
 
   def unet_fn(sample, timesteps, context, **kwargs):
@@ -85,6 +83,13 @@ def text_conditioning(unet, text_encoder, input_ids: jax.Array, text_encoder_2=N
                 **kwargs)
 
   return (unet_fn, (states[:-1], pooled[:-1], time_ids), (null_states, null_pooled, time_ids))
+
+
+def sdxl_null_text(encoded, zero_null_text: bool):
+  """An SDXL model's null text from ``encoded``, the (prompt states, pooled text) of "": zeros of
+  their shapes when ``zero_null_text`` (diffusers' ``force_zeros_for_empty_prompt``), else
+  themselves. The editor's guidance and training's conditioning dropout both take it from here."""
+  return jax.tree.map(jnp.zeros_like, encoded) if zero_null_text else encoded
 
 
 def edit(unet, vae, text_encoder, images: jax.Array, input_ids: jax.Array,

@@ -292,6 +292,20 @@ def encode_prompt_sdxl(text_encoder: CLIPTextEncoder,
   return jnp.concatenate([first, second], axis=-1), pooled
 
 
+class SDXLTextEncoders(nnx.Module):
+  """SDXL's two text encoders as one module, so training carries them as one frozen text model:
+  ``input_ids`` int32 [B, 2, L] (row 0 from ``tokenizer/``, row 1 from ``tokenizer_2/``) →
+  `encode_prompt_sdxl`'s (prompt states [B, L, D1 + D2], pooled [B, P])."""
+
+  def __init__(self, text_encoder: CLIPTextEncoder,
+               text_encoder_2: CLIPTextEncoderWithProjection):
+    self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+
+  def __call__(self, input_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return encode_prompt_sdxl(self.text_encoder, self.text_encoder_2, input_ids[:, 0],
+                              input_ids[:, 1])
+
+
 def canonical_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """Adds the ``text_model.`` prefix that transformers 5 leaves out of a CLIPTextModel's saved
   keys (a CLIPTextModelWithProjection keeps it; its ``text_projection.`` sits beside it)."""

@@ -27,6 +27,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 NONFINITE_POLICIES = ("stop", "skip")
 DATA_SOURCES = ("synthetic", "tfrecord")
 TASKS = ("edit", "text_to_image")
+FAMILIES = ("", "sd", "sdxl")
 EXPORT_WEIGHTS = ("ema", "raw")
 RANDOM_INIT_PREFIX = "random:"
 CONFIG_FILE = "config.json"  # In a work directory: the config its run was started with.
@@ -54,9 +55,12 @@ def base_config() -> ml_collections.ConfigDict:
   # per host (`jip2p-convert --open-clip-config`, cached); its width must be the UNet's
   # cross-attention width. vae: replaces init's VAE (e.g. an fp16-fix VAE): a VAE folder or a
   # model folder holding vae/ (`checkpoints.load_vae`); its latent channels must be the UNet's.
+  # family: the kind of model init must be, "sd" (Stable Diffusion 1.x/2.x), "sdxl" (both text
+  # encoders, a text_time UNet: jip2p.train.step's SDXL conditioning), or "" (either); another
+  # kind of folder is refused before training starts.
   c.model = ml_collections.ConfigDict(dict(
       init="", text_encoder="", vae="", seed=0, unet_in_channels=8, compute_dtype="bfloat16",
-      attention_impl="xla", remat=False))
+      attention_impl="xla", remat=False, family=""))
 
   # source "tfrecord": jip2p's triplet shards under `path` (jip2p.data.reader); "synthetic":
   # the first `num_examples` pairs of the procedural edit world (jip2p.data.synthetic), for tests
@@ -164,6 +168,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(m.attention_impl in IMPLEMENTATIONS,
            f"config.model.attention_impl={m.attention_impl!r}; choose one of {IMPLEMENTATIONS}")
   _require(config.task in TASKS, f"config.task={config.task!r}; choose one of {TASKS}")
+  _require(m.family in FAMILIES,
+           f"config.model.family={m.family!r}; choose one of {FAMILIES} ('': either)")
   text_to_image = config.task == "text_to_image"
   _require(not text_to_image or (d.source == "synthetic" and not d.latents),
            "config.task='text_to_image' trains on the procedural world's captions: set "

@@ -1,15 +1,21 @@
 """Per-host training batches with a position that a checkpoint stores and a restart restores.
 
 A source yields this process's rows of each global batch as numpy:
-``input``, ``edited`` float32 [B_local, H, W, 3] in [-1, 1], ``input_ids`` int32 [B_local, 77].
-The loop turns them into one global array with `jax.make_array_from_process_local_data`.
+``input``, ``edited`` float32 [B_local, H, W, 3] in [-1, 1], ``input_ids`` int32 [B_local, 77]
+(what ``tokenizer`` gives: [B_local, 2, 77] for SDXL's two, `tokenizer.SDXLTokenizers`).
+With ``micro_conditioning`` (an SDXL run) also each example's ``original_size`` (height, width)
+and ``crop_top_left`` (top, left), int32 [B_local, 2], from which the step makes its SDXL
+``time_ids`` (`jip2p.train.step.micro_conditioning`): only SDXL runs carry them. The loop turns
+them into one global array with `jax.make_array_from_process_local_data`.
 
   * ``"synthetic"`` — the first ``num_examples`` pairs of the procedural edit world. The global
     batch of step s is a pure function of (seed, s), and each process takes its contiguous rows,
     so any number of processes sees the same global batches (what the multi-host test checks).
+    The world is drawn at the training size: original size (res, res), crop (0, 0).
     For a text-to-image run (`CaptionSource`): scenes and captions of the world, ``edited`` the
     scene's image and ``input_ids`` its caption (no ``input``).
-  * ``"tfrecord"``  — `jip2p.data.reader` over a folder of triplet shards, split per process.
+  * ``"tfrecord"``  — `jip2p.data.reader` over a folder of triplet shards, split per process
+    (the original sizes and crops: `reader.ReaderConfig.include_geometry`).
   * ``data.latents`` — `jip2p.data.latents.LatentSource` over a latent cache: ``input`` and
     ``edited`` are then VAE moments [B_local, h, w, 2C] and ``input_ids`` the cached text
     (embeddings [B_local, L, D] float32, or token ids), for a step built with the cache's
@@ -35,10 +41,12 @@ class SyntheticSource:
   """
 
   def __init__(self, *, num_examples: int, res: int, seed: int, global_batch: int, flip: bool,
-               tokenizer: CLIPTokenizer, process_index: int = 0, process_count: int = 1):
+               tokenizer: CLIPTokenizer, process_index: int = 0, process_count: int = 1,
+               micro_conditioning: bool = False):
     if global_batch % process_count:
       raise ValueError(f"global batch {global_batch} does not split over {process_count} "
                        "processes")
+    self._res, self._micro = res, micro_conditioning
     examples = [synthetic.example_at(i, seed=seed, size=res) for i in range(num_examples)]
     to_float = lambda im: im.astype(np.float32) / 127.5 - 1.0
     self._input = np.stack([to_float(e.input_image) for e in examples])
@@ -61,7 +69,14 @@ class SyntheticSource:
     self.position += 1
     pick = lambda a: np.where(flip[:, None, None, None], a[index][:, :, ::-1], a[index])
     return {"input": pick(self._input), "edited": pick(self._edited),
-            "input_ids": self._ids[index]}
+            "input_ids": self._ids[index], **self._geometry(len(index))}
+
+  def _geometry(self, n: int) -> dict[str, np.ndarray]:
+    """The micro-conditioning arrays of ``n`` examples drawn whole at the training size."""
+    if not self._micro:
+      return {}
+    return {"original_size": np.full((n, 2), self._res, np.int32),
+            "crop_top_left": np.zeros((n, 2), np.int32)}
 
   def get_position(self) -> Any:
     return self.position
@@ -73,7 +88,7 @@ class SyntheticSource:
     """The first ``n`` examples (cycled), unflipped: the same on every process."""
     index = np.arange(n) % len(self._input)
     return {"input": self._input[index], "edited": self._edited[index],
-            "input_ids": self._ids[index]}
+            "input_ids": self._ids[index], **self._geometry(n)}
 
 
 class TFRecordSource:
@@ -81,14 +96,14 @@ class TFRecordSource:
 
   def __init__(self, *, path: str, res: int, resize_min: int, resize_max: int, flip: bool,
                shuffle_buffer: int, seed: int, global_batch: int, tokenizer: CLIPTokenizer,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, micro_conditioning: bool = False):
     from jip2p.data import reader  # TensorFlow: only processes that read shards import it.
     self._reader = reader
     self._path, self._tokenizer = path, tokenizer
     self._config = reader.ReaderConfig(
         batch_size=reader.per_host_batch_size(global_batch, process_count), resolution=res,
         min_resize=resize_min, max_resize=resize_max, flip_prob=0.5 if flip else 0.0, seed=seed,
-        shuffle_buffer=shuffle_buffer)
+        shuffle_buffer=shuffle_buffer, include_geometry=micro_conditioning)
     self._hosts = dict(process_index=process_index, process_count=process_count)
     damaged = damaged_shards(path)
     if damaged:  # The reader counts their lost records only when it reaches the epoch's end.
@@ -183,13 +198,16 @@ class CaptionSource:
     self.position = int(position)
 
 
-def make_source(config, *, tokenizer: CLIPTokenizer, process_index: int, process_count: int):
-  """The source ``config.data`` names, for ``config.batch_size`` global examples per step."""
+def make_source(config, *, tokenizer, process_index: int, process_count: int,
+                micro_conditioning: bool = False):
+  """The source ``config.data`` names, for ``config.batch_size`` global examples per step;
+  ``micro_conditioning``: an SDXL run's (the examples' original sizes and crops)."""
   d = config.data
   common = dict(res=d.res, flip=d.flip, seed=config.seed, global_batch=config.batch_size,
                 tokenizer=tokenizer, process_index=process_index, process_count=process_count)
   if config.task == "text_to_image":
     return CaptionSource(num_examples=d.num_examples, **common)
+  common["micro_conditioning"] = micro_conditioning
   if d.source == "synthetic":
     return SyntheticSource(num_examples=d.num_examples, **common)
   if d.latents:

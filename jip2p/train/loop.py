@@ -21,7 +21,7 @@ import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jip2p import runtime, storage
+from jip2p import edit, runtime, storage
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError
 from jip2p.train import checkpointing, distributed, evaluate, exporting, metrics, models
@@ -39,7 +39,7 @@ def _abstract(tree, shardings):
 
 def _global_batch(local: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
   """This process's part of a batch → global arrays split over the devices by example."""
-  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+  return jax.tree.map(lambda v: jax.make_array_from_process_local_data(batch_sharding, v), local)
 
 
 def _gather_json(value: Any) -> list[Any]:
@@ -98,8 +98,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   scheduler = schedules.from_scheduler_config(pipeline.scheduler_config)
 
   # ------------------------------------------------------------------ input
-  source = input_lib.make_source(config, tokenizer=pipeline.tokenizer,
-                                 process_index=jax.process_index(), process_count=process_count)
+  tokenizer = pipeline.text_tokenizer()
+  source = input_lib.make_source(config, tokenizer=tokenizer, process_index=jax.process_index(),
+                                 process_count=process_count,
+                                 micro_conditioning=pipeline.is_sdxl)
   step_frozen, micro_shapes = models.step_models(config, source, pipeline, frozen, replicated)
 
   # ------------------------------------------------------------------ optimizer
@@ -155,11 +157,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       unet_def, frozen.vae_def, frozen.text_def,
       schedule=schedules.make("discrete", e.num_steps, scheduler),
       scaling_factor=pipeline.vae.config.scaling_factor, text_scale=e.text_scale,
-      image_scale=e.image_scale, prediction_type=scheduler.prediction_type)
+      image_scale=e.image_scale, prediction_type=scheduler.prediction_type,
+      zero_null_text=edit.folder_zero_null_text(pipeline))
   validation = evaluate.ValidationGrid(
       jax.jit(edit_fn, in_shardings=(state_shardings.ema, replicated, replicated),
               out_shardings=replicated),
-      source, num_images=e.num_images, seed=config.seed + 1, tokenizer=pipeline.tokenizer,
+      source, num_images=e.num_images, seed=config.seed + 1, tokenizer=tokenizer,
       mesh=mesh, writer=writer, folder=epath.Path(workdir) / "samples" if primary else None)
 
   # ------------------------------------------------------------------ loop

@@ -6,6 +6,13 @@ dropout; ``t ~ U{0..T−1}``, ``z_t = √ᾱ_t·z + √(1−ᾱ_t)·ε``; the UN
 ``concat([z_t, image latent])`` — or the velocity ``v = √ᾱ_t·ε − √(1−ᾱ_t)·z`` for a v-prediction
 model (the scheduler config's ``prediction_type``); loss = mean squared error in float32.
 
+An SDXL model (`clip_text.SDXLTextEncoders` as the text model, a ``text_time`` UNet) is trained
+the same way, conditioned as its editor (`jip2p.diffusion.editing`) conditions it: the text is the
+pair (prompt states, pooled text), dropped text replaces both by the null text the editor uses
+(zeros, or the encoding of "", per the folder's ``force_zeros_for_empty_prompt``), and the
+micro-conditioning ``time_ids`` are each example's own (`micro_conditioning`): its original size
+and crop from the batch, the trained crop's size as the target.
+
 ``task="text_to_image"`` is the same step for the base model an editor starts from: the UNet sees
 ``z_t`` alone, the text is the image's caption, and dropout replaces the text only (p of the
 examples' ``2p``, as for an edit) — Stable Diffusion's training.
@@ -93,16 +100,37 @@ def dropout_masks(key: jax.Array, batch: int, prob: float) -> tuple[jax.Array, j
   return r < 2 * prob, (r >= prob) & (r < 3 * prob)
 
 
-def conditioning_dropout(key: jax.Array, text: jax.Array, null_text: jax.Array,
-                         image_latents: jax.Array, prob: float) -> tuple[jax.Array, jax.Array]:
-  """Replaces dropped text by CLIP("") (``null_text`` [1, L, D]) and zeroes dropped image latents.
+def drop_text(drop: jax.Array, text, null_text):
+  """Rows ``drop`` (bool [B]) of ``text`` replaced by the null text: text [B, L, D] and null text
+  [1, L, D] (SD: CLIP("")), or an SDXL model's pairs (states [B, L, D], pooled [B, P]) and
+  (states [1, L, D], pooled [1, P])."""
+  return jax.tree.map(
+      lambda t, n: jnp.where(drop.reshape((-1,) + (1,) * (t.ndim - 1)), n.astype(t.dtype), t),
+      text, null_text)
 
-  text [B, L, D], image_latents [B, h, w, C] → the same shapes.
+
+def conditioning_dropout(key: jax.Array, text, null_text, image_latents: jax.Array,
+                         prob: float) -> tuple[Any, jax.Array]:
+  """Replaces dropped text by the null text (`drop_text`) and zeroes dropped image latents.
+
+  text as `drop_text`'s, image_latents [B, h, w, C] → the same shapes.
   """
-  drop_text, drop_image = dropout_masks(key, text.shape[0], prob)
-  text = jnp.where(drop_text[:, None, None], null_text.astype(text.dtype), text)
+  drop, drop_image = dropout_masks(key, image_latents.shape[0], prob)
   image_latents = jnp.where(drop_image[:, None, None, None], 0.0, image_latents)
-  return text, image_latents
+  return drop_text(drop, text, null_text), image_latents
+
+
+def micro_conditioning(batch: dict[str, Any], target_size: tuple[int, int]) -> jax.Array | None:
+  """SDXL's ``time_ids`` of each example, float32 [B, 6]: the batch's ``original_size`` (height,
+  width) and ``crop_top_left`` (top, left), int32 [B, 2], then ``target_size`` (height, width),
+  the size of the crop trained on; in the order of `jip2p.edit.time_ids`. None for a batch
+  without them (SD)."""
+  if "original_size" not in batch:
+    return None
+  original = jnp.asarray(batch["original_size"], jnp.int32)
+  target = jnp.broadcast_to(jnp.asarray(target_size, jnp.int32), original.shape)
+  return jnp.concatenate([original, jnp.asarray(batch["crop_top_left"], jnp.int32), target],
+                         axis=-1).astype(jnp.float32)
 
 
 def _micro_batches(batch: dict[str, jax.Array], accum: int, mesh) -> dict[str, jax.Array]:
@@ -111,7 +139,7 @@ def _micro_batches(batch: dict[str, jax.Array], accum: int, mesh) -> dict[str, j
     x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
     spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)
     return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
-  return {k: split(v) for k, v in batch.items()}
+  return jax.tree.map(split, batch)
 
 
 def noised_and_target(latents: jax.Array, noise: jax.Array, sqrt_ac: jax.Array,
@@ -130,7 +158,9 @@ def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
 
   prediction_type: the UNet's target, "epsilon" or "v_prediction" (`schedules.PREDICTION_TYPES`).
   task: "edit" (micro-batch ``input``, ``edited``, ``input_ids``) or "text_to_image"
-  (``edited``, the image to draw, and ``input_ids``, its caption).
+  (``edited``, the image to draw, and ``input_ids``, its caption). An SDXL model's micro-batch
+  also holds ``original_size`` and ``crop_top_left`` (`micro_conditioning`); its ``input_ids``
+  are what its text model reads (`clip_text.SDXLTextEncoders`: int32 [B, 2, L]).
   """
   if task not in config_lib.TASKS:
     raise ConfigError(f"unknown task {task!r}; choose one of {config_lib.TASKS}")
@@ -149,9 +179,9 @@ def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
       latents = vae.encode(batch["edited"]).sample(k_sample) * scaling_factor
       text = jax.lax.stop_gradient(text_encoder(batch["input_ids"]))
       latents = jax.lax.stop_gradient(latents)
-      drop_text, _ = dropout_masks(k_drop, text.shape[0], dropout)
-      text = jnp.where(drop_text[:, None, None], frozen["null_text"].astype(text.dtype), text)
-      return _denoising_loss(params, latents, None, text, k_t, k_noise)
+      dropped, _ = dropout_masks(k_drop, latents.shape[0], dropout)
+      text = drop_text(dropped, text, frozen["null_text"])
+      return _denoising_loss(params, latents, None, text, None, k_t, k_noise)
     # One encoder pass over both images (rows interleaved, so each device keeps its own rows):
     # half the program of two passes, twice the batch.
     b = batch["edited"].shape[0]
@@ -164,17 +194,23 @@ def make_loss_fn(unet_def, vae_def, text_def, *, alphas_cumprod: np.ndarray,
     latents, image_latents, text = jax.lax.stop_gradient((latents, image_latents, text))
     text, image_latents = conditioning_dropout(k_drop, text, frozen["null_text"], image_latents,
                                                dropout)
-    return _denoising_loss(params, latents, image_latents, text, k_t, k_noise)
+    size = (latents.shape[1] * vae.config.downscale, latents.shape[2] * vae.config.downscale)
+    return _denoising_loss(params, latents, image_latents, text, micro_conditioning(batch, size),
+                           k_t, k_noise)
 
-  def _denoising_loss(params, latents, image_latents, text, k_t, k_noise):
-    """The UNet's error on ``latents`` noised at a random t, given the text (and image)."""
+  def _denoising_loss(params, latents, image_latents, text, time_ids, k_t, k_noise):
+    """The UNet's error on ``latents`` noised at a random t, given the text (and image); an SDXL
+    UNet's text is (states, pooled), with the ``time_ids``."""
     b = latents.shape[0]
     t = jax.random.randint(k_t, (b,), 0, num_timesteps)
     noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
     noisy, target = noised_and_target(latents, noise, sqrt_ac[t], sqrt_1m_ac[t], prediction_type)
     unet = nnx.merge(unet_def, params)
     x = noisy if image_latents is None else jnp.concatenate([noisy, image_latents], axis=-1)
-    pred = unet(x, t, text)
+    if time_ids is None:
+      pred = unet(x, t, text)
+    else:
+      pred = unet(x, t, text[0], text_embeds=text[1], time_ids=time_ids)
     return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
   return loss_fn
@@ -186,7 +222,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
   """train_step(state, frozen, batch) → (state, metrics); jit it with the loop's shardings.
 
   batch: ``input`` (edit only), ``edited`` float [B, H, W, 3] in [-1, 1]; ``input_ids`` int32
-  [B, 77].
+  [B, 77] (SDXL: [B, 2, 77], and ``original_size``, ``crop_top_left`` int32 [B, 2]).
   metrics: ``loss``, ``grad_norm``, ``lr``, ``ema_decay`` (float32) and ``finite`` (bool). A
   non-finite loss or gradient leaves params, optimizer state and EMA as they were (the step
   counter still advances, so the data moves on); the loop decides whether to stop.

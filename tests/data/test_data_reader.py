@@ -135,6 +135,62 @@ def test_tokens_come_from_the_tokenizer_given_at_read_time(dataset):
   assert batch["input_ids"][0, -1] == tok.pad_id == 49407
 
 
+SIZES = {0: (40, 56), 1: (60, 44), 2: (48, 48), 3: (52, 64)}  # (height, width); 3 is a JPEG
+
+
+def test_geometry_is_each_examples_original_size_and_crop(tmp_path):
+  """include_geometry (SDXL's micro-conditioning): "original_size" is the stored edited image's
+  (height, width); "crop_top_left" is the crop's corner in the resized square, its left mirrored
+  when flipped — checked against the pixels: some square side and flip reproduce the example from
+  exactly that corner. SDXL's two tokenizers give ids [B, 2, 77]."""
+  from jip2p.tokenizer import CLIPTokenizer, SDXLTokenizers
+  directory = str(tmp_path / "sizes")
+  with writer.DatasetWriter(directory, examples_per_shard=4) as w:
+    for i, (h, w_) in SIZES.items():
+      image = fx.pattern(i, h, w_)
+      fmt = "jpeg" if i == 3 else "png"
+      w.write(schema.Triplet(input_image=fx.encode(image, fmt), instruction=f"example {i}",
+                             edited_image=fx.encode(255 - image, fmt)))
+  s, low, high = 16, 20, 28
+  config = reader.ReaderConfig(batch_size=4, num_epochs=6, include_text=True, shuffle=False,
+                               include_geometry=True, resolution=s, min_resize=low,
+                               max_resize=high)
+  pair = SDXLTokenizers(load_tokenizer(), CLIPTokenizer.open_clip())
+  tf = import_tf()
+  flips = []
+  for batch in reader.make_iterator(directory, config, tokenize=pair, process_index=0,
+                                    process_count=1):
+    assert batch["input_ids"].shape == (4, 2, 77)
+    np.testing.assert_array_equal(batch["input_ids"], pair(list(batch["instruction"])))
+    assert batch["original_size"].dtype == batch["crop_top_left"].dtype == np.int32
+    for i, size, (top, left), edited in zip(fx.example_ids(batch["instruction"]),
+                                            batch["original_size"], batch["crop_top_left"],
+                                            batch["edited"]):
+      assert tuple(size) == SIZES[i]
+      if i == 3:
+        continue  # JPEG pixels are not the pattern's
+      h, w_ = SIZES[i]
+      source = 255 - fx.pattern(i, h, w_)
+      found = []
+      for side in range(low, high + 1):
+        for flip in (False, True):
+          left0 = side - s - left if flip else left  # the corner before the flip
+          if not (0 <= top <= side - s and 0 <= left0 <= side - s):
+            continue
+          window = []
+          for corner, n in ((top, h), (left0, w_)):
+            extent = max(round(s / side * n), 1)
+            window.append((min(round(corner / side * n), n - extent), extent))
+          (y, hh), (x, ww) = window
+          crop = source[y:y + hh, x:x + ww][:, ::-1 if flip else 1].astype(np.float32)
+          want = tf.image.resize(crop, [s, s], method="area", antialias=True).numpy()
+          if np.allclose(edited, want / 127.5 - 1.0, atol=1e-4):
+            found.append(flip)
+      assert found, (i, top, left)
+      flips += found[:1]
+  assert 0 < np.mean(flips) < 1  # both flipped and unflipped examples were checked
+
+
 def test_full_size_jpeg_pipeline_shapes(tmp_path):
   with writer.DatasetWriter(str(tmp_path), examples_per_shard=2) as w:
     for i in range(3):

@@ -188,19 +188,48 @@ def test_crops_are_centre_crops_of_the_resized_images(dataset):
 
 
 def _micro_unet(pipeline):
-  config = preset_configs("tiny", unet_in_channels=8)["unet"]
-  config.update(block_out_channels=[32], down_block_types=["CrossAttnDownBlock2D"],
-                up_block_types=["CrossAttnUpBlock2D"], layers_per_block=1, norm_num_groups=8,
-                cross_attention_dim=pipeline.text_encoder.config.hidden_size)
+  """A small 8-channel UNet for ``pipeline``'s text (SDXL: its text_time layout at tiny widths)."""
+  if pipeline.is_sdxl:
+    config = preset_configs("tiny-sdxl", unet_in_channels=8)["unet"]
+  else:
+    config = preset_configs("tiny", unet_in_channels=8)["unet"]
+    config.update(block_out_channels=[32], down_block_types=["CrossAttnDownBlock2D"],
+                  up_block_types=["CrossAttnUpBlock2D"], layers_per_block=1, norm_num_groups=8,
+                  cross_attention_dim=pipeline.text_encoder.config.hidden_size)
   return random_module(config, dtype=np.float32, attention="xla", seed=3)
 
 
-def test_training_from_the_cache_equals_training_from_images(cache, dataset, pipeline):
-  source = latents.LatentSource(cache, global_batch=4, seed=1, tokenizer=pipeline.tokenizer)
+@pytest.fixture(scope="module")
+def sdxl_cache(dataset, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("sdxl_cache") / "latents")
+  assert cache_latents.main(["--data", dataset, "--out", out, *ARGS[2:], "--model",
+                             "random:tiny-sdxl"]) == 0
+  return out
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-sdxl"])
+def test_training_from_the_cache_equals_training_from_images(preset, cache, sdxl_cache, dataset,
+                                                             pipeline):
+  """The cached batch (moments, embeddings; SDXL's pooled text and micro-conditioning too) gives
+  the loss and gradients of the image batch of the same crops and flips."""
+  from jip2p.train import models
+  if preset == "tiny-sdxl":
+    cache, pipeline = sdxl_cache, cache_latents.load_model("random:tiny-sdxl", "float32")
+  info = latents.CacheInfo.read(cache)
+  source = latents.LatentSource(cache, global_batch=4, seed=1,
+                                tokenizer=pipeline.text_tokenizer())
   batch = next(source)
-  assert set(batch) == {"edited", "input", "input_ids"}
-  assert batch["edited"].shape == (4, RES // 2, RES // 2, 8) and batch["input_ids"].shape == (
-      4, 77, 32)
+  assert batch["edited"].shape == (4, RES // 2, RES // 2, 8)
+  if pipeline.is_sdxl:
+    # Both encoders' states (32 + 48 wide) and the pooled text (40); the fixture's 48 px images'
+    # original size, and the centre crop's corner in the 40 px square, mirrored when flipped.
+    assert set(batch) == {"edited", "input", "input_ids", "original_size", "crop_top_left"}
+    assert info.scaling_factor == 0.13025 and info.pooled_shape == (40,)
+    assert batch["input_ids"][0].shape == (4, 77, 80) and batch["input_ids"][1].shape == (4, 40)
+    np.testing.assert_array_equal(batch["original_size"], np.full((4, 2), 48))
+  else:
+    assert set(batch) == {"edited", "input", "input_ids"}
+    assert batch["input_ids"].shape == (4, 77, 32)
 
   # Which record and which flip each row holds, found by exact match.
   records = list(latents.iter_records(cache))
@@ -216,33 +245,37 @@ def test_training_from_the_cache_equals_training_from_images(cache, dataset, pip
                          for r, f in rows]),
       "edited": np.stack([crops[r["index"]]["edited"][:, ::-1] if f else
                           crops[r["index"]]["edited"] for r, f in rows]),
-      "input_ids": np.asarray(pipeline.tokenizer([r["instruction"] for r, _ in rows]), np.int32)}
+      "input_ids": np.asarray(pipeline.text_tokenizer()([r["instruction"] for r, _ in rows]),
+                              np.int32)}
+  if pipeline.is_sdxl:
+    offset = (RESIZE - RES) // 2
+    image_batch["original_size"] = np.asarray([crops[r["index"]]["original_size"]
+                                               for r, _ in rows], np.int32)
+    image_batch["crop_top_left"] = np.asarray([[offset, RESIZE - RES - offset if f else offset]
+                                               for _, f in rows], np.int32)
+    np.testing.assert_array_equal(batch["crop_top_left"], image_batch["crop_top_left"])
 
   unet_def, params = nnx.split(_micro_unet(pipeline), nnx.Param)
-  vae_def, vae_state = nnx.split(pipeline.vae)
-  text_def, text_state = nnx.split(pipeline.text_encoder)
-  null_text = jax.jit(lambda s, ids: nnx.merge(text_def, s)(ids))(text_state,
-                                                                   pipeline.tokenizer([""]))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  frozen = models.frozen_models(pipeline, device)
   cached_vae_def, cached_vae_state = nnx.split(latents.CachedVAE(pipeline.vae.config))
   cached_text_def, cached_text_state = nnx.split(latents.PrecomputedText())
   common = dict(alphas_cumprod=schedules.from_scheduler_config(
-      pipeline.scheduler_config).alphas_cumprod(), scaling_factor=0.18215, dropout=0.2)
-  from_images = step_lib.make_loss_fn(unet_def, vae_def, text_def, **common)
+      pipeline.scheduler_config).alphas_cumprod(),
+      scaling_factor=pipeline.vae.config.scaling_factor, dropout=0.2)
+  from_images = step_lib.make_loss_fn(unet_def, frozen.vae_def, frozen.text_def, **common)
   from_cache = step_lib.make_loss_fn(unet_def, cached_vae_def, cached_text_def, **common)
+  cached_frozen = {"vae": cached_vae_state, "text_encoder": cached_text_state,
+                   "null_text": frozen.state["null_text"]}
   grad = lambda fn: jax.jit(jax.value_and_grad(fn))
   key = jax.random.key(7)
-  loss_i, grads_i = grad(from_images)(
-      params, {"vae": vae_state, "text_encoder": text_state, "null_text": null_text},
-      image_batch, key)
-  loss_c, grads_c = grad(from_cache)(
-      params, {"vae": cached_vae_state, "text_encoder": cached_text_state,
-               "null_text": null_text}, batch, key)
+  loss_i, grads_i = grad(from_images)(params, frozen.state, image_batch, key)
+  loss_c, grads_c = grad(from_cache)(params, cached_frozen, batch, key)
   np.testing.assert_allclose(loss_c, loss_i, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_c), jax.tree.leaves(grads_i)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # Another key draws other VAE noise (and timesteps): the loss moves.
-  other, _ = grad(from_cache)(params, {"vae": cached_vae_state, "text_encoder": cached_text_state,
-                                       "null_text": null_text}, batch, jax.random.key(8))
+  other, _ = grad(from_cache)(params, cached_frozen, batch, jax.random.key(8))
   assert abs(float(other) - float(loss_c)) > 1e-4
 
 
@@ -284,11 +317,9 @@ def test_token_ids_mode(dataset, pipeline, tmp_path):
     latents.write_cache(dataset, str(tmp_path / "bad"), pipeline, text="tokens")
 
 
-def test_vae_option_and_sdxl_refusal(tmp_path):
-  """--vae DIR: the cache's VAE is that folder's (a model folder's vae/ too); an SDXL model is
-  refused in one line (its two encoders' cache is not there yet)."""
+def test_vae_option(tmp_path):
+  """--vae DIR: the cache's VAE is that folder's (a model folder's vae/ too)."""
   from jip2p import checkpoints
-  from jip2p.errors import CheckpointError
   other = checkpoints.create_random_pipeline(str(tmp_path / "other"), "tiny", seed=9)
   kernel = lambda p: np.asarray(p.vae.decoder.conv_out.kernel.get_value())
   want = kernel(checkpoints.load_pipeline(other))
@@ -296,5 +327,3 @@ def test_vae_option_and_sdxl_refusal(tmp_path):
   for spec, vae in (("random:tiny", other + "/vae"), (base, other)):
     np.testing.assert_array_equal(kernel(cache_latents.load_model(spec, "float32", vae)), want)
     assert not np.array_equal(kernel(cache_latents.load_model(spec, "float32")), want)
-  with pytest.raises(CheckpointError, match="is an SDXL model .* jip2p-cache-latents"):
-    cache_latents.load_model("random:tiny-sdxl", "float32")

@@ -58,6 +58,38 @@ def test_config_errors_are_one_line_and_write_nothing(args, needle, tmp_path, ca
   assert not workdir.exists()
 
 
+@pytest.fixture(scope="module")
+def sdxl_folders(tmp_path_factory) -> dict[str, str]:
+  """A tiny-sdxl folder, and a copy of it without text_encoder_2/."""
+  from jip2p import checkpoints
+  root = tmp_path_factory.mktemp("sdxl_folders")
+  sdxl = checkpoints.create_random_pipeline(str(root / "sdxl"), "tiny-sdxl")
+  shutil.copytree(sdxl, root / "no_te2")
+  shutil.rmtree(root / "no_te2" / "text_encoder_2")
+  return {"sdxl": sdxl, "no_te2": str(root / "no_te2")}
+
+
+@pytest.mark.parametrize("config, model, needle", [
+    ("ip2p_sdxl.py", "sd", "is a Stable Diffusion 1.x/2.x model, but this config trains an SDXL "
+     "model (config.model.family='sdxl'): use configs/ip2p_sd15.py"),
+    ("ip2p_sd15.py", "sdxl", "is an SDXL model, but this config trains a Stable Diffusion 1.x/2.x "
+     "model (config.model.family='sd'): use configs/ip2p_sdxl.py"),
+    ("ip2p_sdxl.py", "no_te2", "is not a complete SDXL folder: its UNet takes SDXL's text_time "
+     "conditioning but it has no text_encoder_2/"),
+])
+def test_a_model_of_the_wrong_family_is_one_line(config, model, needle, micro_folder,
+                                                 sdxl_folders, tmp_path, capsys):
+  """An SD folder given to the SDXL config, an SDXL folder to an SD config, an SDXL folder
+  without its second text encoder: named before any data is read or anything written."""
+  init = micro_folder if model == "sd" else sdxl_folders[model]
+  workdir = tmp_path / "run"
+  code = train_cli.main([f"--config={os.path.dirname(TINY)}/{config}:init={init},"
+                         f"data={tmp_path}/no_data,fsdp=1,accum=1,batch=8",
+                         f"--workdir={workdir}"])
+  _one_line_error(code, capsys.readouterr().err, needle)
+  assert not workdir.exists()
+
+
 def test_work_dir_that_cannot_be_created(tmp_path, capsys):
   blocker = tmp_path / "file"
   blocker.write_text("")

@@ -1,5 +1,5 @@
 """The run's models (`jip2p.train.models.build_pipeline`): config.model.vae in the initial model's
-VAE's place, and an SDXL model refused in one line (jip2p trains SD 1.x/2.x only so far)."""
+VAE's place, and an SDXL text-to-image folder made an SDXL InstructPix2Pix model."""
 
 from __future__ import annotations
 
@@ -51,9 +51,17 @@ def test_config_model_vae_not_a_vae(folders):
     models.build_pipeline(config)
 
 
-def test_sdxl_init_is_refused(tmp_path):
-  folder = checkpoints.create_random_pipeline(str(tmp_path / "sdxl"), "tiny-sdxl")
-  config = load("tiny", f"init={folder}")
-  with pytest.raises(CheckpointError, match=r"config.model.init=.* is an SDXL model .* "
-                                            "jip2p-train runs Stable Diffusion 1.x/2.x"):
-    models.build_pipeline(config)
+def test_sdxl_init_grows_conv_in_and_keeps_both_encoders(tmp_path):
+  """A 4-channel SDXL folder (jip2p-convert of SDXL base): conv_in grows to 8, the run's text
+  model is both encoders as one (ids [B, 2, 77] → states 32 + 48 wide, pooled 40)."""
+  from jip2p.models import clip_text
+  folder = checkpoints.create_random_pipeline(str(tmp_path / "sdxl"), "tiny-sdxl",
+                                              unet_in_channels=4)
+  pipeline = models.build_pipeline(load("tiny", f"init={folder}"))
+  assert pipeline.is_sdxl and pipeline.unet.config.in_channels == 8
+  text = pipeline.text_model()
+  assert isinstance(text, clip_text.SDXLTextEncoders)
+  ids = pipeline.text_tokenizer()(["make it red"])
+  assert ids.shape == (1, 2, 77)
+  states, pooled = text(ids)
+  assert states.shape == (1, 77, 80) and pooled.shape == (1, 40)
