@@ -112,3 +112,21 @@ def test_bad_options_are_one_line(args, message):
 def test_a_config_without_a_model_needs_a_preset():
   done = _bench("--memory", "configs/ip2p_sd15.py", timeout=120)
   assert done.returncode == 2 and "pass --preset" in done.stderr
+
+
+def test_sdxl_configs_compile_with_both_text_encoders_and_time_ids(tmp_path):
+  """configs/ip2p_sdxl.py at the tiny-sdxl preset: the step the trainer runs for SDXL (ids of both
+  tokenizers, each example's original size and crop) compiles; the state is the whole UNet's at
+  FSDP 1, and each example adds its two images, 2×77 ids and 2+2 micro-conditioning ints."""
+  done = _bench("--memory", "configs/ip2p_sdxl.py:res=64,accum=1", "--preset", "tiny-sdxl",
+                "--fsdp", "1", "--memory-remat", "on", "--chips", CHIPS,
+                "--json", str(tmp_path / "m.json"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  [row] = json.loads((tmp_path / "m.json").read_text())["rows"]
+  unet = build_component(preset_configs("tiny-sdxl", unet_in_channels=8)["unet"], abstract=True)
+  whole = sum(math.prod(x.shape) * x.dtype.itemsize
+              for x in jax.tree.leaves(nnx.state(unet, nnx.Param)))
+  assert row["b1"]["params"] == row["b1"]["ema"] == whole
+  assert row["b2"]["frozen_batch"] - row["b1"]["frozen_batch"] == (
+      2 * 64 * 64 * 3 * 4 + 2 * 77 * 4 + 4 * 4)
+  assert 0 < row["b1"]["temp"] < row["b2"]["temp"]

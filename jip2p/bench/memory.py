@@ -34,6 +34,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +45,7 @@ from jip2p.checkpoints import build_component, preset_configs
 from jip2p.checkpoints.folders import read_json
 from jip2p.diffusion import schedules
 from jip2p.errors import ConfigError
+from jip2p.models import clip_text
 from jip2p.train import config as config_lib
 from jip2p.train import sharding
 from jip2p.train import step as step_lib
@@ -67,7 +69,7 @@ class Models:
   vae: nnx.State
   text_def: nnx.GraphDef
   text: nnx.State
-  null_text: jax.ShapeDtypeStruct  # CLIP("") [1, L, D]
+  null_text: Any  # CLIP("") [1, L, D]; SDXL: (states [1, L, D], pooled [1, P])
   scheduler_config: dict
   scaling_factor: float
 
@@ -100,9 +102,11 @@ def model_configs(config: ml_collections.ConfigDict, preset: str | None) -> dict
     raise ConfigError("the config names no model (config.model.init is empty): pass --preset "
                       "(sd15, sd21, …) for the model's shapes")
   read = lambda *parts: read_json(os.path.join(init, *parts))
+  second = ({"text_encoder_2": read("text_encoder_2", "config.json")}
+            if os.path.isdir(os.path.join(init, "text_encoder_2")) else {})
   return {"unet": dict(read("unet", "config.json"), in_channels=in_channels),
           "vae": read("vae", "config.json"), "text_encoder": read("text_encoder", "config.json"),
-          "scheduler": read("scheduler", "scheduler_config.json")}
+          "scheduler": read("scheduler", "scheduler_config.json"), **second}
 
 
 def abstract_models(configs: dict[str, dict], config: ml_collections.ConfigDict, *,
@@ -118,8 +122,12 @@ def abstract_models(configs: dict[str, dict], config: ml_collections.ConfigDict,
                       "(VAE downscale × UNet downsampling)")
   unet_def, params = nnx.split(unet, nnx.Param)
   vae_def, vae_state = nnx.split(vae)
+  length = text_encoder.config.max_position_embeddings
+  if "text_encoder_2" in configs:  # SDXL: both encoders as one (`Pipeline.text_model`)
+    text_encoder = clip_text.SDXLTextEncoders(text_encoder, build("text_encoder_2"))
   text_def, text_state = nnx.split(text_encoder)
-  ids = jax.ShapeDtypeStruct((1, text_encoder.config.max_position_embeddings), jnp.int32)
+  sdxl = "text_encoder_2" in configs
+  ids = jax.ShapeDtypeStruct((1,) + (2,) * sdxl + (length,), jnp.int32)
   null_text = jax.eval_shape(lambda s, i: nnx.merge(text_def, s)(i), text_state, ids)
   return Models(unet_def, params, vae_def, vae_state, text_def, text_state, null_text,
                 configs["scheduler"], vae.config.scaling_factor)
@@ -158,8 +166,13 @@ def compile_step(models: Models, config: ml_collections.ConfigDict, devices: int
       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=(0,))
   b, res = micro_batch * devices * config.grad_accum, config.data.res
   image = jax.ShapeDtypeStruct((b, res, res, 3), jnp.float32)
-  batch = {"input": image, "edited": image,
-           "input_ids": jax.ShapeDtypeStruct((b, models.null_text.shape[1]), jnp.int32)}
+  batch = {"input": image, "edited": image}
+  if isinstance(models.null_text, tuple):  # SDXL: both tokenizers' ids, the micro-conditioning
+    pair = jax.ShapeDtypeStruct((b, 2), jnp.int32)
+    batch.update(input_ids=jax.ShapeDtypeStruct((b, 2, models.null_text[0].shape[1]), jnp.int32),
+                 original_size=pair, crop_top_left=pair)
+  else:
+    batch["input_ids"] = jax.ShapeDtypeStruct((b, models.null_text.shape[1]), jnp.int32)
   start = time.perf_counter()
   stats = train_step.lower(state, frozen, batch).compile(COMPILER_OPTIONS).memory_analysis()
   out = {part: _shard_bytes(getattr(state, part), getattr(state_sh, part))
