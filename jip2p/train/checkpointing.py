@@ -17,6 +17,7 @@ when the manager next opens. Saves run in a background thread; `wait` blocks unt
 from __future__ import annotations
 
 import atexit
+import gc
 import logging
 import os
 import sys
@@ -227,11 +228,20 @@ def _silence_orphaned_tasks() -> None:
   logging.getLogger("absl").addFilter(_ReraisedBackgroundError())
   logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   # Writes that never started are coroutines collected unawaited, often only at exit: after the
-  # entry point's warning filters are gone, hence the filter again from atexit.
+  # entry point's warning filters are gone, hence the filter again from atexit; those collected
+  # only in the interpreter's teardown, when no filter is left, would still print (seen under
+  # load), so once the handlers have run the teardown's stderr goes nowhere.
   ignore = lambda: warnings.filterwarnings(
       "ignore", message=r"coroutine '.*' was never awaited", category=RuntimeWarning)
   ignore()
-  atexit.register(ignore)
+
+  def at_exit():
+    ignore()
+    gc.collect()
+    sys.stderr.flush()
+    sys.stderr = open(os.devnull, "w")  # The process is ending: never closed.
+
+  atexit.register(at_exit)
   orphan = lambda e: isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
   excepthook, unraisablehook = sys.excepthook, sys.unraisablehook
   sys.excepthook = lambda kind, e, tb: None if orphan(e) else excepthook(kind, e, tb)
