@@ -18,6 +18,10 @@ step 3,000. How many steps the model needs to draw held-out captions right is be
 score an export with ``python -m jip2p.eval.drawings --model <workdir>/export/ema``, and see
 whether it reads its captions at all, in seconds, with ``... --caption-use``.
 
+The snapshot shipped in data/world-t2i (the EMA weights of step 2,500 of a run from scratch,
+2026-12-08) continues in a later sitting with ``init=data/world-t2i,text=`` (its own text encoder,
+a fresh optimizer and EMA).
+
 Arguments (``configs/synthetic_t2i.py:key=value,…``): init, text (an open_clip config JSON or a
 text-encoder folder; "" keeps init's), steps, batch, lr, res, scenes.
 """
