@@ -1,5 +1,5 @@
 """`jip2p-bench` end to end on CPU at the tiny preset: both sides run in their own processes and the
-run ends in a well-formed table and JSON with the figures of every case; `bench/pytorch_baseline.py`
+run ends in a well-formed table and JSON with the figures of every case; `bench/baseline.py`
 runs the PyTorch side's cases."""
 
 import importlib.util
@@ -164,10 +164,10 @@ def test_failed_process_becomes_a_failed_row():
 
 
 def test_the_baseline_script_runs_the_torch_side_without_ema(monkeypatch, capfd):
-  """`bench/pytorch_baseline.py`: every figure is a case `jip2p-bench` knows, run by the PyTorch
+  """`bench/baseline.py`: every figure is a case `jip2p-bench` knows, run by the PyTorch
   side in its own process with EMA off (here at the tiny preset's size, on the CPU)."""
-  spec = importlib.util.spec_from_file_location("pytorch_baseline",
-                                                REPO / "bench/pytorch_baseline.py")
+  spec = importlib.util.spec_from_file_location("baseline",
+                                                REPO / "bench/baseline.py")
   baseline = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(baseline)
   named = [f[1] for group in baseline.GROUPS.values() for f in group if f[0] == "--case"]

@@ -7,13 +7,13 @@ runs is jip2p's own code: the trainer's jitted step (`jip2p.train.step`, FSDP me
 donated state), `jip2p.edit.Editor` and `jip2p.p2p.sampling.PairGenerator`; weights are random
 at the configs' shapes (written straight into abstract models: no per-parameter compilation).
 SDXL configs (`cases.is_sdxl`) build both text encoders; their ``train_unet`` step is the
-trainer's (`step.make_train_step`: AdamW, EMA, donation) around `sdxl_loss_fn`.
+trainer's too, its loss fed the text model's pair (states, pooled) and each example's size and
+crop, as from an SDXL latent cache.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -123,42 +123,6 @@ def _pipeline(configs: dict, *, unet_in_channels: int, dtype, attention: str, re
                   tokenizer=CLIPTokenizer.default(), scheduler_config=configs["scheduler"], **sdxl)
 
 
-def sdxl_loss_fn(unet_def, vae_def, *, alphas_cumprod, scaling_factor: float, dropout: float,
-                 prediction_type: str):
-  """The SDXL InstructPix2Pix loss from precomputed inputs, in `step.make_loss_fn`'s form: batch
-  ``edited``, ``input`` posterior moments [B, h, w, 2C], ``input_ids`` the prompt states
-  [B, L, 2048], ``pooled`` [B, 1280] and ``time_ids`` [B, 6]; frozen ``vae`` (a `CachedVAE`),
-  ``null_text`` [1, L, 2048] and ``null_pooled`` [1, 1280]. Conditioning dropout as the trainer's
-  (`step.conditioning_dropout`), the pooled text dropped with the states."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  from jip2p.train import step as step_lib
-  sqrt_ac = jnp.asarray(np.sqrt(alphas_cumprod), jnp.float32)
-  sqrt_1m_ac = jnp.asarray(np.sqrt(1.0 - alphas_cumprod), jnp.float32)
-
-  def loss_fn(params, frozen, batch, key):
-    k_sample, k_drop, k_t, k_noise = jax.random.split(key, 4)
-    vae = nnx.merge(vae_def, frozen["vae"])
-    latents = vae.encode(batch["edited"]).sample(k_sample) * scaling_factor
-    states, image_latents = step_lib.conditioning_dropout(
-        k_drop, batch["input_ids"], frozen["null_text"], vae.encode(batch["input"]).mode(),
-        dropout)
-    drop_text, _ = step_lib.dropout_masks(k_drop, latents.shape[0], dropout)
-    pooled = jnp.where(drop_text[:, None], frozen["null_pooled"], batch["pooled"])
-    t = jax.random.randint(k_t, (latents.shape[0],), 0, len(alphas_cumprod))
-    noise = jax.random.normal(k_noise, latents.shape, jnp.float32)
-    noisy, target = step_lib.noised_and_target(latents, noise, sqrt_ac[t], sqrt_1m_ac[t],
-                                               prediction_type)
-    pred = nnx.merge(unet_def, params)(jnp.concatenate([noisy, image_latents], axis=-1), t,
-                                       states, text_embeds=pooled, time_ids=batch["time_ids"])
-    return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
-
-  return loss_fn
-
-
 # ---------------------------------------------------------------- cases
 
 
@@ -193,7 +157,8 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
   if sdxl:  # The null text: zeros, states and pooled (SDXL base's force_zeros_for_empty_prompt).
     length = configs["text_encoder"]["max_position_embeddings"]
     pooled_width = configs["text_encoder_2"]["projection_dim"]
-    null_text = jnp.zeros((1, length, width), jnp.float32)
+    null_text = (jnp.zeros((1, length, width), jnp.float32),
+                 jnp.zeros((1, pooled_width), jnp.float32))
   else:
     null_text = jax.jit(lambda s, ids: nnx.merge(text_def, s)(ids))(text_state,
                                                                      pipe.tokenizer([""]))
@@ -214,21 +179,20 @@ def _train(case: cases.Case, configs: dict, *, dtype, attention: str, remat: boo
              "input_ids": rng.standard_normal((b, length, width)).astype(np.float32)}
   frozen = {"vae": vae_state, "text_encoder": text_state, "null_text": null_text}
   added = {}  # SDXL's added conditioning of the UNet (for the FLOP count)
-  if sdxl:
-    from jip2p.edit import time_ids
-    batch.update(pooled=rng.standard_normal((b, pooled_width)).astype(np.float32),
-                 time_ids=np.tile(time_ids(res, res), (b, 1)))
-    frozen["null_pooled"] = jnp.zeros((1, pooled_width), jnp.float32)
+  if sdxl:  # The text model's pair (states, pooled), and each example's size and crop.
+    batch["input_ids"] = (batch["input_ids"],
+                          rng.standard_normal((b, pooled_width)).astype(np.float32))
+    batch.update(original_size=np.full((b, 2), res, np.int32),
+                 crop_top_left=np.zeros((b, 2), np.int32))
     added = {"text_embeds": jax.ShapeDtypeStruct((b, pooled_width), jnp.float32),
              "time_ids": jax.ShapeDtypeStruct((b, 6), jnp.float32)}
   unet_def, params = nnx.split(pipe.unet, nnx.Param)
   del pipe  # Its UNet's arrays become the train state's (donated below), its other parts unused.
   scheduler = schedules.from_scheduler_config(configs["scheduler"])
-  make_loss = (functools.partial(sdxl_loss_fn, unet_def, vae_def) if sdxl else
-               functools.partial(step_lib.make_loss_fn, unet_def, vae_def, text_def))
-  loss_fn = make_loss(alphas_cumprod=scheduler.alphas_cumprod(),
-                      scaling_factor=vae_config.scaling_factor, dropout=0.05,
-                      prediction_type=scheduler.prediction_type)
+  loss_fn = step_lib.make_loss_fn(unet_def, vae_def, text_def,
+                                  alphas_cumprod=scheduler.alphas_cumprod(),
+                                  scaling_factor=vae_config.scaling_factor, dropout=0.05,
+                                  prediction_type=scheduler.prediction_type)
   optimizer = step_lib.make_optimizer(1e-4)
   mesh = sharding.make_mesh(1, 1, jax.devices()[:1])
   abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, optimizer, seed=0), params)

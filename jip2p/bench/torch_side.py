@@ -15,7 +15,7 @@ SDXL's added conditioning (pooled text and time ids, the pooled text dropped wit
 Random weights at the given configs' shapes. An eager
 train case also counts the UNet's training FLOPs per image at its resolution (after its peak
 memory is read), so that no extra process is started for the count. This module never imports
-JAX or TensorFlow. ``bench/pytorch_baseline.py`` produces the baseline's figures with it (EMA off);
+JAX or TensorFlow. ``bench/baseline.py`` produces the baseline's figures with it (EMA off);
 `jip2p-bench` runs it beside the JAX side.
 """
 

@@ -1,7 +1,7 @@
 """The PyTorch baseline of docs/design.md §3: diffusers' InstructPix2Pix on one GPU, SD 1.5 shapes.
 
-  python bench/pytorch_baseline.py train edit          # the baseline's figures (the default)
-  python bench/pytorch_baseline.py compile             # the full step with the UNet compiled
+  python bench/baseline.py train edit          # the baseline's figures (the default)
+  python bench/baseline.py compile             # the full step with the UNet compiled
 
 Groups of figures:
   train    the train step of diffusers' train_instruct_pix2pix.py, eager, no EMA: from pixels
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     try:
       shapes = preset_configs(args.preset, unet_in_channels=8)
     except ConfigError as e:
-      print(f"pytorch_baseline: {e}", file=sys.stderr)
+      print(f"baseline: {e}", file=sys.stderr)
       return 2
     with open(configs, "w") as f:
       json.dump(shapes, f)
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         if subprocess.run(command + runs + ["--no-ema"]).returncode:
           failed.append(" ".join(figure))
   for figure in failed:
-    print(f"pytorch_baseline: {figure} failed (its output is above)", file=sys.stderr)
+    print(f"baseline: {figure} failed (its output is above)", file=sys.stderr)
   return 1 if failed else 0
 
 
